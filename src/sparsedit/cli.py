@@ -1,0 +1,52 @@
+"""The ``sparsedit`` command line.
+
+Each sub-command lives in its own module under :mod:`sparsedit.commands` and exposes
+``register(subparsers)``, which adds its parser and sets ``func`` (called with the parsed
+arguments; it returns an exit code or ``None``). User errors (:class:`SparseditError`) print one
+line and exit with status 2; bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from sparsedit.errors import SparseditError
+
+# Sub-command modules, in the order `sparsedit --help` lists them.
+COMMANDS = ("sample",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparsedit",
+        description="SparseDiT: convert, fine-tune, sample and measure token-sparse Diffusion Transformers.",
+    )
+    from sparsedit import __version__
+
+    parser.add_argument("--version", action="version", version=f"sparsedit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        importlib.import_module(f"sparsedit.commands.{name.replace('-', '_')}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+    except SparseditError as err:
+        print(f"sparsedit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sparsedit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
