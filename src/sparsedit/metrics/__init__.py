@@ -1,0 +1,1 @@
+"""Sample-quality metrics: ADM-compatible ImageNet metrics and the embedded digits score."""
