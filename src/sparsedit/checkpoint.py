@@ -1,0 +1,171 @@
+"""sparsedit checkpoints: ``config.json`` + ``model.safetensors`` in a directory.
+
+A checkpoint rebuilds its model with no flags: ``config.json`` names the ``model_type`` and holds
+every constructor field. Writes are atomic (temp file + ``os.replace``) and never clobber a
+directory that holds something else; reads never execute pickles.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sparsedit.errors import CheckpointError, SparseditError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+# model_type -> (config class, model class). Model modules register themselves at import.
+_MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {}
+_MODEL_MODULES = ("sparsedit.dit",)
+
+
+def register_model_type(name: str, config_cls: type, model_cls: type[nn.Module]) -> None:
+    _MODEL_TYPES[name] = (config_cls, model_cls)
+
+
+def model_types() -> dict[str, tuple[type, type[nn.Module]]]:
+    # Import the model modules so that their register_model_type calls have run.
+    for name in _MODEL_MODULES:
+        importlib.import_module(name)
+    return _MODEL_TYPES
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> Any:
+    """Build the config dataclass named by ``data["model_type"]``, rejecting unknown fields."""
+    types = model_types()
+    kind = data.get("model_type")
+    if kind not in types:
+        raise CheckpointError(
+            f"{source}: unknown model_type {kind!r}; expected one of {', '.join(sorted(types))} "
+            "(is this a sparsedit checkpoint?)"
+        )
+    config_cls = types[kind][0]
+    fields = {f.name for f in config_cls.__dataclass_fields__.values() if f.init}
+    unknown = sorted(set(data) - fields - {"model_type"})
+    if unknown:
+        raise CheckpointError(
+            f"{source}: unknown field(s) {', '.join(unknown)} for {kind}; the checkpoint was written by "
+            "a newer or different sparsedit version"
+        )
+    return config_cls(**{k: v for k, v in data.items() if k in fields})
+
+
+def build_model(config: Any) -> nn.Module:
+    """Instantiate the model class registered for ``config.model_type``."""
+    return model_types()[config.model_type][1](config)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    # safetensors refuses shared or non-contiguous storage: give it private contiguous copies.
+    flat = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=metadata))
+
+
+def prepare_output_dir(out: str | Path, overwrite: bool = False, marker: str = CONFIG_NAME) -> Path:
+    """Make ``out`` ready to receive a checkpoint without destroying anything unexpected.
+
+    An existing checkpoint (``marker`` present) is only replaced with ``overwrite``; a non-empty
+    directory that is not a checkpoint is never touched.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SparseditError(f"output {out} exists and is a file; choose a directory path")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / marker).exists():
+            raise SparseditError(f"output directory {out} is not empty and holds no checkpoint; choose a new path")
+        if not overwrite:
+            raise SparseditError(f"{out} already holds a checkpoint; pass --overwrite or choose a new path")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def save_pretrained(model: nn.Module, out: str | Path, overwrite: bool = False) -> Path:
+    """Write ``model`` as a sparsedit checkpoint directory; returns its path."""
+    out = prepare_output_dir(out, overwrite)
+    state = {k: v for k, v in model.state_dict().items()}
+    write_safetensors(out / WEIGHTS_NAME, state, metadata={"format": "pt", "writer": "sparsedit"})
+    write_json(out / CONFIG_NAME, model.config.to_dict())  # config last: it marks a complete checkpoint
+    return out
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror}; check the path and permissions") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); the file is corrupt") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object; the file is corrupt")
+    return data
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; the checkpoint directory is incomplete") from None
+    except (SafetensorsError, OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {path} ({err}); the file is truncated or not safetensors") from None
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``model``: every key consumed, every parameter filled, shapes equal."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_short(unexpected)}")
+    if wrong:
+        problems.append(
+            "shape mismatch " + _short([f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong])
+        )
+    if problems:
+        raise CheckpointError(f"{source} does not match the model: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=True)
+
+
+def _short(items: list[str], limit: int = 6) -> str:
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def load_pretrained(path: str | Path) -> nn.Module:
+    """Rebuild a model from a sparsedit checkpoint directory."""
+    path = Path(path)
+    config = config_from_dict(read_json(path / CONFIG_NAME), source=str(path / CONFIG_NAME))
+    model = build_model(config)
+    load_state_strict(model, read_safetensors(path / WEIGHTS_NAME), str(path / WEIGHTS_NAME))
+    return model.eval()
