@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -133,7 +133,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing; the checkpoint directory is incomplete") from None
-    except (SafetensorsError, OSError, ValueError) as err:
+    except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"cannot read {path} ({err}); the file is truncated or not safetensors") from None
 
 
