@@ -66,11 +66,16 @@ class DiTConfig:
     # converted release has identical copies (loaded as one shared embedder) but a model trained in
     # diffusers may not. True = one embedder per block, block 0's also conditions the final layer.
     per_block_cond: bool = False
+    # What the model denoises: "latent" (SD-VAE latents scaled by 0.18215, decoded with --vae) or
+    # "pixel" (images in [-1, 1], e.g. the embedded digits model). Saved so sampling needs no flag.
+    data_space: str = "latent"
     model_type: str = field(default="DiT", init=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.input_size, list):
             self.input_size = tuple(self.input_size)
+        if self.data_space not in ("latent", "pixel"):
+            raise SparseditError(f"data_space must be 'latent' or 'pixel', not {self.data_space!r}")
         h, w = self.latent_hw
         if h % self.patch_size or w % self.patch_size:
             raise SparseditError(

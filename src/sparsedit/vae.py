@@ -1,0 +1,51 @@
+"""Latents <-> images with a local Stable Diffusion VAE (diffusers ``AutoencoderKL``).
+
+DiT was trained on latents of ``stabilityai/sd-vae-ft-ema`` (or ``-mse``) scaled by 0.18215.
+Nothing is downloaded: the user passes a local directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from sparsedit.errors import SparseditError
+
+LATENT_SCALE = 0.18215
+VAE_HELP = (
+    "download stabilityai/sd-vae-ft-ema (or sd-vae-ft-mse) once, e.g. "
+    "`huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir sd-vae-ft-ema`, then pass --vae sd-vae-ft-ema"
+)
+
+
+def load_vae(path: str | Path | None, device: str | torch.device = "cpu") -> nn.Module:
+    """Load an ``AutoencoderKL`` from a local directory (``config.json`` + weights)."""
+    if path is None:
+        raise SparseditError(f"this model works on VAE latents and needs --vae PATH; {VAE_HELP}")
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise SparseditError(f"{path} is not a VAE directory (no config.json); {VAE_HELP}")
+    from diffusers import AutoencoderKL
+
+    try:
+        vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise SparseditError(f"cannot load the VAE in {path} ({str(err).splitlines()[0][:160]}); {VAE_HELP}") from None
+    return vae.to(device).eval()
+
+
+@torch.no_grad()
+def decode_latents(vae: nn.Module, latents: Tensor, batch_size: int = 8) -> Tensor:
+    """(B, 4, h, w) scaled latents -> (B, 3, 8h, 8w) images in [-1, 1]."""
+    outs = [vae.decode(z / LATENT_SCALE).sample for z in latents.split(batch_size)]
+    return torch.cat(outs).clamp(-1, 1)
+
+
+@torch.no_grad()
+def encode_images(vae: nn.Module, images: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+    """(B, 3, H, W) images in [-1, 1] -> scaled latents (the posterior mean unless ``sample``)."""
+    dist = vae.encode(images).latent_dist
+    z = dist.sample(generator) if sample else dist.mean
+    return z * LATENT_SCALE
