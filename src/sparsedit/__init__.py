@@ -15,12 +15,20 @@ from sparsedit.checkpoint import load_pretrained, save_pretrained
 from sparsedit.convert import load_model, save_model
 from sparsedit.dit import DIT_PRESETS, DiT, DiTConfig, dit_config
 from sparsedit.errors import CheckpointError, SparseditError
+from sparsedit.schedule import PieceSampler, PruningSchedule
+from sparsedit.sparse_dit import LAYOUTS, SparseDiT, SparseDiTConfig
+from sparsedit.sparsify import sparsify
 
 __all__ = [
     "DIT_PRESETS",
     "CheckpointError",
     "DiT",
     "DiTConfig",
+    "LAYOUTS",
+    "PieceSampler",
+    "PruningSchedule",
+    "SparseDiT",
+    "SparseDiTConfig",
     "SparseditError",
     "__version__",
     "dit_config",
@@ -28,4 +36,5 @@ __all__ = [
     "load_pretrained",
     "save_model",
     "save_pretrained",
+    "sparsify",
 ]

@@ -169,10 +169,7 @@ class DiT(GuidanceMixin, nn.Module):
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, d)
         self.t_embedder = TimestepEmbedder(d, freq_shift=config.t_freq_shift)
         self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
-        self.blocks = nn.ModuleList(
-            DiTBlock(d, config.num_heads, config.mlp_ratio, config.norm_eps, config.mlp_norm_eps)
-            for _ in range(config.depth)
-        )
+        self.blocks = self.build_blocks(config)
         # Blocks 1.. get their own embedder only in diffusers' per-block layout (see DiTConfig).
         self.block_cond = nn.ModuleList(
             ClassCondEmbedder(config) for _ in range(config.depth - 1 if config.per_block_cond else 0)
@@ -181,6 +178,13 @@ class DiT(GuidanceMixin, nn.Module):
         # Fixed sin-cos table, recomputed from the config rather than stored (non-persistent).
         self.register_buffer("pos_embed", sincos_pos_embed_2d(d, *config.grid)[None], persistent=False)
         self.initialize_weights()
+
+    def build_blocks(self, config: DiTConfig) -> nn.ModuleList:
+        """One :class:`DiTBlock` per layer (SparseDiT overrides this with its own layout)."""
+        return nn.ModuleList(
+            DiTBlock(config.hidden_size, config.num_heads, config.mlp_ratio, config.norm_eps, config.mlp_norm_eps)
+            for _ in range(config.depth)
+        )
 
     def initialize_weights(self) -> None:
         """DiT's initialisation: xavier linears, zeroed adaLN and output ("adaLN-Zero")."""
@@ -231,7 +235,11 @@ class DiT(GuidanceMixin, nn.Module):
         cs = self.conditions(t, y)
         for block, c in zip(self.blocks, cs, strict=True):
             h = block(h, c)  # (B, N, D)
-        h = self.final_layer(h, cs[0])  # (B, N, p*p*C_out)
+        return self.head(h, cs[0], grid)
+
+    def head(self, h: Tensor, c: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Final adaLN layer and unpatchify: (B, N, D) -> (B, C_out, H, W)."""
+        h = self.final_layer(h, c)  # (B, N, p*p*C_out)
         return unpatchify(h, grid, self.config.patch_size, self.config.out_channels)
 
 

@@ -164,8 +164,8 @@ def adaln_modulation(hidden_size: int, chunks: int) -> nn.Sequential:
 class DiTBlock(nn.Module):
     """A DiT block with adaLN-Zero conditioning; ``forward(x, c, context=None)``.
 
-    With ``context`` the attention is cross-attention (queries from ``x``, keys/values from
-    ``context``); the residual stream is always ``x``.
+    With ``context`` the attention is cross-attention: queries from ``x``, keys/values from
+    ``context`` (normalised and modulated like ``x``); the residual stream is always ``x``.
     """
 
     def __init__(
@@ -181,6 +181,9 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor, context: Tensor | None = None) -> Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        if context is not None:
+            # Keys/values see the same norm + modulation as the queries, as in self-attention.
+            context = modulate(self.norm1(context), shift_msa, scale_msa)  # (B, M, D)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), context)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 

@@ -1,0 +1,60 @@
+"""``sparsedit sparsify``: convert a DiT checkpoint into a SparseDiT (paper Sec. 3.3 initialisation)."""
+
+from __future__ import annotations
+
+import argparse
+
+from sparsedit.blocks import UPSAMPLE_MODES
+from sparsedit.commands.common import add_model_args, positive_int
+from sparsedit.sparse_dit import LAYOUT_HELP
+
+
+def rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"a pruning rate must be in [0, 1), got {value}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sparsify", help="convert a DiT into a SparseDiT",
+                       description="Initialise a SparseDiT from a DiT: layer i <- layer i, Q/K dropped in "
+                       "poolingformers, W1 = 0, W2 = I, embedders and final layer copied.")
+    add_model_args(p, flag="src")
+    p.add_argument("--layout", required=True, help=LAYOUT_HELP)
+    p.add_argument("--r-min", type=rate, default=0.61, help="pruning rate in the final quarter of denoising (default 0.61)")
+    p.add_argument("--r-max", type=rate, default=0.86, help="pruning rate at the noisiest step (default 0.86)")
+    p.add_argument("--num-pieces", type=positive_int, default=None,
+                   help="split [T/4, T) into this many equal pieces (default: one piece per distinct grid)")
+    p.add_argument("--upsample", choices=UPSAMPLE_MODES, default="nearest", help="dense-recovery upsampling")
+    p.add_argument("--out", required=True, help="output directory for the SparseDiT checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
+    p.add_argument("--verbose", action="store_true", help="print the parameter-by-parameter initialisation map")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sparsedit.checkpoint import prepare_output_dir, save_pretrained
+    from sparsedit.convert import load_model
+    from sparsedit.errors import SparseditError
+    from sparsedit.sparsify import sparsify_with_rules
+
+    if args.r_min > args.r_max:
+        raise SparseditError(f"--r-min {args.r_min} is larger than --r-max {args.r_max}; swap them")
+    prepare_output_dir(args.out, args.overwrite)  # fail before the (slow) load
+    dit = load_model(args.src, model=args.model, image_size=args.image_size)
+    model, rules = sparsify_with_rules(dit, layout=args.layout, r_min=args.r_min, r_max=args.r_max,
+                                       num_pieces=args.num_pieces, upsample=args.upsample)
+    if args.verbose:
+        for rule in rules:
+            print(rule.describe())
+    out = save_pretrained(model, args.out, overwrite=True)
+    cfg = model.config
+    dense = cfg.grid
+    grids = [f"{h}x{w}" for h, w in sorted({p.grid for p in cfg.schedule.pieces(dense)}, key=lambda g: g[0] * g[1])]
+    print(f"wrote SparseDiT {out}: layout {cfg.layout.as_string()} (P,K,g,s,r,d,T), r in [{cfg.r_min}, {cfg.r_max}], "
+          f"dense grid {dense[0]}x{dense[1]}, sparse grids {', '.join(grids)}")
+    return 0

@@ -1,0 +1,225 @@
+"""SparseDiT: a DiT whose layers are split into poolingformers, sparse-dense token modules (SDTMs)
+and standard top blocks, with a timestep-wise sparse token grid (paper Sec. 3; SPEC section 1).
+
+Layer i of the SparseDiT sits at ``blocks.{i}`` and is initialised from layer i of the source DiT
+(:mod:`sparsedit.sparsify`). The model picks its sparse grid from the timesteps of the batch via the
+pruning schedule saved in its config, so a checkpoint samples with no extra flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from sparsedit.blocks import (
+    UPSAMPLE_MODES,
+    CrossDenseBlock,
+    DenseRecoveryBlock,
+    Poolingformer,
+    SparseGenerationBlock,
+)
+from sparsedit.checkpoint import register_model_type
+from sparsedit.dit import DiT, DiTConfig
+from sparsedit.errors import SparseditError
+from sparsedit.layers import DiTBlock
+from sparsedit.schedule import PruningSchedule, grid_for_rate
+
+Grid = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Block counts: P poolingformers, K SDTMs of (g gen, s sparse, r recovery, d dense), T top blocks."""
+
+    pool: int
+    sdtm: int
+    gen: int
+    sparse: int
+    recovery: int
+    dense: int
+    top: int
+
+    @property
+    def depth(self) -> int:
+        return self.pool + self.sdtm * (self.gen + self.sparse + self.recovery + self.dense) + self.top
+
+    def as_string(self) -> str:
+        return ",".join(str(v) for v in (self.pool, self.sdtm, self.gen, self.sparse, self.recovery, self.dense, self.top))
+
+
+# The paper's layouts (Sec. 4.1) plus our choices for the sizes it does not cover (S shares B's
+# depth; L: 24 layers as 2 + 4 x (1, 2, 1, 1) + 2).
+LAYOUTS: dict[str, Layout] = {
+    "SparseDiT-XL": Layout(pool=2, sdtm=4, gen=1, sparse=3, recovery=1, dense=1, top=2),
+    "SparseDiT-L": Layout(pool=2, sdtm=4, gen=1, sparse=2, recovery=1, dense=1, top=2),
+    "SparseDiT-B": Layout(pool=1, sdtm=2, gen=1, sparse=2, recovery=1, dense=1, top=1),
+    "SparseDiT-S": Layout(pool=1, sdtm=2, gen=1, sparse=2, recovery=1, dense=1, top=1),
+}
+LAYOUT_HELP = "a preset (" + ", ".join(f"{k}/2" for k in LAYOUTS) + ") or 7 counts 'P,K,g,s,r,d,T' such as 2,4,1,3,1,1,2"
+
+
+def parse_layout(spec: str | Layout) -> Layout:
+    """``"SparseDiT-XL/2"`` (the patch suffix is optional) or ``"P,K,g,s,r,d,T"`` -> :class:`Layout`."""
+    if isinstance(spec, Layout):
+        return spec
+    name = spec.split("/")[0]
+    if name in LAYOUTS:
+        return LAYOUTS[name]
+    parts = spec.replace(" ", "").split(",")
+    try:
+        values = [int(v) for v in parts]
+    except ValueError:
+        values = []
+    if len(values) != 7 or min(values) < 0:
+        raise SparseditError(f"unknown layout {spec!r}; use {LAYOUT_HELP}")
+    return Layout(*values)
+
+
+@dataclass
+class SparseDiTConfig(DiTConfig):
+    """A DiT config plus the SparseDiT layout, the pruning-rate range and the sparse-grid options."""
+
+    pool_blocks: int = 2
+    num_sdtm: int = 4
+    gen_blocks: int = 1
+    sparse_blocks: int = 3
+    recovery_blocks: int = 1
+    dense_blocks: int = 1
+    top_blocks: int = 2
+    r_min: float = 0.61
+    r_max: float = 0.86
+    num_pieces: int | None = None
+    num_timesteps: int = 1000
+    upsample: str = "nearest"
+    model_type: str = field(default="SparseDiT", init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        layout = self.layout
+        if layout.sdtm and (layout.gen < 1 or layout.recovery < 1):
+            raise SparseditError("an SDTM needs at least one generation and one recovery block (g >= 1, r >= 1)")
+        if layout.depth != self.depth:
+            raise SparseditError(
+                f"layout {layout.as_string()} has {layout.depth} blocks but the model has depth {self.depth}; "
+                "make P + K*(g+s+r+d) + T equal the source depth"
+            )
+        if self.upsample not in UPSAMPLE_MODES:
+            raise SparseditError(f"upsample must be one of {', '.join(UPSAMPLE_MODES)}, not {self.upsample!r}")
+        self.schedule  # validates the rates  # noqa: B018
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.pool_blocks, self.num_sdtm, self.gen_blocks, self.sparse_blocks, self.recovery_blocks,
+                      self.dense_blocks, self.top_blocks)
+
+    @property
+    def schedule(self) -> PruningSchedule:
+        return PruningSchedule(self.r_min, self.r_max, self.num_timesteps, self.num_pieces)
+
+    @classmethod
+    def from_dit(cls, config: DiTConfig, layout: str | Layout, **kwargs: Any) -> SparseDiTConfig:
+        """The SparseDiT config for a source DiT config, a layout and schedule options."""
+        lay = parse_layout(layout)
+        base = {k: v for k, v in config.to_dict().items() if k != "model_type"}
+        return cls(**base, pool_blocks=lay.pool, num_sdtm=lay.sdtm, gen_blocks=lay.gen, sparse_blocks=lay.sparse,
+                   recovery_blocks=lay.recovery, dense_blocks=lay.dense, top_blocks=lay.top, **kwargs)
+
+
+def block_kinds(layout: Layout) -> list[str]:
+    """Kind of every layer, in order: pool, gen, gen+, sparse, recover, recover+, dense, top.
+
+    ``gen+``/``recover+`` are the 2nd.. generation/recovery blocks of an SDTM: they cross-attend
+    without pooling/merging again.
+    """
+    sdtm = (["gen"] + ["gen+"] * (layout.gen - 1) + ["sparse"] * layout.sparse
+            + ["recover"] + ["recover+"] * (layout.recovery - 1) + ["dense"] * layout.dense)
+    return ["pool"] * layout.pool + sdtm * layout.sdtm + ["top"] * layout.top
+
+
+class SparseDiT(DiT):
+    """DiT with poolingformers, SDTMs and a timestep-wise sparse grid.
+
+    ``forward(x, t, y)`` takes the sparse grid from the schedule for the batch's timesteps (all items
+    must map to one grid); ``grid=(h, w)`` or ``keep_ratio=M/N`` override it.
+    """
+
+    config: SparseDiTConfig
+
+    def build_blocks(self, config: DiTConfig) -> nn.ModuleList:
+        assert isinstance(config, SparseDiTConfig)
+        self.kinds = block_kinds(config.layout)
+        args = (config.hidden_size, config.num_heads, config.mlp_ratio, config.norm_eps, config.mlp_norm_eps)
+        make = {
+            "pool": lambda: Poolingformer(config.hidden_size, config.mlp_ratio, config.norm_eps, config.mlp_norm_eps),
+            "gen": lambda: SparseGenerationBlock(*args),
+            "gen+": lambda: SparseGenerationBlock(*args),
+            "sparse": lambda: DiTBlock(*args),
+            "recover": lambda: DenseRecoveryBlock(*args, upsample=config.upsample),
+            "recover+": lambda: CrossDenseBlock(*args),
+            "dense": lambda: DiTBlock(*args),
+            "top": lambda: DiTBlock(*args),
+        }
+        return nn.ModuleList(make[kind]() for kind in self.kinds)
+
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
+        for block in self.blocks:
+            if isinstance(block, DenseRecoveryBlock):
+                block.reset_merge()
+
+    def sparse_grid(
+        self, t: Tensor, dense_grid: Grid, grid: Grid | None = None, keep_ratio: float | None = None
+    ) -> Grid:
+        """The sparse grid for a batch: explicit ``grid``, else ``keep_ratio``, else the schedule at ``t``."""
+        H, W = dense_grid
+        if grid is not None:
+            h, w = int(grid[0]), int(grid[1])
+            if not (1 <= h <= H and 1 <= w <= W):
+                raise SparseditError(f"sparse grid {h}x{w} must lie within 1x1 .. {H}x{W} (the dense token grid)")
+            return h, w
+        if keep_ratio is not None:
+            if not 0 < keep_ratio <= 1:
+                raise SparseditError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+            return grid_for_rate(1.0 - keep_ratio, H, W)
+        schedule = self.config.schedule
+        # r(t) is monotone, so the extreme timesteps decide whether the batch shares one grid.
+        lo, hi = int(t.min()), int(t.max())
+        g_lo, g_hi = schedule.grid(lo, dense_grid), schedule.grid(hi, dense_grid)
+        if g_lo != g_hi:
+            raise SparseditError(
+                f"this batch mixes timesteps {lo} and {hi}, which use sparse grids {g_lo} and {g_hi}; draw a batch's "
+                "timesteps from one schedule piece (schedule.PieceSampler) or pass grid=(h, w)"
+            )
+        return g_lo
+
+    def forward(
+        self, x: Tensor, t: Tensor, y: Tensor, grid: Grid | None = None, keep_ratio: float | None = None
+    ) -> Tensor:
+        """x: (B, C, H, W), t: (B,), y: (B,) -> (B, C_out, H, W)."""
+        dense_grid = self.token_grid(x)
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        sparse_grid = self.sparse_grid(t, dense_grid, grid, keep_ratio)
+        pos = self.position_embedding(dense_grid)  # (1, N, D)
+        h = self.x_embedder(x) + pos  # (B, N, D)
+        cs = self.conditions(t, y)
+        dense_in = xs = h
+        for block, c, kind in zip(self.blocks, cs, self.kinds, strict=True):
+            if kind == "gen":
+                dense_in = h  # kept for the recovery block
+                xs = block(None, c, dense_in, dense_grid, sparse_grid, pool=True)  # (B, M, D)
+            elif kind == "gen+":
+                xs = block(xs, c, dense_in, dense_grid, sparse_grid, pool=False)  # (B, M, D)
+            elif kind == "sparse":
+                xs = block(xs, c)  # (B, M, D)
+            elif kind == "recover":
+                h = block(dense_in, c, xs, dense_grid, sparse_grid, pos)  # (B, N, D)
+            elif kind == "recover+":
+                h = block(h, c, xs)  # (B, N, D)
+            else:  # pool, dense, top
+                h = block(h, c)  # (B, N, D)
+        return self.head(h, cs[0], dense_grid)
+
+
+register_model_type("SparseDiT", SparseDiTConfig, SparseDiT)
