@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from sparsedit.checkpoint import register_model_type
 from sparsedit.errors import SparseditError
@@ -165,6 +166,7 @@ class DiT(GuidanceMixin, nn.Module):
     def __init__(self, config: DiTConfig):
         super().__init__()
         self.config = config
+        self.gradient_checkpointing = False  # trade compute for memory in training (see run_block)
         d = config.hidden_size
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, d)
         self.t_embedder = TimestepEmbedder(d, freq_shift=config.t_freq_shift)
@@ -234,8 +236,14 @@ class DiT(GuidanceMixin, nn.Module):
         h = self.x_embedder(x) + self.position_embedding(grid)  # (B, N, D)
         cs = self.conditions(t, y)
         for block, c in zip(self.blocks, cs, strict=True):
-            h = block(h, c)  # (B, N, D)
+            h = self.run_block(block, h, c)  # (B, N, D)
         return self.head(h, cs[0], grid)
+
+    def run_block(self, block: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
+        """Call ``block``, recomputing its activations in backward when gradient checkpointing is on."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False, **kwargs)
+        return block(*args, **kwargs)
 
     def head(self, h: Tensor, c: Tensor, grid: tuple[int, int]) -> Tensor:
         """Final adaLN layer and unpatchify: (B, N, D) -> (B, C_out, H, W)."""

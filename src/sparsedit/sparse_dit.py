@@ -206,19 +206,20 @@ class SparseDiT(DiT):
         cs = self.conditions(t, y)
         dense_in = xs = h
         for block, c, kind in zip(self.blocks, cs, self.kinds, strict=True):
+            run = self.run_block
             if kind == "gen":
                 dense_in = h  # kept for the recovery block
-                xs = block(None, c, dense_in, dense_grid, sparse_grid, pool=True)  # (B, M, D)
+                xs = run(block, None, c, dense_in, dense_grid, sparse_grid, pool=True)  # (B, M, D)
             elif kind == "gen+":
-                xs = block(xs, c, dense_in, dense_grid, sparse_grid, pool=False)  # (B, M, D)
+                xs = run(block, xs, c, dense_in, dense_grid, sparse_grid, pool=False)  # (B, M, D)
             elif kind == "sparse":
-                xs = block(xs, c)  # (B, M, D)
+                xs = run(block, xs, c)  # (B, M, D)
             elif kind == "recover":
-                h = block(dense_in, c, xs, dense_grid, sparse_grid, pos)  # (B, N, D)
+                h = run(block, dense_in, c, xs, dense_grid, sparse_grid, pos)  # (B, N, D)
             elif kind == "recover+":
-                h = block(h, c, xs)  # (B, N, D)
+                h = run(block, h, c, xs)  # (B, N, D)
             else:  # pool, dense, top
-                h = block(h, c)  # (B, N, D)
+                h = run(block, h, c)  # (B, N, D)
         return self.head(h, cs[0], dense_grid)
 
 
