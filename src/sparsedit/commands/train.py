@@ -1,0 +1,111 @@
+"""``sparsedit train``: train a DiT from scratch or fine-tune a SparseDiT initialised from a DiT.
+
+Single process: ``sparsedit train ...``; several: ``torchrun --nproc_per_node=N -m sparsedit train ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from sparsedit.blocks import UPSAMPLE_MODES
+from sparsedit.commands.common import positive_int
+from sparsedit.commands.sparsify import rate
+from sparsedit.sparse_dit import LAYOUT_HELP
+from sparsedit.train import TrainSettings
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a DiT or fine-tune a SparseDiT",
+                       description="Train a DiT from scratch (--model) or fine-tune a SparseDiT initialised from a "
+                       "DiT (--init-from CKPT --layout ...). Re-running the same command in the same --run-dir "
+                       "resumes from its last checkpoint.")
+    src = p.add_argument_group("model")
+    src.add_argument("--init-from", metavar="CKPT", help="start from this checkpoint (any format load_model reads)")
+    src.add_argument("--layout", help=f"sparsify the --init-from DiT first: {LAYOUT_HELP}")
+    src.add_argument("--r-min", type=rate, default=0.61)
+    src.add_argument("--r-max", type=rate, default=0.86)
+    src.add_argument("--num-pieces", type=positive_int, default=None)
+    src.add_argument("--upsample", choices=UPSAMPLE_MODES, default="nearest")
+    src.add_argument("--model", metavar="PRESET", help="train from scratch: a preset such as DiT-S/2")
+    src.add_argument("--hidden-size", type=positive_int, help="override the preset's hidden size")
+    src.add_argument("--depth", type=positive_int, help="override the preset's depth")
+    src.add_argument("--num-heads", type=positive_int, help="override the preset's number of heads")
+    src.add_argument("--no-learn-sigma", action="store_true", help="fixed variance (the model outputs C channels)")
+    data = p.add_argument_group("data")
+    data.add_argument("--data", default="digits",
+                      help="'digits' (embedded), an image folder (class = subfolder) or a latents directory")
+    data.add_argument("--image-size", type=positive_int, help="pixel resolution for 'digits' / image folders")
+    data.add_argument("--channels", type=int, choices=(1, 3), default=1, help="image channels for 'digits'")
+    run = p.add_argument_group("run")
+    run.add_argument("--run-dir", required=True, help="directory for checkpoints, logs and samples")
+    run.add_argument("--steps", type=positive_int, default=TrainSettings.steps)
+    run.add_argument("--batch-size", type=positive_int, default=TrainSettings.batch_size, help="global batch size")
+    run.add_argument("--lr", type=float, default=TrainSettings.lr)
+    run.add_argument("--weight-decay", type=float, default=TrainSettings.weight_decay)
+    run.add_argument("--ema-decay", type=float, default=TrainSettings.ema_decay)
+    run.add_argument("--grad-clip", type=float, default=TrainSettings.grad_clip, help="max grad norm (0 = off)")
+    run.add_argument("--grad-accum", type=positive_int, default=TrainSettings.grad_accum)
+    run.add_argument("--grad-checkpointing", action="store_true")
+    run.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--ckpt-every", type=positive_int, default=TrainSettings.ckpt_every)
+    run.add_argument("--keep-last", type=positive_int, default=TrainSettings.keep_last)
+    run.add_argument("--log-every", type=positive_int, default=TrainSettings.log_every)
+    run.add_argument("--sample-every", type=int, default=0, help="write an EMA sample grid every N steps (0 = off)")
+    run.add_argument("--num-workers", type=int, default=0)
+    run.add_argument("--fsdp", action="store_true", help="shard the model with FSDP (under torchrun)")
+    run.add_argument("--tensorboard", action="store_true")
+    run.add_argument("--vae", default=None, help="local VAE for sample grids of latent models")
+    run.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    run.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_train)
+
+
+def build_model(args: argparse.Namespace, info: dict):  # noqa: ANN201
+    """The model to train, from --init-from (+ --layout) or from a preset."""
+    from sparsedit.convert import load_model
+    from sparsedit.dit import dit_config
+    from sparsedit.errors import SparseditError
+    from sparsedit.sparsify import sparsify
+
+    if args.init_from and args.model:
+        raise SparseditError("give either --init-from (fine-tune) or --model (from scratch), not both")
+    if args.init_from:
+        model = load_model(args.init_from, image_size=args.image_size if info["data_space"] == "latent" else None)
+        if args.layout:
+            model = sparsify(model, layout=args.layout, r_min=args.r_min, r_max=args.r_max,
+                             num_pieces=args.num_pieces, upsample=args.upsample)
+        return model.train()
+    if not args.model:
+        raise SparseditError("give --model PRESET to train from scratch or --init-from CKPT to fine-tune")
+    if args.layout:
+        raise SparseditError("--layout needs --init-from: a SparseDiT is initialised from a trained DiT")
+    from sparsedit.dit import DiT
+
+    overrides = {k: getattr(args, k) for k in ("hidden_size", "depth", "num_heads") if getattr(args, k)}
+    pixel = info["data_space"] == "pixel"
+    size = info["resolution"]
+    cfg = dit_config(args.model, size, vae_downsample=1 if pixel else 8, in_channels=info["channels"],
+                     num_classes=info["num_classes"], learn_sigma=not args.no_learn_sigma,
+                     data_space=info["data_space"], **overrides)
+    return DiT(cfg).train()
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from sparsedit.train import Trainer, check_model_fits_data, open_dataset
+
+    dataset, info = open_dataset(args.data, args.image_size, args.channels, args.seed)
+    torch.manual_seed(args.seed)  # the initialisation of a from-scratch model is part of the run
+    model = build_model(args, info)
+    check_model_fits_data(model.config, info)
+    settings = TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings)})
+    source = {"init_from": args.init_from, "layout": args.layout} if args.init_from else {"preset": args.model}
+    trainer = Trainer(model, dataset, args.run_dir, settings, run_info={"data": info, "source": source},
+                      device=args.device, vae_path=args.vae, progress=not args.no_progress)
+    out = trainer.fit()
+    if trainer.dist.main:
+        print(f"done: {trainer.step} steps; final EMA model in {out}")
+    return 0

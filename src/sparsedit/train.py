@@ -1,0 +1,540 @@
+"""Training and fine-tuning: DiT from scratch, or a SparseDiT initialised from a DiT.
+
+One loop serves single-process, DDP and FSDP runs (``torchrun``; gloo on CPU, nccl on GPU). A run
+lives in one directory::
+
+    RUN/run.json                    the settings (a re-run with the same settings resumes)
+    RUN/metrics.jsonl               one JSON line per logged step (rank 0)
+    RUN/checkpoints/step_0001000/   model/ and ema/ (sparsedit checkpoints), optimizer.pt,
+                                    trainer.json, rng_rank{r}.pt -- written to a temp dir, then renamed
+    RUN/samples/step_0001000.png    periodic EMA sample grids
+    RUN/model/                      the final EMA model (a sparsedit checkpoint)
+
+Resuming restores weights, EMA, optimizer, step and every RNG (per rank), and the data order is a
+pure function of (seed, step), so on CPU a killed and resumed run logs the same losses step for
+step as an uninterrupted one. SparseDiT batches draw their timesteps from one schedule piece per
+step and rank (:class:`sparsedit.schedule.PieceSampler`), so each batch shares one token grid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from sparsedit.checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_write,
+    read_json,
+    read_safetensors,
+    write_json,
+    write_safetensors,
+)
+from sparsedit.diffusion import create_diffusion
+from sparsedit.errors import SparseditError
+from sparsedit.schedule import PieceSampler
+from sparsedit.sparse_dit import SparseDiT
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainSettings:
+    """Everything that defines a run besides the model and the data (saved in ``run.json``)."""
+
+    steps: int = 1000
+    batch_size: int = 32  # global, summed over ranks and accumulation steps
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    grad_accum: int = 1
+    grad_checkpointing: bool = False
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
+    seed: int = 0
+    ckpt_every: int = 500
+    keep_last: int = 3
+    log_every: int = 10
+    sample_every: int = 0  # 0 disables periodic sample grids
+    num_workers: int = 0
+    fsdp: bool = False
+    tensorboard: bool = False
+
+    def validate(self, world_size: int) -> None:
+        positive = ("steps", "batch_size", "grad_accum", "ckpt_every", "keep_last", "log_every")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise SparseditError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.lr <= 0 or not 0 <= self.ema_decay < 1 or self.grad_clip < 0:
+            raise SparseditError("need --lr > 0, 0 <= --ema-decay < 1 and --grad-clip >= 0")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise SparseditError(f"--precision must be auto, fp32 or bf16, not {self.precision!r}")
+        if self.batch_size % (world_size * self.grad_accum):
+            raise SparseditError(
+                f"--batch-size {self.batch_size} is not divisible by world size {world_size} x --grad-accum "
+                f"{self.grad_accum}; pick a multiple of {world_size * self.grad_accum}"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# distributed helpers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def mean(self, values: Tensor) -> Tensor:
+        if self.world > 1:
+            values = values.clone()
+            dist.all_reduce(values)
+            values /= self.world
+        return values
+
+
+def init_distributed(device: str | None = None) -> Dist:
+    """Join the process group set up by ``torchrun`` (if any) and pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise SparseditError("--device cuda was requested but no CUDA GPU is available; use --device cpu")
+    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Dist(rank=rank, world=world, local_rank=local, device=dev)
+
+
+# --------------------------------------------------------------------------------------------
+# data: the order is a pure function of (seed, step) so that resuming needs no loader state
+# --------------------------------------------------------------------------------------------
+
+
+class StepBatchSampler:
+    """Yields this rank's index batches from ``start_step`` on: epoch e is ``randperm(n, seed + e)``
+    split across ranks; incomplete batches at an epoch's end are dropped."""
+
+    def __init__(self, n: int, batch: int, rank: int, world: int, seed: int, start_step: int, dataset: Any = None):
+        self.per_epoch = n // (batch * world)
+        if self.per_epoch == 0:
+            raise SparseditError(f"the data set has {n} items, fewer than one global batch of {batch * world}; "
+                                 "lower --batch-size or add data")
+        self.n, self.batch, self.rank, self.world, self.seed = n, batch, rank, world, seed
+        self.start = start_step
+        self.dataset = dataset
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start
+        while True:
+            epoch, offset = divmod(step, self.per_epoch)
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(epoch)  # fresh posterior samples for latent moments
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            mine = perm[self.rank :: self.world]
+            for k in range(offset, self.per_epoch):
+                yield mine[k * self.batch : (k + 1) * self.batch].tolist()
+            step += self.per_epoch - offset
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / "trainer.json").exists())
+
+
+def _rng_state(gen: torch.Generator) -> dict[str, Tensor]:
+    state = {"torch": torch.get_rng_state(), "generator": gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Tensor], gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------
+# the trainer
+# --------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Trains ``model`` on ``dataset`` (items ``(x, label)``) in ``run_dir`` with ``settings``."""
+
+    def __init__(self, model: nn.Module, dataset: Dataset, run_dir: str | Path, settings: TrainSettings,
+                 run_info: dict[str, Any] | None = None, device: str | None = None,
+                 vae_path: str | None = None, progress: bool = True):
+        self.dist = init_distributed(device)
+        settings.validate(self.dist.world)
+        self.settings = settings
+        self.run_dir = Path(run_dir)
+        self.dataset = dataset
+        self.progress = progress
+        self.vae_path = vae_path
+        self.raw = model.to(self.dist.device)
+        self.config = model.config
+        self.run_info = {"settings": asdict(settings), "model": self.config.to_dict(), **(run_info or {})}
+        self.diffusion = create_diffusion(None, learn_sigma=self.config.learn_sigma)
+        self.gen = torch.Generator().manual_seed(settings.seed * 1000 + self.dist.rank)
+        torch.manual_seed(settings.seed * 1000 + self.dist.rank)  # label dropout uses the global RNG
+        self.pieces = (PieceSampler(self.config.schedule, self.config.grid, self.gen)
+                       if isinstance(model, SparseDiT) else None)
+        self.raw.gradient_checkpointing = settings.grad_checkpointing
+        self.ema = copy.deepcopy(self.raw).requires_grad_(False).eval()
+        self.model, self.ema_wrapped = self._wrap()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        self.step = 0
+        self.last_ckpt: Path | None = None
+        self.writer: Any = None
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def _wrap(self) -> tuple[nn.Module, nn.Module]:
+        if self.dist.world == 1 and not self.settings.fsdp:
+            return self.raw, self.ema
+        if self.settings.fsdp:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+            block_types = {type(b) for b in self.raw.blocks}
+            kw: dict[str, Any] = dict(auto_wrap_policy=ModuleWrapPolicy(block_types), use_orig_params=True)
+            if self.dist.device.type == "cuda":
+                kw["device_id"] = self.dist.device
+            # The EMA is sharded exactly like the model, so its update is a shard-local lerp.
+            return FSDP(self.raw, **kw), FSDP(self.ema, **kw)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+        return DDP(self.raw, device_ids=ids), self.ema
+
+    def _prepare_run_dir(self) -> None:
+        """Create the run dir, or check that an existing one holds the same run (then resume)."""
+        run_file = self.run_dir / RUN_FILE
+        if run_file.exists():
+            saved = read_json(run_file)
+            mine = json.loads(json.dumps(self.run_info))
+            ignore = {"steps", "ckpt_every", "keep_last", "log_every", "sample_every", "num_workers", "tensorboard"}
+            diff = sorted(
+                k for k in set(saved.get("settings", {})) | set(mine["settings"])
+                if k not in ignore and saved.get("settings", {}).get(k) != mine["settings"].get(k)
+            )
+            if saved.get("model") != mine["model"]:
+                diff.append("model config")
+            if saved.get("data") != mine.get("data"):
+                diff.append("data")
+            if diff:
+                raise SparseditError(f"{self.run_dir} holds a different run (differs in {', '.join(diff)}); use a new "
+                                     "--run-dir, or repeat the original command to resume it")
+        elif self.run_dir.exists() and any(self.run_dir.iterdir()):
+            raise SparseditError(f"{self.run_dir} is not empty and is not a sparsedit run; choose a new --run-dir")
+        if self.dist.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_file, self.run_info)
+        self.dist.barrier()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _full_state(self, module: nn.Module) -> dict[str, Tensor]:
+        if self.settings.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.detach().cpu() for k, v in self.raw_of(module).state_dict().items()}
+
+    def raw_of(self, module: nn.Module) -> nn.Module:
+        return module.module if hasattr(module, "module") and not self.settings.fsdp else module
+
+    def save_checkpoint(self) -> Path:
+        """Write step dir atomically (temp dir + rename); keeps the last ``keep_last``."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        root = self.run_dir / "checkpoints"
+        final = root / step_dir_name(self.step)
+        tmp = root / f".{final.name}.tmp"
+        model_sd = self._full_state(self.model)
+        ema_sd = self._full_state(self.ema_wrapped)
+        opt_sd = get_optimizer_state_dict(self.model, self.opt,
+                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.dist.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.dist.barrier()
+        torch.save(_rng_state(self.gen), tmp / f"rng_rank{self.dist.rank}.pt")
+        self.dist.barrier()
+        if self.dist.main:
+            for name, sd in (("model", model_sd), ("ema", ema_sd)):
+                (tmp / name).mkdir()
+                write_safetensors(tmp / name / WEIGHTS_NAME, sd, metadata={"format": "pt", "writer": "sparsedit"})
+                write_json(tmp / name / CONFIG_NAME, self.config.to_dict())
+            torch.save(opt_sd, tmp / "optimizer.pt")
+            write_json(tmp / "trainer.json", {"step": self.step, "world_size": self.dist.world})
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in list_checkpoints(self.run_dir)[: -self.settings.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
+        self.last_ckpt = final
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        info = read_json(path / "trainer.json")
+        if info.get("world_size") != self.dist.world:
+            raise SparseditError(f"{path} was written by {info.get('world_size')} ranks, this run has {self.dist.world}; "
+                                 "resume with the same number of processes")
+        opts = StateDictOptions(full_state_dict=True)
+        for module, name in ((self.model, "model"), (self.ema_wrapped, "ema")):
+            state = read_safetensors(path / name / WEIGHTS_NAME)
+            if self.settings.fsdp:
+                set_model_state_dict(module, state, options=opts)
+            else:
+                self.raw_of(module).load_state_dict(state)
+        opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(self.model, self.opt, opt_state, options=opts)
+        _set_rng_state(torch.load(path / f"rng_rank{self.dist.rank}.pt", weights_only=True), self.gen)
+        self.step = int(info["step"])
+        self.last_ckpt = path
+
+    def _truncate_metrics(self) -> None:
+        """Drop log lines past the resumed step (they are logged again)."""
+        path = self.run_dir / METRICS_FILE
+        if not self.dist.main or not path.exists():
+            return
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+        atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in keep)))
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _autocast(self) -> Any:
+        use_bf16 = self.settings.precision == "bf16" or (self.settings.precision == "auto"
+                                                        and self.dist.device.type == "cuda")
+        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    def _loader(self) -> Iterator[tuple[Tensor, Tensor]]:
+        per_rank = self.settings.batch_size // (self.dist.world * self.settings.grad_accum)
+        sampler = StepBatchSampler(len(self.dataset), per_rank, self.dist.rank, self.dist.world, self.settings.seed,
+                                   self.step * self.settings.grad_accum, self.dataset)
+        # An own generator: creating the loader must not consume the global RNG (which drives label
+        # dropout and is restored on resume), or a resumed run would drift from an uninterrupted one.
+        loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.settings.num_workers,
+                            generator=torch.Generator().manual_seed(self.settings.seed))
+        return iter(loader)
+
+    def _timesteps(self, n: int) -> tuple[Tensor, str]:
+        if self.pieces is None:
+            return torch.randint(0, self.diffusion.num_timesteps, (n,), generator=self.gen), "dense"
+        t, piece = self.pieces.sample(n)
+        return t, f"{piece.grid[0]}x{piece.grid[1]}"
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        ema = [p for p in self.ema_wrapped.parameters()]
+        cur = [p.detach() for p in self.model.parameters()]
+        torch._foreach_lerp_(ema, cur, 1.0 - self.settings.ema_decay)
+
+    def train_step(self, batches: Iterator[tuple[Tensor, Tensor]]) -> dict[str, float]:
+        s = self.settings
+        self.model.train()
+        totals = torch.zeros(3, dtype=torch.float64)
+        grid = ""
+        for micro in range(s.grad_accum):
+            x, y = next(batches)
+            x, y = x.to(self.dist.device), y.to(self.dist.device)
+            t, grid = self._timesteps(x.shape[0])
+            noise = torch.randn(x.shape, generator=self.gen).to(self.dist.device)
+            sync_ctx = (self.model.no_sync() if micro < s.grad_accum - 1 and hasattr(self.model, "no_sync")
+                        else contextlib.nullcontext())
+            with sync_ctx, self._autocast():
+                losses = self.diffusion.training_losses(self.model, x, t.to(self.dist.device), {"y": y}, noise)
+                loss = losses["loss"].mean()
+            (loss / s.grad_accum).backward()
+            totals += torch.stack([loss.detach().double().cpu(), losses["mse"].mean().detach().double().cpu(),
+                                   losses["vb"].mean().detach().double().cpu()]) / s.grad_accum
+        totals = self.dist.mean(totals.to(self.dist.device) if self.dist.device.type == "cuda" else totals).cpu()
+        if not torch.isfinite(totals).all():
+            last = self.last_ckpt or "none (no checkpoint yet)"
+            raise SparseditError(f"loss became {totals[0].item()} at step {self.step + 1}; last good checkpoint: {last}. "
+                                 "Lower --lr, enable --grad-clip, or check the data")
+        if s.grad_clip > 0:
+            if self.settings.fsdp:
+                self.model.clip_grad_norm_(s.grad_clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self._update_ema()
+        self.step += 1
+        return {"loss": totals[0].item(), "mse": totals[1].item(), "vb": totals[2].item(), "grid": grid}
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.dist.main:
+            return
+        with open(self.run_dir / METRICS_FILE, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key in ("loss", "mse", "vb", "steps_per_sec"):
+                self.writer.add_scalar(f"train/{key}", record[key], record["step"])
+
+    def _sample_grid(self) -> None:
+        if not self.dist.main or self.settings.fsdp:
+            return  # an FSDP EMA is sharded; sample from a saved checkpoint instead
+        from sparsedit.images import save_grid
+        from sparsedit.sampling import generate, to_images
+        from sparsedit.vae import load_vae
+
+        if self.config.data_space == "latent" and self.vae_path is None:
+            return
+        labels = [i % self.config.num_classes for i in range(min(self.config.num_classes, 10))]
+        samples = generate(self.ema, labels, sampler="ddim", steps=25, seed=0, device=self.dist.device, progress=False,
+                           cfg_scale=1.0)
+        vae = load_vae(self.vae_path, self.dist.device) if self.config.data_space == "latent" else None
+        save_grid(to_images(self.ema, samples, vae), self.run_dir / "samples" / f"{step_dir_name(self.step)}.png")
+
+    def fit(self) -> Path:
+        """Train to ``settings.steps`` (resuming if the run dir has a checkpoint); returns the final EMA model dir."""
+        s = self.settings
+        self._prepare_run_dir()
+        ckpts = list_checkpoints(self.run_dir)
+        if ckpts:
+            self.load_checkpoint(ckpts[-1])
+            self._truncate_metrics()
+            if self.dist.main:
+                print(f"resuming {self.run_dir} from step {self.step} ({ckpts[-1].name})")
+        if s.tensorboard and self.dist.main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise SparseditError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        batches = self._loader()
+        bar = None
+        if self.dist.main and self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=s.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        tick, tick_step = time.perf_counter(), self.step
+        while self.step < s.steps:
+            stats = self.train_step(batches)
+            if self.step % s.log_every == 0 or self.step == s.steps:
+                now = time.perf_counter()
+                rate = (self.step - tick_step) / max(now - tick, 1e-9)
+                tick, tick_step = now, self.step
+                self._log({"step": self.step, **stats, "lr": s.lr, "steps_per_sec": rate})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", grid=stats["grid"])
+            if self.step % s.ckpt_every == 0 or self.step == s.steps:
+                self.save_checkpoint()
+            if s.sample_every and self.step % s.sample_every == 0:
+                self._sample_grid()
+        if bar is not None:
+            bar.close()
+        out = self.run_dir / "model"
+        if self.dist.main:
+            final = list_checkpoints(self.run_dir)[-1] / "ema"
+            tmp = self.run_dir / ".model.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(final, tmp)
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+        self.dist.barrier()
+        if self.writer is not None:
+            self.writer.close()
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# what to train on, and what to train
+# --------------------------------------------------------------------------------------------
+
+
+def open_dataset(spec: str, image_size: int | None = None, channels: int = 1, seed: int = 0) -> tuple[Dataset, dict]:
+    """``"digits"`` (embedded), a latents directory (``sparsedit extract-latents``) or an image folder.
+
+    Returns the data set and a description (kind, resolution, channels, classes, data_space).
+    """
+    from sparsedit import data as D
+
+    path = Path(spec)
+    if spec == "digits":
+        res = image_size or 16
+        ds = D.DigitsDataset(split="train", resolution=res, channels=channels)
+        info = {"kind": "digits", "resolution": res, "channels": channels, "num_classes": 10, "data_space": "pixel"}
+    elif path.is_dir() and (path / D.META_FILE).exists():
+        ds = D.LatentsDataset(path, seed=seed, apply_scale_factor=True)
+        c, h, w = ds.latent_shape
+        info = {"kind": "latents", "resolution": int(ds.meta.get("resolution", h * 8)), "latent_size": [h, w],
+                "channels": c, "num_classes": ds.num_classes, "data_space": "latent"}
+    elif path.is_dir():
+        res = image_size or 32
+        ds = D.ImageFolderDataset(path, resolution=res, channels=3 if channels == 1 else channels)
+        info = {"kind": "folder", "resolution": res, "channels": 3 if channels == 1 else channels,
+                "num_classes": len(ds.classes), "data_space": "pixel"}
+    else:
+        raise SparseditError(f"--data {spec!r} is neither 'digits' nor a directory; pass 'digits', an image folder "
+                             "(one subfolder per class) or a latents directory from `sparsedit extract-latents`")
+    info["path"] = spec if spec == "digits" else str(path.resolve())
+    return ds, info
+
+
+def check_model_fits_data(config: Any, info: dict) -> None:
+    size = info.get("latent_size") or [info["resolution"]] * 2
+    problems = []
+    if config.in_channels != info["channels"]:
+        problems.append(f"{config.in_channels} input channels vs {info['channels']} in the data")
+    if list(config.latent_hw) != list(size):
+        problems.append(f"input size {config.latent_hw} vs {tuple(size)} in the data")
+    if config.num_classes < info["num_classes"]:
+        problems.append(f"{config.num_classes} classes vs {info['num_classes']} in the data")
+    if config.data_space != info["data_space"]:
+        problems.append(f"a {config.data_space}-space model vs {info['data_space']} data")
+    if problems:
+        raise SparseditError(f"the model does not fit the data: {'; '.join(problems)}; pick matching --data/--image-size")
