@@ -1,0 +1,397 @@
+"""Analytic compute cost (multiply-accumulates) and parameter counts of DiT and SparseDiT.
+
+Costs are computed from the config and the token grids alone, never by running the model, and
+follow what our modules execute (:mod:`sparsedit.layers`, :mod:`sparsedit.blocks`,
+:mod:`sparsedit.sparse_dit`). Conventions (shared/SPEC.md section 4, docs/flops.md):
+
+* One MAC is one multiply-accumulate; FLOPs in the DiT / fvcore sense are MACs
+  (DiT-XL/2 at 256 px: 118.6 G). ``torch.utils.flop_counter`` reports 2 FLOPs per MAC.
+* Everything is per image and per forward pass (batch size 1). Classifier-free guidance runs the
+  model on a doubled batch, so a guided sampling step costs twice the number reported here.
+* Op kinds: ``linear`` = every matmul of a Linear or convolution layer (patch embedding, t-embedder
+  MLP, adaLN regressors, q/k/v/proj, poolingformer V/proj, recovery merge W1/W2, MLPs, final
+  projection; biases are not counted); ``attention`` = the two activation-activation matmuls
+  ``Q K^T`` and ``A V``; ``other`` = an estimate of the element-wise / reduction work on token
+  tensors (norms, modulation, gating, activations, softmax, pooling, upsampling, position-embedding
+  adds), defined exactly in docs/flops.md.
+* ``total`` is ``linear + attention``: the matmul work, which is what the DiT paper, fvcore and
+  :func:`measure_macs` (FlopCounterMode) count. ``other`` is reported beside it, never inside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sparsedit.dit import DiTConfig
+from sparsedit.errors import SparseditError
+from sparsedit.sparse_dit import SparseDiTConfig, block_kinds
+
+__all__ = [
+    "KINDS",
+    "MacReport",
+    "dit_macs",
+    "measure_macs",
+    "measure_macs_by_kind",
+    "model_macs",
+    "model_params",
+    "schedule_macs",
+    "sparse_dit_macs",
+]
+
+Grid = tuple[int, int]
+KINDS = ("linear", "attention", "other")
+# Width of the sinusoidal timestep features fed to the t-embedder MLP (TimestepEmbedder default).
+T_FREQ = 256
+# SDTM block kind -> the part of the SDTM it belongs to (by_part in MacReport).
+_SDTM_PART = {"gen": "gen", "gen+": "gen", "sparse": "sparse", "recover": "recover", "recover+": "recover",
+              "dense": "dense"}
+_SEGMENT = {"pool": "pool", "top": "top", **{k: "sdtm" for k in _SDTM_PART}}
+G = 1e9
+
+
+@dataclass
+class MacReport:
+    """MACs of one forward pass of one image, by segment and by op kind.
+
+    ``table[segment][kind]`` holds the MACs of every (segment, kind) pair; segments are ``embed``,
+    ``blocks`` and ``final`` for a DiT and ``embed``, ``pool``, ``sdtm``, ``top`` and ``final`` for a
+    SparseDiT (whose ``by_part`` splits ``sdtm`` into gen / sparse / recover / dense, kinds summed
+    as in ``total``). ``total``, ``by_segment`` and every ``by_part`` value count ``linear +
+    attention`` only; ``by_kind`` lists all three kinds, so ``total == by_kind["linear"] +
+    by_kind["attention"]`` and ``total_with_other`` adds ``by_kind["other"]``.
+    """
+
+    model_type: str
+    grid: Grid
+    sparse_grid: Grid | None
+    table: dict[str, dict[str, int]]
+    by_part: dict[str, int] = field(default_factory=dict)
+    params: int = 0
+
+    @property
+    def by_kind(self) -> dict[str, int]:
+        return {k: sum(row[k] for row in self.table.values()) for k in KINDS}
+
+    @property
+    def by_segment(self) -> dict[str, int]:
+        return {seg: row["linear"] + row["attention"] for seg, row in self.table.items()}
+
+    @property
+    def total(self) -> int:
+        kinds = self.by_kind
+        return kinds["linear"] + kinds["attention"]
+
+    @property
+    def total_with_other(self) -> int:
+        return sum(self.by_kind.values())
+
+    @property
+    def gmacs(self) -> float:
+        return self.total / G
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary: ``macs`` (int) and GMACs (floats, 1 G = 1e9) everywhere else."""
+        return {
+            "model_type": self.model_type,
+            "grid": list(self.grid),
+            "sparse_grid": None if self.sparse_grid is None else list(self.sparse_grid),
+            "macs": self.total,
+            "gmacs": self.gmacs,
+            "gmacs_with_other": self.total_with_other / G,
+            "by_segment": {k: v / G for k, v in self.by_segment.items()},
+            "by_kind": {k: v / G for k, v in self.by_kind.items()},
+            "by_part": {k: v / G for k, v in self.by_part.items()},
+            "table": {seg: {k: v / G for k, v in row.items()} for seg, row in self.table.items()},
+            "params": self.params,
+        }
+
+
+# ------------------------------------------------------------------------------------------------
+# per-module costs: (linear, attention, other) MACs for one image
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Dims:
+    d: int  # hidden size
+    f: int  # MLP hidden size
+    heads: int
+    patch_in: int  # C_in * p * p (patch-embedding conv fan-in)
+    patch_out: int  # p * p * C_out (final projection width)
+    embedders: int  # conditioning embedders (1, or depth with per_block_cond)
+
+    @classmethod
+    def of(cls, config: DiTConfig) -> _Dims:
+        p = config.patch_size
+        return cls(
+            d=config.hidden_size, f=int(config.hidden_size * config.mlp_ratio), heads=config.num_heads,
+            patch_in=config.in_channels * p * p, patch_out=p * p * config.out_channels,
+            embedders=config.depth if config.per_block_cond else 1,
+        )
+
+
+Cost = tuple[int, int, int]
+
+
+def _embed(n: int, m: _Dims) -> Cost:
+    # patch conv + t-embedder MLP (256 -> D -> D) per embedder; label lookup is free; + pos embed.
+    linear = n * m.patch_in * m.d + m.embedders * (T_FREQ * m.d + m.d * m.d)
+    return linear, 0, n * m.d
+
+
+def _final(n: int, m: _Dims) -> Cost:
+    # adaLN (D -> 2D), LayerNorm (4/elem) + modulate (2/elem), projection to p*p*C_out.
+    return 2 * m.d * m.d + n * m.d * m.patch_out, 0, 6 * n * m.d
+
+
+def _dit_block(nq: int, m: _Dims, nk: int | None = None) -> Cost:
+    """DiTBlock with nq query tokens; ``nk`` = context tokens for cross-attention (k/v from them)."""
+    d, f = m.d, m.f
+    kv = nq if nk is None else nk
+    linear = 6 * d * d + nq * d * d + 2 * kv * d * d + nq * d * d + 2 * nq * d * f  # adaLN, q, k+v, proj, MLP
+    attention = 2 * nq * kv * d  # Q K^T and A V
+    # LayerNorm 4/elem, modulate 2, gate+residual 2 (twice each), GELU, softmax over the score matrix;
+    # cross-attention also normalises and modulates the context (4 + 2 per element).
+    other = 16 * nq * d + nq * f + m.heads * nq * kv + (0 if nk is None else 6 * nk * d)
+    return linear, attention, other
+
+
+def _poolingformer(n: int, m: _Dims) -> Cost:
+    d, f = m.d, m.f
+    # Tokens are averaged first, then V and proj act on one token (PoolingAttention): 2 D^2.
+    linear = 6 * d * d + 2 * d * d + 2 * n * d * f
+    # norm1 4, modulate 2, mean 1, broadcast residual add 1, norm2 4, modulate 2, gate+residual 2
+    # per element; GELU; gate multiply on the single pooled token.
+    other = 16 * n * d + n * f + d
+    return linear, 0, other
+
+
+def _add(a: Cost, b: Cost) -> Cost:
+    return a[0] + b[0], a[1] + b[1], a[2] + b[2]
+
+
+def _block_cost(kind: str, n: int, mtok: int, upsample: bool, m: _Dims) -> Cost:
+    """Cost of one SparseDiT block of ``kind`` with n dense and mtok sparse tokens."""
+    if kind == "pool":
+        return _poolingformer(n, m)
+    if kind in ("gen", "gen+"):
+        cost = _dit_block(mtok, m, nk=n)  # q from the M sparse tokens, k/v from the N dense ones
+        return _add(cost, (0, 0, n * m.d)) if kind == "gen" else cost  # adaptive avg pool reads N*D
+    if kind == "sparse":
+        return _dit_block(mtok, m)
+    if kind in ("recover", "recover+"):
+        cost = _dit_block(n, m, nk=mtok)  # q from the N dense tokens, k/v from the M sparse ones
+        if kind == "recover":
+            # merge W1 on the N upsampled tokens, W2 on the N dense tokens; upsample writes N*D
+            # (skipped by the code when the grids are equal); two adds (merge, + position embedding).
+            cost = _add(cost, (2 * n * m.d * m.d, 0, (n * m.d if upsample else 0) + 2 * n * m.d))
+        return cost
+    return _dit_block(n, m)  # dense, top
+
+
+def _check_grid(grid: object, what: str) -> Grid:
+    try:
+        h, w = (int(v) for v in grid)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        raise SparseditError(f"{what} must be a pair of integers (h, w), got {grid!r}; pass e.g. (8, 8)") from None
+    if h < 1 or w < 1:
+        raise SparseditError(f"{what} {h}x{w} is empty; pass positive sides, e.g. (8, 8)")
+    return h, w
+
+
+def _row(cost: Cost) -> dict[str, int]:
+    return dict(zip(KINDS, cost, strict=True))
+
+
+# ------------------------------------------------------------------------------------------------
+# public API
+# ------------------------------------------------------------------------------------------------
+
+
+def model_params(config: DiTConfig) -> int:
+    """Number of parameters of the model ``config`` builds (buffers such as pos_embed excluded)."""
+    m = _Dims.of(config)
+    d, f = m.d, m.f
+    labels = config.num_classes + int(config.class_dropout_prob > 0)
+    embed = m.patch_in * d + d + m.embedders * (T_FREQ * d + d + d * d + d + labels * d)
+    dit_block = 10 * d * d + 2 * d * f + 11 * d + f  # adaLN 6D, qkv 3D, proj D, MLP
+    final = 2 * d * d + 2 * d + d * m.patch_out + m.patch_out
+    if not isinstance(config, SparseDiTConfig):
+        return embed + config.depth * dit_block + final
+    per_kind = {"pool": 8 * d * d + 2 * d * f + 9 * d + f, "recover": dit_block + 2 * d * d + 2 * d}
+    return embed + final + sum(per_kind.get(kind, dit_block) for kind in block_kinds(config.layout))
+
+
+def dit_macs(config: DiTConfig, grid: Grid | None = None) -> MacReport:
+    """MACs of one DiT forward for one image on token grid ``grid`` (default: the config's grid)."""
+    if isinstance(config, SparseDiTConfig):
+        raise SparseditError("dit_macs got a SparseDiT config; use sparse_dit_macs(config, sparse_grid) or schedule_macs")
+    H, W = _check_grid(config.grid if grid is None else grid, "grid")
+    n, m = H * W, _Dims.of(config)
+    block = _dit_block(n, m)
+    table = {
+        "embed": _row(_embed(n, m)),
+        "blocks": _row((config.depth * block[0], config.depth * block[1], config.depth * block[2])),
+        "final": _row(_final(n, m)),
+    }
+    return MacReport("DiT", (H, W), None, table, params=model_params(config))
+
+
+def sparse_dit_macs(config: SparseDiTConfig, sparse_grid: Grid, dense_grid: Grid | None = None) -> MacReport:
+    """MACs of one SparseDiT forward for one image with sparse grid ``sparse_grid`` (h, w).
+
+    ``dense_grid`` defaults to the config's token grid; the sparse grid must fit inside it, as
+    :meth:`SparseDiT.sparse_grid` requires.
+    """
+    if not isinstance(config, SparseDiTConfig):
+        raise SparseditError("sparse_dit_macs needs a SparseDiT config; use dit_macs for a DiT")
+    H, W = _check_grid(config.grid if dense_grid is None else dense_grid, "dense grid")
+    h, w = _check_grid(sparse_grid, "sparse grid")
+    if h > H or w > W:
+        raise SparseditError(f"sparse grid {h}x{w} must lie within the dense grid {H}x{W}; pick a smaller grid")
+    n, mtok, m = H * W, h * w, _Dims.of(config)
+    table = {seg: dict.fromkeys(KINDS, 0) for seg in ("embed", "pool", "sdtm", "top", "final")}
+    table["embed"] = _row(_embed(n, m))
+    table["final"] = _row(_final(n, m))
+    parts = dict.fromkeys(("gen", "sparse", "recover", "dense"), 0)
+    for kind in block_kinds(config.layout):
+        cost = _block_cost(kind, n, mtok, (h, w) != (H, W), m)
+        row = table[_SEGMENT[kind]]
+        for k, v in zip(KINDS, cost, strict=True):
+            row[k] += v
+        if kind in _SDTM_PART:
+            parts[_SDTM_PART[kind]] += cost[0] + cost[1]
+    return MacReport("SparseDiT", (H, W), (h, w), table, by_part=parts, params=model_params(config))
+
+
+def model_macs(config: DiTConfig, sparse_grid: Grid | None = None) -> MacReport:
+    """:func:`dit_macs` or :func:`sparse_dit_macs` by config type (a SparseDiT needs ``sparse_grid``)."""
+    if isinstance(config, SparseDiTConfig):
+        if sparse_grid is None:
+            raise SparseditError(
+                "a SparseDiT's cost depends on its sparse grid; pass sparse_grid=(h, w), or use schedule_macs "
+                "for the mean over a sampling run"
+            )
+        return sparse_dit_macs(config, sparse_grid)
+    if sparse_grid is not None:
+        raise SparseditError("sparse_grid only applies to a SparseDiT config; drop it for a DiT")
+    return dit_macs(config)
+
+
+def schedule_macs(config: DiTConfig, timesteps: Iterable[int], dense_grid: Grid | None = None) -> dict[str, Any]:
+    """Cost of a sampling run: one forward per timestep, the grid of each from the model's schedule.
+
+    ``timesteps`` are the original (training) timesteps the model sees, e.g.
+    ``space_timesteps(1000, "250")``. Returns a dict with ``gmacs`` (mean over the steps: the
+    SparseDiT convention of SPEC section 4), ``gmacs_min``, ``gmacs_max``, ``grids`` (one entry per
+    distinct grid, fewest tokens first: ``grid``, ``steps``, ``gmacs``), ``per_step`` (GMACs of each
+    step, in the order given), ``by_segment`` / ``by_kind`` / ``by_part`` (means over the steps, GMACs),
+    ``steps`` and ``params``. For a DiT every step uses the dense grid. Per image, per forward.
+    """
+    steps = [int(t) for t in timesteps]
+    if not steps:
+        raise SparseditError("schedule_macs got no timesteps; pass the sampling run's timesteps, e.g. space_timesteps(1000, '250')")
+    dense = _check_grid(config.grid if dense_grid is None else dense_grid, "dense grid")
+    if isinstance(config, SparseDiTConfig):
+        grids = config.schedule.grids_for_timesteps(steps, dense)
+        reports = {g: sparse_dit_macs(config, g, dense) for g in set(grids)}
+    else:
+        grids = [dense] * len(steps)
+        reports = {dense: dit_macs(config, dense)}
+    n = len(steps)
+    per_step = [reports[g].total / G for g in grids]
+    counts = {g: grids.count(g) for g in reports}
+
+    def mean_of(attr: str) -> dict[str, float]:
+        keys = getattr(next(iter(reports.values())), attr).keys()
+        return {k: sum(c * getattr(reports[g], attr)[k] for g, c in counts.items()) / n / G for k in keys}
+
+    return {
+        "gmacs": sum(c * reports[g].total for g, c in counts.items()) / n / G,
+        "gmacs_min": min(per_step),
+        "gmacs_max": max(per_step),
+        "grids": [
+            {"grid": list(g), "tokens": g[0] * g[1], "steps": counts[g], "gmacs": reports[g].total / G}
+            for g in sorted(reports, key=lambda g: (g[0] * g[1], g))
+        ],
+        "per_step": per_step,
+        "by_segment": mean_of("by_segment"),
+        "by_kind": mean_of("by_kind"),
+        "by_part": mean_of("by_part"),
+        "steps": n,
+        "params": model_params(config),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# cross-check against torch.utils.flop_counter
+# ------------------------------------------------------------------------------------------------
+
+
+def _attention_ops() -> tuple[Any, ...]:
+    from torch.utils import flop_counter
+
+    reg = flop_counter.flop_registry
+    aten = torch.ops.aten
+    ops = [aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_flash_attention,
+           aten._scaled_dot_product_cudnn_attention]
+    cpu = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu is not None:
+        ops.append(cpu)
+    return tuple(op for op in ops if op in reg or op is cpu)
+
+
+def _sdpa_cpu_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None,
+                    **kwargs: Any) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _custom_mapping() -> dict[Any, Any]:
+    """FLOP formula for CPU flash SDPA, which torch's registry lacks (it would count 0).
+
+    Passed to this FlopCounterMode only (``custom_mapping``), so torch's global registry is untouched;
+    skipped if a torch version registers the op itself.
+    """
+    from torch.utils import flop_counter
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or op in flop_counter.flop_registry:
+        return {}
+    return {op: _sdpa_cpu_flops}
+
+
+def measure_macs_by_kind(model: nn.Module, x: Tensor, t: Tensor, y: Tensor, **forward_kwargs: Any) -> dict[str, int]:
+    """Run ``model(x, t, y, **forward_kwargs)`` under FlopCounterMode; MACs by kind for the whole batch.
+
+    Returns ``{"linear": ..., "attention": ..., "total": ...}``: ``attention`` is what the SDPA ops
+    (and any explicit bmm) count, ``linear`` the mm/addmm/convolution ops. FlopCounterMode counts 2
+    FLOPs per MAC and only matmul-like ops, so ``total`` compares with :attr:`MacReport.total` (times
+    the batch size). Works on CPU and on the meta device (no data needed with an explicit ``grid``).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False, custom_mapping=_custom_mapping())
+    attention_ops = set(_attention_ops()) | {torch.ops.aten.bmm, torch.ops.aten.baddbmm}
+    with torch.no_grad(), counter:
+        model(x, t, y, **forward_kwargs)
+    counts = counter.get_flop_counts().get("Global", {})
+    attention = sum(v for op, v in counts.items() if op in attention_ops)
+    total = sum(counts.values())
+    return {"linear": (total - attention) // 2, "attention": attention // 2, "total": total // 2}
+
+
+def measure_macs(model: nn.Module, x: Tensor, t: Tensor, y: Tensor, **forward_kwargs: Any) -> int:
+    """MACs of ``model(x, t, y, **forward_kwargs)`` as counted by ``torch.utils.flop_counter``.
+
+    For the whole batch of ``x`` (divide by the batch size for per-image numbers); matmul-like ops
+    only (linear + attention). Attention run through CPU flash SDPA is counted, see
+    :func:`measure_macs_by_kind`.
+    """
+    return measure_macs_by_kind(model, x, t, y, **forward_kwargs)["total"]
