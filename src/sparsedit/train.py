@@ -235,15 +235,15 @@ class Trainer:
         if self.dist.world == 1 and not self.settings.fsdp:
             return self.raw, self.ema
         if self.settings.fsdp:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+            # FSDP2 (per-parameter sharding; works on CPU with gloo, unlike FSDP1): every block is a
+            # unit, then the root. The EMA is sharded the same way, so its update is a shard-local lerp.
+            from torch.distributed.fsdp import fully_shard
 
-            block_types = {type(b) for b in self.raw.blocks}
-            kw: dict[str, Any] = dict(auto_wrap_policy=ModuleWrapPolicy(block_types), use_orig_params=True)
-            if self.dist.device.type == "cuda":
-                kw["device_id"] = self.dist.device
-            # The EMA is sharded exactly like the model, so its update is a shard-local lerp.
-            return FSDP(self.raw, **kw), FSDP(self.ema, **kw)
+            for module in (self.raw, self.ema):
+                for block in module.blocks:
+                    fully_shard(block)
+                fully_shard(module)
+            return self.raw, self.ema
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
@@ -390,8 +390,12 @@ class Trainer:
             x, y = x.to(self.dist.device), y.to(self.dist.device)
             t, grid = self._timesteps(x.shape[0])
             noise = torch.randn(x.shape, generator=self.gen).to(self.dist.device)
-            sync_ctx = (self.model.no_sync() if micro < s.grad_accum - 1 and hasattr(self.model, "no_sync")
-                        else contextlib.nullcontext())
+            last = micro == s.grad_accum - 1
+            sync_ctx = contextlib.nullcontext()
+            if self.settings.fsdp:
+                self.model.set_requires_gradient_sync(last)
+            elif not last and hasattr(self.model, "no_sync"):
+                sync_ctx = self.model.no_sync()
             with sync_ctx, self._autocast():
                 losses = self.diffusion.training_losses(self.model, x, t.to(self.dist.device), {"y": y}, noise)
                 loss = losses["loss"].mean()
@@ -404,10 +408,7 @@ class Trainer:
             raise SparseditError(f"loss became {totals[0].item()} at step {self.step + 1}; last good checkpoint: {last}. "
                                  "Lower --lr, enable --grad-clip, or check the data")
         if s.grad_clip > 0:
-            if self.settings.fsdp:
-                self.model.clip_grad_norm_(s.grad_clip)
-            else:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self._update_ema()

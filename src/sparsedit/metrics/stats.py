@@ -38,7 +38,7 @@ def frechet_distance(
             f"{sigma2.shape}; compute both with the same feature network"
         )
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
         # Singular product: shift both covariances by eps * I, as the ADM evaluator does.
         offset = np.eye(sigma1.shape[0]) * eps
