@@ -235,23 +235,13 @@ def test_truncated_pt(tmp_path, official_pt):
     one_line(err, "truncated.pt", "cannot read")
 
 
-# BUG (library, not this test): convert.read_torch_file catches only UnpicklingError, BadZipFile,
-# EOFError and RuntimeError, but torch's weights-only unpickler raises KeyError / IndexError /
-# UnicodeDecodeError on some non-checkpoint bytes (a text file starting with "h" or "j" reads as a
-# BINGET opcode), so these escape as tracebacks instead of a CheckpointError.
-_READER_BUG = pytest.mark.xfail(
-    strict=True, raises=(KeyError, IndexError, UnicodeDecodeError),
-    reason="BUG convert.read_torch_file: KeyError/IndexError/UnicodeDecodeError from torch.load not wrapped",
-)
-
-
 @pytest.mark.parametrize(
     "content",
     [
         b"# README\n",
         b"GIF89a" + bytes(range(256)),
-        pytest.param(b"hello world\n", marks=_READER_BUG, id="text-hello"),
-        pytest.param(b"just some notes\n", marks=_READER_BUG, id="text-just"),
+        pytest.param(b"hello world\n", id="text-hello"),  # torch's unpickler raises KeyError here
+        pytest.param(b"just some notes\n", id="text-just"),
     ],
 )
 def test_random_file_is_not_a_checkpoint(tmp_path, content):

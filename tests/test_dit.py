@@ -239,7 +239,7 @@ def test_official_safetensors_with_and_without_pos_embed(tmp_path):
 def test_official_heads_cannot_be_inferred_for_unknown_width(tmp_path):
     path = tmp_path / "narrow.pt"
     torch.save(official_state(seed=5, hidden=64), path)
-    with pytest.raises(CheckpointError, match="cannot infer the number of heads for hidden size 64") as err:
+    with pytest.raises(CheckpointError, match="hidden size 64 is not a released DiT width") as err:
         sparsedit.load_model(path)
     assert "\n" not in str(err.value)
 

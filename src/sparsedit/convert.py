@@ -79,7 +79,9 @@ def read_torch_file(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path} does not exist; check the path") from None
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError) as err:
+    # The weights-only unpickler raises assorted errors on non-checkpoint bytes (KeyError, IndexError, ...).
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, KeyError, IndexError, ValueError,
+            OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
             f"cannot read {path} as a PyTorch checkpoint ({first[:160]}); the file is truncated, "
@@ -124,7 +126,10 @@ def infer_dit_config(
     elif hidden in _HEADS_BY_WIDTH:
         heads = _HEADS_BY_WIDTH[hidden]
     else:
-        raise CheckpointError(f"{name}: cannot infer the number of heads for hidden size {hidden}; pass --model")
+        raise CheckpointError(
+            f"{name}: hidden size {hidden} is not a released DiT width ({', '.join(map(str, sorted(_HEADS_BY_WIDTH)))}), "
+            "so the number of heads is unknown; convert it to a sparsedit directory (config.json names num_heads)"
+        )
     if "pos_embed" in state:
         n_tok = state["pos_embed"].shape[1]
         side = round(n_tok**0.5)
@@ -286,6 +291,8 @@ def save_diffusers(model: DiT, out: str | Path, overwrite: bool = False) -> Path
     cfg = model.config
     if cfg.latent_hw[0] != cfg.latent_hw[1]:
         raise SparseditError("diffusers' DiTTransformer2DModel only supports square inputs; export to sparsedit instead")
+    if cfg.class_dropout_prob <= 0:
+        raise SparseditError("diffusers' DiT always has a null-class row; this model has none (class_dropout_prob=0)")
     out = prepare_output_dir(out, overwrite)
     ours = model.state_dict()
     state: dict[str, Tensor] = {
@@ -311,8 +318,6 @@ def save_diffusers(model: DiT, out: str | Path, overwrite: bool = False) -> Path
         state[f"{pre}norm1.emb.class_embedder.embedding_table.weight"] = ours[
             f"{emb_prefix}y_embedder.embedding_table.weight"
         ]
-    if cfg.class_dropout_prob <= 0:
-        raise SparseditError("diffusers' DiT always has a null-class row; this model has none (class_dropout_prob=0)")
     write_safetensors(out / DIFFUSERS_WEIGHTS, state, metadata={"format": "pt"})
     from sparsedit import __version__
 
