@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -38,6 +37,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from sparsedit.checkpoint import atomic_write
 from sparsedit.errors import SparseditError
 from sparsedit.metrics.stats import feature_stats, frechet_distance
 
@@ -188,18 +188,13 @@ def save_sample_batch(
                 f"labels have shape {lab.shape}, expected ({arr.shape[0]},): one class index per image"
             )
         arrays.append(lab)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
             np.savez(handle, *arrays)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(p, write)
     return p
 
 
