@@ -1,0 +1,191 @@
+"""``sparsedit analyze``: attention-variance analysis of a DiT (paper Fig. 1b), the constant-map
+experiment (Fig. 3) and, with ``--propose``, a SparseDiT layout and rate range for a compute budget.
+
+Writes into ``--out``: ``attention_variance.{csv,json}``, ``attention_variance_heatmap.png``,
+``attention_variance_lines.png``, ``constant_map.{csv,json,png}`` (with ``--max-k`` > 0),
+``constant_map_samples.png`` (pixel models, or latent models with ``--vae``), ``proposal.json``
+(with ``--propose``) and ``summary.json``. See docs/analyze.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparsedit.commands.common import add_device_arg, add_model_args, check_device, positive_int
+from sparsedit.samplers import SAMPLERS
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "analyze", help="attention-variance analysis of a DiT and a proposed SparseDiT layout",
+        description="Per layer and sampling step, the normalised variance of the attention maps (paper Fig. 1b; "
+        "v = (N sum_j p_j^2 - 1)/(N - 1) per query row, 0 = uniform, 1 = one-hot, averaged over rows, heads and "
+        "samples); the constant-attention-map experiment for the first k layers (Fig. 3); with --propose, a layout "
+        "and pruning-rate range for a FLOPs budget and the `sparsedit sparsify` command that builds it.",
+    )
+    add_model_args(p)
+    p.add_argument("--steps", type=positive_int, default=25, help="sampling steps (default 25)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampler (default ddim)")
+    p.add_argument("--classes", type=int, nargs="+", default=None,
+                   help="class labels, one sample each per seed (default: 4 of DiT's sample classes for a "
+                   "1000-class model, else the first 4 classes)")
+    p.add_argument("--seeds", type=positive_int, default=2, help="number of seeds (seed, seed+1, ...; default 2)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (default 1 = off)")
+    p.add_argument("--max-k", type=_non_negative_int, default=4,
+                   help="constant-map experiment for k = 0..K first layers (default 4; 0 skips it)")
+    p.add_argument("--vae", default=None, metavar="PATH",
+                   help="local AutoencoderKL directory: also decode the constant-map samples of a latent model")
+    p.add_argument("--out", default="analysis", help="output directory (default ./analysis)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+    prop = p.add_argument_group("proposal")
+    prop.add_argument("--propose", action="store_true", help="propose a SparseDiT layout and rate range")
+    budget = prop.add_mutually_exclusive_group()
+    budget.add_argument("--target-ratio", type=_positive_float, default=None,
+                        help="budget as a fraction of the dense DiT's GMACs (default 0.6 with --propose)")
+    budget.add_argument("--target-gmacs", type=_positive_float, default=None,
+                        help="budget in GMACs per forward (mean over the sampling steps)")
+    prop.add_argument("--var-threshold", type=_positive_float, default=0.5,
+                      help="a bottom layer is 'global' when its variance <= this x the median layer's (default 0.5)")
+    prop.add_argument("--diff-tolerance", type=_positive_float, default=0.25,
+                      help="largest relative sample difference of the constant-map experiment at k = P (default 0.25)")
+    prop.add_argument("--rate-spread", type=float, default=None,
+                      help="fix r_max - r_min (default: derived from the variance trend over the steps)")
+    prop.add_argument("--sparse-out", default=None,
+                      help="--out of the printed sparsify command (default OUT/sparse_dit)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_device_arg(p)
+    p.set_defaults(func=run)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> Path:
+    from sparsedit.checkpoint import write_json
+
+    write_json(path, data)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    from sparsedit import analyze as an
+    from sparsedit.convert import load_model
+    from sparsedit.errors import SparseditError
+    from sparsedit.images import save_grid
+
+    if (args.target_ratio is not None or args.target_gmacs is not None) and not args.propose:
+        raise SparseditError("--target-ratio/--target-gmacs only apply with --propose")
+    if args.rate_spread is not None and not 0 <= args.rate_spread < 1:
+        raise SparseditError(f"--rate-spread must be in [0, 1), got {args.rate_spread}")
+    device = check_device(args.device)
+    start = time.perf_counter()
+    model = load_model(args.ckpt, model=args.model, image_size=args.image_size, device=device)
+    cfg = model.config
+    if args.max_k > cfg.depth:
+        raise SparseditError(f"--max-k {args.max_k} exceeds the model's depth {cfg.depth}")
+    if not args.no_plots:
+        an._pyplot()  # fail on a missing matplotlib before sampling
+    vae = None
+    if args.vae is not None and cfg.data_space == "latent":
+        from sparsedit.vae import load_vae
+
+        vae = load_vae(args.vae, device)
+    labels = args.classes if args.classes is not None else an.default_labels(cfg.num_classes)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_progress
+    files: list[Path] = []
+
+    variance, reference = an.attention_variance(
+        model, labels, seeds=seeds, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
+        device=device, progress=progress,
+    )
+    files.append(an.write_csv(out / "attention_variance.csv", variance.rows()))
+    files.append(_write_json(out / "attention_variance.json", variance.to_dict()))
+    if not args.no_plots:
+        files += an.plot_variance(variance, out / "attention_variance_heatmap.png", out / "attention_variance_lines.png")
+
+    constant = None
+    if args.max_k > 0:
+        constant = an.constant_map_experiment(
+            model, labels, max_k=args.max_k, seeds=seeds, sampler=args.sampler, steps=args.steps,
+            cfg_scale=args.cfg_scale, device=device, reference=reference, progress=progress,
+        )
+        files.append(an.write_csv(out / "constant_map.csv", constant.rows()))
+        files.append(_write_json(out / "constant_map.json", constant.to_dict()))
+        if not args.no_plots:
+            files.append(an.plot_constant_map(constant, out / "constant_map.png"))
+        if cfg.data_space == "pixel" or vae is not None:
+            from sparsedit.sampling import to_images
+
+            first = [x[: len(labels)] for x in constant.samples]  # the first seed, every k: one row per k
+            images = to_images(model, torch.cat(first).to(device), vae)
+            files.append(save_grid(images, out / "constant_map_samples.png", nrow=len(labels)))
+
+    summary: dict[str, Any] = {
+        "ckpt": str(args.ckpt), "depth": cfg.depth, "tokens": cfg.grid[0] * cfg.grid[1],
+        "definition": an.VARIANCE_DEFINITION, "layer_mean_variance": variance.layer_mean,
+        "step_mean_variance": variance.step_mean, "timesteps": variance.timesteps,
+        "constant_map": constant.rows() if constant is not None else None,
+    }
+    if args.propose:
+        rule = an.ProposeRule(var_threshold=args.var_threshold, diff_tolerance=args.diff_tolerance,
+                              rate_spread=args.rate_spread)
+        target_ratio = 0.6 if args.target_gmacs is None and args.target_ratio is None else args.target_ratio
+        proposal = an.propose(cfg, variance, constant, target_gmacs=args.target_gmacs, target_ratio=target_ratio,
+                              rule=rule)
+        sparse_out = args.sparse_out if args.sparse_out is not None else str(out / "sparse_dit")
+        command = an.sparsify_command(proposal, args.ckpt, sparse_out, model=args.model, image_size=args.image_size)
+        data = {**proposal.to_dict(), "command": command}
+        files.append(_write_json(out / "proposal.json", data))
+        summary["proposal"] = data
+    summary["files"] = [str(f) for f in files] + [str(out / "summary.json")]
+    _write_json(out / "summary.json", summary)
+    elapsed = time.perf_counter() - start
+
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"analysed {args.ckpt}: {cfg.depth} layers, {cfg.grid[0]}x{cfg.grid[1]} tokens, {args.sampler} "
+          f"{args.steps} steps, {len(labels)} class(es) x {len(seeds)} seed(s), {elapsed:.1f}s")
+    print("mean normalised attention variance per layer (0 = uniform, 1 = one-hot):")
+    print("  " + " ".join(f"{v:.3f}" for v in variance.layer_mean))
+    if constant is not None:
+        print("constant maps in blocks 0..k-1, relative L2 difference of the samples vs k = 0:")
+        print("  " + "  ".join(f"k={k}: {r:.3g}" for k, r in zip(constant.ks, constant.rel_l2, strict=True)))
+    if args.propose:
+        prop = summary["proposal"]
+        print(f"proposal: layout {prop['layout']} (P,K,g,s,r,d,T), r in [{prop['r_min']:g}, {prop['r_max']:g}], "
+              f"{prop['expected_gmacs']:.4g} GMACs per forward = {prop['expected_ratio']:.3f} x dense "
+              f"{prop['dense_gmacs']:.4g} (budget {prop['target_gmacs']:.4g})")
+        for line in prop["rationale"]:
+            print(f"  - {line}")
+        print(prop["command"])
+    print(f"wrote {len(summary['files'])} files to {out}")
+    return 0
