@@ -349,7 +349,10 @@ def export_differences(config: DiTConfig) -> list[str]:
 
 
 def detect_format(path: str | Path) -> str:
-    """"sparsedit", "diffusers" or "official" for a path, or a CheckpointError saying why not."""
+    """"sparsedit", "diffusers", "pixart-diffusers" or "official" for a path, or a CheckpointError saying why not.
+
+    "official" is any single file: a DiT ``.pt`` or a PixArt ``.pth``, told apart by their keys on loading.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; pass a DiT .pt file, a diffusers directory or a sparsedit directory")
@@ -361,7 +364,9 @@ def detect_format(path: str | Path) -> str:
             raise CheckpointError(f"{path} has no config.json; it is neither a sparsedit nor a diffusers checkpoint")
         cfg = read_json(cfg_path)
         if "_class_name" in cfg:
-            return "diffusers"
+            from sparsedit.pixart_convert import is_pixart_diffusers_config
+
+            return "pixart-diffusers" if is_pixart_diffusers_config(cfg) else "diffusers"
         if "model_type" in cfg:
             return "sparsedit"
         raise CheckpointError(f"{cfg_path} names neither a model_type (sparsedit) nor a _class_name (diffusers)")
@@ -379,7 +384,8 @@ def load_model(
     """Load any supported checkpoint and return the model in eval mode.
 
     ``path``: an official DiT ``.pt`` (bare state dict or training dict, EMA weights by default), a
-    diffusers ``DiTTransformer2DModel`` directory, or a sparsedit directory. ``model`` (a preset such
+    diffusers ``DiTTransformer2DModel`` directory, an original PixArt-alpha ``.pth``, a diffusers
+    ``PixArtTransformer2DModel`` (or PixArt pipeline) directory, or a sparsedit directory. ``model`` (a preset such
     as ``"DiT-XL/2"``) and ``image_size`` are only needed when the file cannot tell.
     """
     path = Path(path)
@@ -388,11 +394,19 @@ def load_model(
         net = load_pretrained(path)
     elif kind == "diffusers":
         net = dit_from_diffusers(path)
-    elif path.suffix == ".safetensors":
-        net = dit_from_official_state(read_safetensors(path), model, image_size, str(path))
+    elif kind == "pixart-diffusers":
+        from sparsedit.pixart_convert import pixart_from_diffusers
+
+        net = pixart_from_diffusers(path)
     else:
-        state = _pick_state_dict(read_torch_file(path), path, use_ema)
-        net = dit_from_official_state(state, model, image_size, str(path))
+        from sparsedit.pixart_convert import is_pixart_state, pick_pixart_state, pixart_from_original_state
+
+        obj = read_safetensors(path) if path.suffix == ".safetensors" else read_torch_file(path)
+        if is_pixart_state(obj):  # original PixArt-alpha: {"state_dict": ...} with t_block / y_embedder keys
+            net = pixart_from_original_state(pick_pixart_state(obj, str(path), use_ema), image_size, name=str(path))
+        else:
+            state = obj if path.suffix == ".safetensors" else _pick_state_dict(obj, path, use_ema)
+            net = dit_from_official_state(state, model, image_size, str(path))
     if device is not None or dtype is not None:
         net = net.to(device=device, dtype=dtype)
     return net.eval()

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from sparsedit.dit import DiTConfig
 from sparsedit.errors import SparseditError
+from sparsedit.pixart import CAPTION_TOKENS, PixArtConfig, SparsePixArtConfig
 from sparsedit.sparse_dit import SparseDiTConfig, block_kinds
 
 __all__ = [
@@ -39,8 +40,11 @@ __all__ = [
     "measure_macs_by_kind",
     "model_macs",
     "model_params",
+    "pixart_macs",
+    "pixart_params",
     "schedule_macs",
     "sparse_dit_macs",
+    "sparse_pixart_macs",
 ]
 
 Grid = tuple[int, int]
@@ -215,6 +219,8 @@ def _row(cost: Cost) -> dict[str, int]:
 
 def model_params(config: DiTConfig) -> int:
     """Number of parameters of the model ``config`` builds (buffers such as pos_embed excluded)."""
+    if isinstance(config, PixArtConfig):
+        return pixart_params(config)
     m = _Dims.of(config)
     d, f = m.d, m.f
     labels = config.num_classes + int(config.class_dropout_prob > 0)
@@ -270,7 +276,16 @@ def sparse_dit_macs(config: SparseDiTConfig, sparse_grid: Grid, dense_grid: Grid
 
 
 def model_macs(config: DiTConfig, sparse_grid: Grid | None = None) -> MacReport:
-    """:func:`dit_macs` or :func:`sparse_dit_macs` by config type (a SparseDiT needs ``sparse_grid``)."""
+    """:func:`dit_macs` or :func:`sparse_dit_macs` by config type (a SparseDiT needs ``sparse_grid``).
+
+    PixArt / SparsePixArt configs go to :func:`pixart_macs` / :func:`sparse_pixart_macs` (120 text tokens).
+    """
+    if isinstance(config, PixArtConfig):
+        if isinstance(config, SparsePixArtConfig):
+            if sparse_grid is None:
+                raise SparseditError("a SparsePixArt's cost depends on its sparse grid; pass sparse_grid=(h, w)")
+            return sparse_pixart_macs(config, sparse_grid)
+        return pixart_macs(config)
     if isinstance(config, SparseDiTConfig):
         if sparse_grid is None:
             raise SparseditError(
@@ -297,7 +312,13 @@ def schedule_macs(config: DiTConfig, timesteps: Iterable[int], dense_grid: Grid 
     if not steps:
         raise SparseditError("schedule_macs got no timesteps; pass the sampling run's timesteps, e.g. space_timesteps(1000, '250')")
     dense = _check_grid(config.grid if dense_grid is None else dense_grid, "dense grid")
-    if isinstance(config, SparseDiTConfig):
+    if isinstance(config, SparsePixArtConfig):
+        grids = config.schedule.grids_for_timesteps(steps, dense)
+        reports = {g: sparse_pixart_macs(config, g, dense) for g in set(grids)}
+    elif isinstance(config, PixArtConfig):
+        grids = [dense] * len(steps)
+        reports = {dense: pixart_macs(config, dense)}
+    elif isinstance(config, SparseDiTConfig):
         grids = config.schedule.grids_for_timesteps(steps, dense)
         reports = {g: sparse_dit_macs(config, g, dense) for g in set(grids)}
     else:
@@ -326,6 +347,106 @@ def schedule_macs(config: DiTConfig, timesteps: Iterable[int], dense_grid: Grid 
         "steps": n,
         "params": model_params(config),
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# PixArt-alpha / SparsePixArt (sparsedit.pixart): a DiT block without its adaLN regressor (adaLN-single
+# computes one shared 6D vector) plus an un-gated text cross-attention over L caption tokens.
+# ------------------------------------------------------------------------------------------------
+
+
+def _pixart_dims(config: PixArtConfig) -> _Dims:
+    p = config.patch_size
+    return _Dims(d=config.hidden_size, f=int(config.hidden_size * config.mlp_ratio), heads=config.num_heads,
+                 patch_in=config.in_channels * p * p, patch_out=p * p * config.out_channels, embedders=1)
+
+
+def _pixart_embed(n: int, text_len: int, config: PixArtConfig, m: _Dims) -> Cost:
+    d = m.d
+    # patch conv, t-embedder MLP, t_block (D -> 6D, once), caption projection (C_text -> D -> D per token).
+    linear = n * m.patch_in * d + T_FREQ * d + d * d + 6 * d * d + text_len * (config.caption_channels * d + d * d)
+    if config.use_additional_conditions:  # 2 size + 1 aspect-ratio values through 256 -> D/3 -> D/3 MLPs
+        s = d // 3
+        linear += 3 * (T_FREQ * s + s * s)
+    return linear, 0, n * d + text_len * d  # pos-embed add; caption GELU
+
+
+def _text_cross(nq: int, text_len: int, m: _Dims) -> Cost:
+    """Text cross-attention of nq image tokens over text_len caption tokens: q, k+v, proj; QK^T and AV."""
+    d = m.d
+    return 2 * nq * d * d + 2 * text_len * d * d, 2 * nq * text_len * d, nq * d + m.heads * nq * text_len
+
+
+def _pixart_block(kind: str, n: int, mtok: int, text_len: int, upsample: bool, m: _Dims) -> Cost:
+    """A PixArt block of ``kind`` (``block_kinds``; "top" for a dense PixArt): the DiT block of that kind
+    without the per-block adaLN regressor, plus the text cross-attention on the tokens it holds."""
+    nq = mtok if kind in ("gen", "gen+", "sparse") else n
+    dit = _block_cost(kind, n, mtok, upsample, m)
+    return _add((dit[0] - 6 * m.d * m.d, dit[1], dit[2]), _text_cross(nq, text_len, m))
+
+
+def _pixart_final(n: int, m: _Dims) -> Cost:
+    # (shift, scale) come from a table plus the embedding: no matmul; LayerNorm + modulate; projection.
+    return n * m.d * m.patch_out, 0, 6 * n * m.d
+
+
+def pixart_params(config: PixArtConfig) -> int:
+    """Parameters of a PixArt / SparsePixArt (buffers: pos_embed and the null caption excluded)."""
+    m = _pixart_dims(config)
+    d, f = m.d, m.f
+    embed = m.patch_in * d + d + (T_FREQ * d + d + d * d + d) + (6 * d * d + 6 * d)
+    embed += config.caption_channels * d + d + d * d + d
+    if config.use_additional_conditions:
+        s = d // 3
+        embed += 2 * (T_FREQ * s + s + s * s + s)
+    block = 8 * d * d + 2 * d * f + 15 * d + f  # qkv, proj, text q, kv, proj, MLP, scale_shift_table
+    final = d * m.patch_out + m.patch_out + 2 * d
+    if not isinstance(config, SparsePixArtConfig):
+        return embed + config.depth * block + final
+    per_kind = {"pool": block - 2 * d * d - 2 * d, "recover": block + 2 * d * d + 2 * d}
+    return embed + final + sum(per_kind.get(kind, block) for kind in block_kinds(config.layout))
+
+
+def pixart_macs(config: PixArtConfig, grid: Grid | None = None, text_len: int = CAPTION_TOKENS) -> MacReport:
+    """MACs of one PixArt forward for one image with ``text_len`` caption tokens (default 120).
+
+    Padded caption tokens are computed too (the mask only zeroes their attention weights).
+    """
+    if isinstance(config, SparsePixArtConfig):
+        raise SparseditError("pixart_macs got a SparsePixArt config; use sparse_pixart_macs(config, sparse_grid)")
+    H, W = _check_grid(config.grid if grid is None else grid, "grid")
+    n, m = H * W, _pixart_dims(config)
+    block = _pixart_block("top", n, n, text_len, False, m)
+    table = {
+        "embed": _row(_pixart_embed(n, text_len, config, m)),
+        "blocks": _row(tuple(config.depth * v for v in block)),  # type: ignore[arg-type]
+        "final": _row(_pixart_final(n, m)),
+    }
+    return MacReport("PixArt", (H, W), None, table, params=pixart_params(config))
+
+
+def sparse_pixart_macs(config: SparsePixArtConfig, sparse_grid: Grid, dense_grid: Grid | None = None,
+                       text_len: int = CAPTION_TOKENS) -> MacReport:
+    """MACs of one SparsePixArt forward for one image with sparse grid ``sparse_grid`` and ``text_len`` tokens."""
+    if not isinstance(config, SparsePixArtConfig):
+        raise SparseditError("sparse_pixart_macs needs a SparsePixArt config; use pixart_macs for a PixArt")
+    H, W = _check_grid(config.grid if dense_grid is None else dense_grid, "dense grid")
+    h, w = _check_grid(sparse_grid, "sparse grid")
+    if h > H or w > W:
+        raise SparseditError(f"sparse grid {h}x{w} must lie within the dense grid {H}x{W}; pick a smaller grid")
+    n, mtok, m = H * W, h * w, _pixart_dims(config)
+    table = {seg: dict.fromkeys(KINDS, 0) for seg in ("embed", "pool", "sdtm", "top", "final")}
+    table["embed"] = _row(_pixart_embed(n, text_len, config, m))
+    table["final"] = _row(_pixart_final(n, m))
+    parts = dict.fromkeys(("gen", "sparse", "recover", "dense"), 0)
+    for kind in block_kinds(config.layout):
+        cost = _pixart_block(kind, n, mtok, text_len, (h, w) != (H, W), m)
+        row = table[_SEGMENT[kind]]
+        for k, v in zip(KINDS, cost, strict=True):
+            row[k] += v
+        if kind in _SDTM_PART:
+            parts[_SDTM_PART[kind]] += cost[0] + cost[1]
+    return MacReport("SparsePixArt", (H, W), (h, w), table, by_part=parts, params=pixart_params(config))
 
 
 # ------------------------------------------------------------------------------------------------

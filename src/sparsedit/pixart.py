@@ -65,6 +65,7 @@ class PixArtConfig:
     original ``get_2d_sincos_pos_embed``). The originals train 256/512/1024 px with scales
     0.5/1/2; diffusers' config default when its field is null is ``max(sample_size // 64, 1)``,
     which is 1 (not 0.5) at 256 px: the loaders read the value each format actually uses.
+    ``text_mask_bias`` names the one masking difference between the two writers (see the field).
     ``null_caption_length`` > 0 stores the original's learned null caption ``y_embedding``
     [L, caption_channels] (diffusers drops it; guidance then needs explicit null embeddings).
     """
@@ -84,6 +85,10 @@ class PixArtConfig:
     interpolation_scale: float = 1.0
     base_size: int | None = None
     norm_eps: float = 1e-6  # block LayerNorms (diffusers' norm_eps); the final norm is always 1e-6
+    # How padded caption tokens are masked: None = excluded exactly (boolean SDPA mask; the original's
+    # xformers block-diagonal attention), a number = added to their logits (diffusers: -10000, which
+    # only masks while logit spreads stay well below 1e4, as they do with trained weights).
+    text_mask_bias: float | None = None
     data_space: str = "latent"
     model_type: str = field(default="PixArt", init=False)
 
@@ -195,23 +200,28 @@ def _match_batch(x: Tensor, batch: int, what: str) -> Tensor:
     raise SparseditError(f"{what} has batch {x.shape[0]}, which does not divide the latent batch {batch}")
 
 
-def text_attention_mask(mask: Tensor | None, batch: int, length: int) -> Tensor | None:
+def text_attention_mask(mask: Tensor | None, batch: int, length: int, bias: float | None = None,
+                        dtype: torch.dtype = torch.float32) -> Tensor | None:
     """A caption mask -> the SDPA mask of the text cross-attention, (B, 1, 1, L), or None.
 
     Accepts a (B, L) keep-mask (1/True = real token, 0/False = padding) or diffusers' ready-made
-    additive bias (B, 1, L). A row that keeps no token attends to all tokens uniformly, which is what
-    diffusers' -10000 bias gives (a boolean mask would give NaN).
+    additive bias (B, 1, L), used as given. A keep-mask becomes a boolean mask (``bias`` None) or the
+    additive bias ``(1 - mask) * bias`` in ``dtype`` (diffusers' conversion with bias -10000). With the
+    boolean mask a row that keeps no token attends to all tokens uniformly, as a finite bias gives.
     """
     if mask is None:
         return None
     if mask.ndim == 3:  # additive bias, 0 = keep, large negative = drop
-        return _match_batch(mask, batch, "encoder_attention_mask")[:, None].float()  # (B, 1, 1, L)
+        return _match_batch(mask, batch, "encoder_attention_mask")[:, None].to(dtype)  # (B, 1, 1, L)
     if mask.ndim != 2 or mask.shape[1] != length:
         raise SparseditError(
             f"encoder_attention_mask of shape {tuple(mask.shape)} does not fit {length} caption tokens; "
             "pass (B, L) with 1 for real tokens and 0 for padding"
         )
-    keep = _match_batch(mask, batch, "encoder_attention_mask") != 0  # (B, L)
+    mask = _match_batch(mask, batch, "encoder_attention_mask")
+    if bias is not None:
+        return ((1 - mask.to(dtype)) * bias)[:, None, None, :]  # (B, 1, 1, L)
+    keep = mask != 0  # (B, L)
     keep = keep | ~keep.any(dim=1, keepdim=True)
     return keep[:, None, None, :]  # (B, 1, 1, L)
 
@@ -442,7 +452,8 @@ class PixArt(nn.Module):
             )
         caption = _match_batch(caption, batch, "encoder_hidden_states")
         text = self.y_embedder(caption.to(emb.dtype))  # (B, L, D)
-        mask = text_attention_mask(inputs.encoder_attention_mask, batch, text.shape[1])
+        mask = text_attention_mask(inputs.encoder_attention_mask, batch, text.shape[1], self.config.text_mask_bias,
+                                   text.dtype)
         cond = PixArtCond(t0=self.t_block(emb), emb=emb, text=text, mask=mask)
         return [cond] * len(self.blocks)
 
@@ -695,6 +706,58 @@ def sparsify_pixart(model: PixArt, layout: str | Layout, r_min: float = 0.61, r_
         raise SparseditError(f"source tensors left unused: {', '.join(unused[:6])}; the layout does not fit the model")
     sparse.load_state_dict(state, strict=True)
     return sparse.to(next(model.parameters()).dtype).eval()
+
+
+@torch.no_grad()
+def generate_pixart(
+    model: PixArt,
+    prompt_embeds: Tensor,
+    prompt_mask: Tensor | None = None,
+    null_embeds: Tensor | None = None,
+    *,
+    null_mask: Tensor | None = None,
+    added_cond_kwargs: dict[str, Tensor] | None = None,
+    sampler: str = "ddpm",
+    steps: int = 100,
+    eta: float = 0.0,
+    cfg_scale: float = 4.5,
+    cfg_mode: str = "first3",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> Tensor:
+    """Sample one latent per caption from precomputed T5 embeddings; returns (B, C, H, W) latents.
+
+    ``prompt_embeds`` (B, L, 4096) and ``prompt_mask`` (B, L) come from the T5 encoder (not part of
+    sparsedit). Guidance (``cfg_scale != 1``) uses ``null_embeds`` or the model's stored null
+    caption (:meth:`PixArt.forward_with_cfg`). Sampling runs :func:`sparsedit.samplers.sample`, whose
+    model calls receive the original timesteps, so a SparsePixArt picks its sparse grid per step.
+    All noise comes from a CPU generator seeded with ``seed``.
+    """
+    from functools import partial
+
+    from sparsedit.samplers import sample
+
+    cfg = model.config
+    n = prompt_embeds.shape[0]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    h, w = cfg.latent_hw
+    z = torch.randn(n, cfg.in_channels, h, w, generator=gen).to(device)
+    kwargs: dict[str, Any] = {
+        "encoder_hidden_states": prompt_embeds.to(device),
+        "encoder_attention_mask": None if prompt_mask is None else prompt_mask.to(device),
+        "added_cond_kwargs": added_cond_kwargs,
+    }
+    model_fn: Any = model
+    guided = cfg_scale != 1.0
+    if guided:
+        z = torch.cat([z, z])  # both halves share noise; forward_with_cfg uses the first half
+        kwargs["null_embeds"] = None if null_embeds is None else null_embeds.to(device)
+        kwargs["null_attention_mask"] = None if null_mask is None else null_mask.to(device)
+        model_fn = partial(model.forward_with_cfg, cfg_scale=cfg_scale, cfg_mode=cfg_mode)
+    out = sample(model_fn, tuple(z.shape), sampler=sampler, steps=steps, eta=eta, noise=z, generator=gen,
+                 device=device, model_kwargs=kwargs, progress=progress, learn_sigma=cfg.learn_sigma)
+    return out[:n] if guided else out
 
 
 register_model_type("PixArt", PixArtConfig, PixArt)
