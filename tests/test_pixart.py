@@ -458,3 +458,16 @@ def test_paper_table3_at_256px() -> None:
     mean = schedule_macs(sparse, sorted(space_timesteps(1000, "100")))["gmacs"]
     assert abs(mean - 91.62) / 91.62 < 0.005
     assert pixart_macs(pixart_config(512)).gmacs > 4 * 148.73  # 512 px is far from the table
+
+
+def test_training_step_with_caption_dropout_and_checkpointing() -> None:
+    model = sparse_model().train()
+    model.config.class_dropout_prob = model.y_embedder.dropout_prob = 1.0  # every caption -> null caption
+    model.gradient_checkpointing = True
+    inp = inputs(2, (16, 16))
+    out = model(inp["x"], torch.full((2,), 700), inp["y"][:2], inp["mask"][:2])
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with torch.no_grad():  # with dropout 1 the captions do not matter
+        again = model(inp["x"], torch.full((2,), 700), torch.randn(2, TOKENS, CAPTION), inp["mask"][:2])
+    assert torch.equal(out.detach(), again)
