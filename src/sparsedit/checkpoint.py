@@ -27,7 +27,7 @@ WEIGHTS_NAME = "model.safetensors"
 
 # model_type -> (config class, model class). Model modules register themselves at import.
 _MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {}
-_MODEL_MODULES = ("sparsedit.dit", "sparsedit.sparse_dit", "sparsedit.pixart")
+_MODEL_MODULES = ("sparsedit.dit", "sparsedit.sparse_dit", "sparsedit.pixart", "sparsedit.latte")
 
 
 def register_model_type(name: str, config_cls: type, model_cls: type[nn.Module]) -> None:

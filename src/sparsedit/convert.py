@@ -349,7 +349,7 @@ def export_differences(config: DiTConfig) -> list[str]:
 
 
 def detect_format(path: str | Path) -> str:
-    """"sparsedit", "diffusers", "pixart-diffusers" or "official" for a path, or a CheckpointError saying why not.
+    """"sparsedit", "diffusers", "pixart-diffusers", "latte-diffusers" or "official" for a path, or a CheckpointError saying why not.
 
     "official" is any single file: a DiT ``.pt`` or a PixArt ``.pth``, told apart by their keys on loading.
     """
@@ -364,8 +364,11 @@ def detect_format(path: str | Path) -> str:
             raise CheckpointError(f"{path} has no config.json; it is neither a sparsedit nor a diffusers checkpoint")
         cfg = read_json(cfg_path)
         if "_class_name" in cfg:
+            from sparsedit.latte import is_latte_diffusers_config
             from sparsedit.pixart_convert import is_pixart_diffusers_config
 
+            if is_latte_diffusers_config(cfg):
+                return "latte-diffusers"
             return "pixart-diffusers" if is_pixart_diffusers_config(cfg) else "diffusers"
         if "model_type" in cfg:
             return "sparsedit"
@@ -385,7 +388,8 @@ def load_model(
 
     ``path``: an official DiT ``.pt`` (bare state dict or training dict, EMA weights by default), a
     diffusers ``DiTTransformer2DModel`` directory, an original PixArt-alpha ``.pth``, a diffusers
-    ``PixArtTransformer2DModel`` (or PixArt pipeline) directory, or a sparsedit directory. ``model`` (a preset such
+    ``PixArtTransformer2DModel`` (or PixArt pipeline) directory, a diffusers ``LatteTransformer3DModel``
+    (or Latte pipeline) directory, or a sparsedit directory. ``model`` (a preset such
     as ``"DiT-XL/2"``) and ``image_size`` are only needed when the file cannot tell.
     """
     path = Path(path)
@@ -398,6 +402,10 @@ def load_model(
         from sparsedit.pixart_convert import pixart_from_diffusers
 
         net = pixart_from_diffusers(path)
+    elif kind == "latte-diffusers":
+        from sparsedit.latte import latte_from_diffusers
+
+        net = latte_from_diffusers(path)
     else:
         from sparsedit.pixart_convert import is_pixart_state, pick_pixart_state, pixart_from_original_state
 

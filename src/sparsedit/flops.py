@@ -29,13 +29,18 @@ from torch import Tensor, nn
 
 from sparsedit.dit import DiTConfig
 from sparsedit.errors import SparseditError
+from sparsedit.latte import LatteConfig, SparseLatteConfig, latte_block_axes, latte_block_kinds
 from sparsedit.pixart import CAPTION_TOKENS, PixArtConfig, SparsePixArtConfig
 from sparsedit.sparse_dit import SparseDiTConfig, block_kinds
 
 __all__ = [
     "KINDS",
     "MacReport",
+    "VideoMacReport",
     "dit_macs",
+    "latte_macs",
+    "latte_params",
+    "latte_schedule_macs",
     "measure_macs",
     "measure_macs_by_kind",
     "model_macs",
@@ -44,6 +49,7 @@ __all__ = [
     "pixart_params",
     "schedule_macs",
     "sparse_dit_macs",
+    "sparse_latte_macs",
     "sparse_pixart_macs",
 ]
 
@@ -219,6 +225,8 @@ def _row(cost: Cost) -> dict[str, int]:
 
 def model_params(config: DiTConfig) -> int:
     """Number of parameters of the model ``config`` builds (buffers such as pos_embed excluded)."""
+    if isinstance(config, LatteConfig):
+        return latte_params(config)
     if isinstance(config, PixArtConfig):
         return pixart_params(config)
     m = _Dims.of(config)
@@ -279,7 +287,12 @@ def model_macs(config: DiTConfig, sparse_grid: Grid | None = None) -> MacReport:
     """:func:`dit_macs` or :func:`sparse_dit_macs` by config type (a SparseDiT needs ``sparse_grid``).
 
     PixArt / SparsePixArt configs go to :func:`pixart_macs` / :func:`sparse_pixart_macs` (120 text tokens).
+    Latte configs go to :func:`latte_macs`; a SparseLatte needs :func:`sparse_latte_macs` (frames too).
     """
+    if isinstance(config, LatteConfig):
+        if isinstance(config, SparseLatteConfig):
+            raise SparseditError("a SparseLatte's cost depends on its sparse grid and frames; use sparse_latte_macs")
+        return latte_macs(config)
     if isinstance(config, PixArtConfig):
         if isinstance(config, SparsePixArtConfig):
             if sparse_grid is None:
@@ -308,6 +321,8 @@ def schedule_macs(config: DiTConfig, timesteps: Iterable[int], dense_grid: Grid 
     step, in the order given), ``by_segment`` / ``by_kind`` / ``by_part`` (means over the steps, GMACs),
     ``steps`` and ``params``. For a DiT every step uses the dense grid. Per image, per forward.
     """
+    if isinstance(config, LatteConfig):
+        return latte_schedule_macs(config, timesteps)
     steps = [int(t) for t in timesteps]
     if not steps:
         raise SparseditError("schedule_macs got no timesteps; pass the sampling run's timesteps, e.g. space_timesteps(1000, '250')")
@@ -447,6 +462,181 @@ def sparse_pixart_macs(config: SparsePixArtConfig, sparse_grid: Grid, dense_grid
         if kind in _SDTM_PART:
             parts[_SDTM_PART[kind]] += cost[0] + cost[1]
     return MacReport("SparsePixArt", (H, W), (h, w), table, by_part=parts, params=pixart_params(config))
+
+
+# ------------------------------------------------------------------------------------------------
+# Latte / SparseLatte (sparsedit.latte): per sample, every block's cost is (rows) x (one sequence's
+# cost): a spatial layer runs one sequence of N tokens per frame, a temporal layer one sequence of F
+# frames per spatial location. The class variant's blocks are DiT blocks whose adaLN regressor runs
+# once per row (as in the Latte release); the text variant's are PixArt blocks (adaLN-single) whose
+# text cross-attention projects the caption once per row (as diffusers does).
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VideoMacReport(MacReport):
+    """A :class:`MacReport` of one video (per sample, per forward) with its frame counts."""
+
+    frames: int = 1
+    sparse_frames: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "frames": self.frames, "sparse_frames": self.sparse_frames}
+
+
+def latte_params(config: LatteConfig) -> int:
+    """Parameters of a Latte / SparseLatte (buffers: the sin-cos tables excluded)."""
+    m = _pixart_dims(config)  # type: ignore[arg-type]  # reads the shared size fields only
+    d, f = m.d, m.f
+    embed = m.patch_in * d + d + (T_FREQ * d + d + d * d + d)
+    kinds = latte_block_kinds(config.layout) if isinstance(config, SparseLatteConfig) else ["top"] * config.depth
+    if config.text:
+        embed += 6 * d * d + 6 * d + config.caption_channels * d + d + d * d + d
+        final = d * m.patch_out + m.patch_out + 2 * d
+        block = 4 * d * d + 2 * d * f + 11 * d + f  # qkv, proj, MLP, scale_shift_table
+        text = 4 * d * d + 4 * d  # text q, kv, proj
+
+        def params(kind: str, spatial: bool) -> int:
+            extra = {"pool": -2 * d * d - 2 * d, "recover_t": 2 * d * d + 2 * d, "recover_s": 2 * d * d + 2 * d}
+            return block + extra.get(kind, 0) + (text if spatial else 0)
+    else:
+        if config.num_classes:
+            embed += (config.num_classes + int(config.class_dropout_prob > 0)) * d
+        final = 2 * d * d + 2 * d + d * m.patch_out + m.patch_out
+        dit_block = 10 * d * d + 2 * d * f + 11 * d + f
+
+        def params(kind: str, spatial: bool) -> int:
+            extra = {"pool": -2 * d * d - 2 * d, "recover_t": 2 * d * d + 2 * d, "recover_s": 2 * d * d + 2 * d}
+            return dit_block + extra.get(kind, 0)
+    return embed + final + sum(params(k, i % 2 == 0) for i, k in enumerate(kinds))
+
+
+def _latte_block(kind: str, axis: str, spatial_source: bool, dims: tuple[int, int, int, int], upsample: tuple[bool, bool],
+                 config: LatteConfig, m: _Dims, text_len: int) -> Cost:
+    """Per-sample cost of one Latte layer; dims = (N, F, M, f), upsample = (space, time)."""
+    n, frames, mtok, sf = dims
+    if kind in ("pool", "dense", "top"):
+        seq_kind, up = ("pool" if kind == "pool" else "top"), False
+        seq_n, seq_m, rows = (n, n, frames) if axis == "s" else (frames, frames, n)
+    elif kind == "gen_s":
+        seq_kind, seq_n, seq_m, rows, up = "gen", n, mtok, frames, False
+    elif kind == "gen_t":
+        seq_kind, seq_n, seq_m, rows, up = "gen", frames, sf, mtok, False
+    elif kind == "sparse":
+        seq_kind, seq_n, seq_m, rows, up = ("sparse", mtok, mtok, sf, False) if axis == "s" else ("sparse", sf, sf, mtok, False)
+    elif kind == "recover_t":
+        seq_kind, seq_n, seq_m, rows, up = "recover", frames, sf, mtok, upsample[1]
+    else:  # recover_s
+        seq_kind, seq_n, seq_m, rows, up = "recover", n, mtok, frames, upsample[0]
+    if config.text:
+        if spatial_source:
+            seq = _pixart_block(seq_kind, seq_n, seq_m, text_len, up, m)
+        else:
+            dit = _block_cost(seq_kind, seq_n, seq_m, up, m)
+            seq = (dit[0] - 6 * m.d * m.d, dit[1], dit[2])
+    else:
+        seq = _block_cost(seq_kind, seq_n, seq_m, up, m)
+    return rows * seq[0], rows * seq[1], rows * seq[2]
+
+
+def _latte_report(config: LatteConfig, grid: Grid, frames: int, sparse: tuple[Grid, int] | None,
+                  text_len: int) -> VideoMacReport:
+    H, W = _check_grid(grid, "grid")
+    if frames < 1:
+        raise SparseditError(f"frames must be positive, got {frames}")
+    n, m = H * W, _pixart_dims(config)  # type: ignore[arg-type]
+    d = m.d
+    embed = frames * n * m.patch_in * d + T_FREQ * d + d * d
+    embed_other = frames * n * d + (n * frames * d if frames > 1 else 0)  # spatial and temporal table adds
+    if config.text:
+        embed += 6 * d * d + text_len * (config.caption_channels * d + d * d)
+        embed_other += text_len * d
+    final = _pixart_final(n, m) if config.text else _final(n, m)  # once per frame
+    table = {"embed": _row((embed, 0, embed_other)), "final": _row(tuple(frames * v for v in final))}  # type: ignore[arg-type]
+    if sparse is None:
+        kinds = ["top"] * config.depth
+        axes = ["s" if i % 2 == 0 else "t" for i in range(config.depth)]
+        dims, up = (n, frames, n, frames), (False, False)
+        table["blocks"] = dict.fromkeys(KINDS, 0)
+        segment = dict.fromkeys(kinds, "blocks")
+    else:
+        (h, w), sf = sparse
+        _check_grid((h, w), "sparse grid")
+        if h > H or w > W or not 1 <= sf <= frames:
+            raise SparseditError(f"sparse tokens {h}x{w} x {sf} must lie within {H}x{W} x {frames}")
+        assert isinstance(config, SparseLatteConfig)
+        kinds = latte_block_kinds(config.layout)
+        axes = latte_block_axes(kinds)
+        dims, up = (n, frames, h * w, sf), ((h, w) != (H, W), sf != frames)
+        for seg in ("pool", "sdtm", "top"):
+            table[seg] = dict.fromkeys(KINDS, 0)
+        segment = {"pool": "pool", "top": "top", **dict.fromkeys(("gen_s", "gen_t", "sparse", "recover_t",
+                                                                  "recover_s", "dense"), "sdtm")}
+    parts = dict.fromkeys(("gen", "sparse", "recover", "dense"), 0)
+    for i, (kind, axis) in enumerate(zip(kinds, axes, strict=True)):
+        cost = _latte_block(kind, axis, i % 2 == 0, dims, up, config, m, text_len)
+        row = table[segment[kind]]
+        for k, v in zip(KINDS, cost, strict=True):
+            row[k] += v
+        if sparse is not None and segment[kind] == "sdtm":
+            parts[kind.split("_")[0]] += cost[0] + cost[1]
+    table = {seg: table[seg] for seg in ("embed", "blocks", "pool", "sdtm", "top", "final") if seg in table}
+    return VideoMacReport("SparseLatte" if sparse else "Latte", (H, W), None if sparse is None else sparse[0], table,
+                          by_part=parts if sparse else {}, params=latte_params(config), frames=frames,
+                          sparse_frames=None if sparse is None else sparse[1])
+
+
+def latte_macs(config: LatteConfig, grid: Grid | None = None, frames: int | None = None,
+               text_len: int = CAPTION_TOKENS) -> VideoMacReport:
+    """MACs of one Latte forward for one video (default: the config's grid and ``num_frames``).
+
+    ``text_len`` caption tokens for the text variant (ignored for the class variant).
+    """
+    if isinstance(config, SparseLatteConfig):
+        raise SparseditError("latte_macs got a SparseLatte config; use sparse_latte_macs(config, sparse_grid, sparse_frames)")
+    return _latte_report(config, config.grid if grid is None else grid,
+                         config.num_frames if frames is None else frames, None, text_len)
+
+
+def sparse_latte_macs(config: SparseLatteConfig, sparse_grid: Grid, sparse_frames: int, dense_grid: Grid | None = None,
+                      frames: int | None = None, text_len: int = CAPTION_TOKENS) -> VideoMacReport:
+    """MACs of one SparseLatte forward for one video with sparse tokens ``sparse_grid`` x ``sparse_frames``."""
+    if not isinstance(config, SparseLatteConfig):
+        raise SparseditError("sparse_latte_macs needs a SparseLatte config; use latte_macs for a Latte")
+    return _latte_report(config, config.grid if dense_grid is None else dense_grid,
+                         config.num_frames if frames is None else frames, (tuple(sparse_grid), int(sparse_frames)),
+                         text_len)
+
+
+def latte_schedule_macs(config: LatteConfig, timesteps: Iterable[int], text_len: int = CAPTION_TOKENS) -> dict[str, Any]:
+    """:func:`schedule_macs` for Latte / SparseLatte: mean GMACs over the steps, per video, per forward.
+
+    ``tokens`` lists each distinct sparse token set (``grid``, ``frames``, ``steps``, ``gmacs``).
+    """
+    steps = [int(t) for t in timesteps]
+    if not steps:
+        raise SparseditError("latte_schedule_macs got no timesteps; pass e.g. space_timesteps(1000, '250')")
+    if isinstance(config, SparseLatteConfig):
+        sets = [config.tokens_at(t) for t in steps]
+        reports = {s: sparse_latte_macs(config, s[0], s[1], text_len=text_len) for s in set(sets)}
+    else:
+        sets = [(config.grid, config.num_frames)] * len(steps)
+        reports = {sets[0]: latte_macs(config, text_len=text_len)}
+    counts = {s: sets.count(s) for s in reports}
+    per_step = [reports[s].total / G for s in sets]
+    return {
+        "gmacs": sum(c * reports[s].total for s, c in counts.items()) / len(steps) / G,
+        "gmacs_min": min(per_step),
+        "gmacs_max": max(per_step),
+        "tokens": [
+            {"grid": list(s[0]), "frames": s[1], "tokens": s[0][0] * s[0][1] * s[1], "steps": counts[s],
+             "gmacs": reports[s].total / G}
+            for s in sorted(reports, key=lambda s: (s[0][0] * s[0][1] * s[1], s))
+        ],
+        "per_step": per_step,
+        "steps": len(steps),
+        "params": latte_params(config),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
