@@ -169,10 +169,6 @@ def test_train_two_steps_on_extracted_latents(workspace: dict[str, Path], tmp_pa
     assert model.config.in_channels == 4 and model.config.num_classes == 2
 
 
-@pytest.mark.xfail(strict=True, raises=SparseditError, reason=(
-    "sparsedit train assumes a VAE factor of 8: commands/train.py build_model sizes a latent model with "
-    "dit_config(preset, info['resolution'], vae_downsample=8) instead of the stored info['latent_size'], so "
-    "latents from a VAE with another factor are refused by check_model_fits_data"))
 def test_train_on_latents_of_a_factor_2_vae(workspace: dict[str, Path], tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     from sparsedit.commands.train import build_model

@@ -387,11 +387,6 @@ def test_sparsedit_batches_share_one_grid_per_step(tmp_path: Path, sparse_source
     assert logged == [f"{p.grid[0]}x{p.grid[1]}" for _, p, _ in drawn[1::2]]
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "train.py Trainer._wrap calls fully_shard in a single process (no torchrun): torch's env:// rendezvous raises "
-    "ValueError 'environment variable RANK expected' with a traceback instead of a one-line error. Fix: in "
-    "TrainSettings.validate / Trainer.__init__, when fsdp and world_size == 1 and not dist.is_initialized(), raise "
-    "SparseditError('--fsdp needs torchrun: torchrun --nproc_per_node=N -m sparsedit train ...')"))
 def test_fsdp_without_torchrun_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

@@ -6,7 +6,7 @@
   the CLI's ``main([... "--fsdp"])``), and that
   a SparseDiT under DDP draws one schedule piece (one token grid) per rank and micro-batch, with
   different timesteps per rank, and that the per-rank piece samplers cover every piece;
-* a thread simulation of two ranks preparing a fresh run directory (a race, see the xfail).
+* a thread simulation of two ranks preparing a fresh run directory (no rank may refuse it).
 
 Select or skip them with ``-m distributed`` / ``-m "not distributed"`` (or ``-k distributed``).
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,6 @@ import torch
 from sparsedit import load_model
 from sparsedit.checkpoint import read_safetensors
 from sparsedit.cli import main
-from sparsedit.errors import SparseditError
 
 # The marker is not registered in pyproject/conftest (a ``pytest_configure`` hook in a test module is
 # never called: pytest only runs hooks of plugins and conftest files); selecting by an unregistered
@@ -62,21 +60,6 @@ def assert_states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[k].cpu(), b[k].cpu()), k
 
 
-def prepare_run_dir(run_dir: Path, cli_args: list[str]) -> None:
-    """Write ``run.json`` for a torchrun run beforehand, from a 1-step single-process run of the same
-    arguments (``--steps`` may differ between the runs of one run dir).
-
-    This sidesteps the rank race in ``Trainer._prepare_run_dir`` (see
-    ``test_fresh_run_dir_has_no_rank_race``); remove it once that race is fixed.
-    """
-    scratch = Path(tempfile.mkdtemp(dir=run_dir.parent)) / "scratch"
-    assert main(["train", *cli_args, "--steps", "1", "--no-progress", "--device", "cpu",
-                 "--run-dir", str(scratch)]) == 0
-    run_dir.mkdir(parents=True)
-    shutil.copy(scratch / "run.json", run_dir / "run.json")
-    shutil.rmtree(scratch.parent)
-
-
 # ------------------------------------------------------------------------------------------------
 # the CLI under torchrun
 # ------------------------------------------------------------------------------------------------
@@ -86,7 +69,6 @@ def test_cli_ddp_under_torchrun(tmp_path: Path, capsys: pytest.CaptureFixture[st
     """``torchrun --nproc_per_node=2 -m sparsedit train ...`` (the worker below runs the ``--fsdp`` CLI)."""
     run_dir = tmp_path / "run"
     args = [*TINY, "--ckpt-every", "2", "--log-every", "1"]
-    prepare_run_dir(run_dir, args)
     out = torchrun(["-m", "sparsedit", "train", *args, "--steps", "3", "--no-progress", "--device", "cpu",
                     "--run-dir", str(run_dir)])
     assert out.stdout.count("done: 3 steps") == 1  # rank 0 reports
@@ -137,18 +119,8 @@ RANK = D.rank
 DATA = DigitsDataset(split="train", resolution=16)
 TRAINERS = []
 
-# Rank 0 prepares a fresh run dir first, then rank 1 checks it: sidesteps the race in
-# Trainer._prepare_run_dir (see test_fresh_run_dir_has_no_rank_race). Also keep every trainer.
-prepare, fit = Trainer._prepare_run_dir, Trainer.fit
-
-
-def ordered_prepare(self):
-    if RANK == 0:
-        prepare(self)
-        dist.barrier()
-    else:
-        dist.barrier()
-        prepare(self)
+# Keep every trainer for the checks below.
+fit = Trainer.fit
 
 
 def kept_fit(self):
@@ -156,7 +128,6 @@ def kept_fit(self):
     return fit(self)
 
 
-Trainer._prepare_run_dir = ordered_prepare
 Trainer.fit = kept_fit
 
 
@@ -306,11 +277,6 @@ def test_sparsedit_ranks_use_one_grid_per_step_and_cover_all_pieces(worker_out: 
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=SparseditError, reason=(
-    "race in train.py Trainer._prepare_run_dir: every rank checks the run dir with no barrier before rank 0 "
-    "creates it and writes run.json, so a rank that looks while rank 0 writes refuses a fresh run dir as "
-    "'not empty and is not a sparsedit run' (seen with torchrun on a fresh --run-dir). Fix: self.dist.barrier() "
-    "after the checks, before `if self.dist.main: mkdir/write_json`"))
 def test_fresh_run_dir_has_no_rank_race(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from sparsedit import train as T
     from sparsedit.data import DigitsDataset

@@ -16,7 +16,10 @@ from collections.abc import Sequence
 from sparsedit.errors import SparseditError
 
 # Sub-command modules, in the order `sparsedit --help` lists them.
-COMMANDS = ("demo", "train", "sparsify", "sample", "sample-fid", "flops", "convert", "eval")
+COMMANDS = (
+    "demo", "train", "sparsify", "sample", "sample-fid", "flops", "bench", "analyze", "convert", "extract-latents",
+    "eval",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

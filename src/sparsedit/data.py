@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from sparsedit.checkpoint import atomic_write
 from sparsedit.errors import SparseditError
 
 __all__ = [
@@ -284,19 +284,6 @@ REQUIRED_META_KEYS = ("scale_factor", "vae", "resolution")
 _LOGVAR_RANGE = (-30.0, 20.0)  # the clamp diffusers' DiagonalGaussianDistribution applies
 
 
-def _atomic_write_bytes(target: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``target`` and move it into place."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_latents(
     directory: str | os.PathLike[str],
     latents_or_moments: torch.Tensor,
@@ -363,8 +350,8 @@ def save_latents(
         kind: x.detach().cpu().contiguous(),
         "labels": labels.detach().cpu().to(torch.int64).contiguous(),
     }
-    _atomic_write_bytes(out / LATENTS_FILE, lambda p: save_file(tensors, p, metadata={"kind": kind}))
-    _atomic_write_bytes(out / META_FILE, lambda p: Path(p).write_text(meta_text + "\n"))
+    atomic_write(out / LATENTS_FILE, lambda p: save_file(tensors, str(p), metadata={"kind": kind}))
+    atomic_write(out / META_FILE, lambda p: Path(p).write_text(meta_text + "\n"))
     return out
 
 

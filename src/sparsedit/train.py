@@ -239,6 +239,9 @@ class Trainer:
         if self.dist.world == 1 and not self.settings.fsdp:
             return self.raw, self.ema
         if self.settings.fsdp:
+            if not dist.is_initialized():
+                raise SparseditError("--fsdp shards the model across processes: launch with "
+                                     "`torchrun --nproc_per_node=N -m sparsedit train ...`")
             # FSDP2 (per-parameter sharding; works on CPU with gloo, unlike FSDP1): every block is a
             # unit, then the root. The EMA is sharded the same way, so its update is a shard-local lerp.
             from torch.distributed.fsdp import fully_shard
@@ -273,6 +276,7 @@ class Trainer:
                                      "--run-dir, or repeat the original command to resume it")
         elif self.run_dir.exists() and any(self.run_dir.iterdir()):
             raise SparseditError(f"{self.run_dir} is not empty and is not a sparsedit run; choose a new --run-dir")
+        self.dist.barrier()  # every rank has checked before rank 0 creates anything
         if self.dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(run_file, self.run_info)

@@ -84,9 +84,9 @@ def build_model(args: argparse.Namespace, info: dict):  # noqa: ANN201
     from sparsedit.dit import DiT
 
     overrides = {k: getattr(args, k) for k in ("hidden_size", "depth", "num_heads") if getattr(args, k)}
-    pixel = info["data_space"] == "pixel"
-    size = info["resolution"]
-    cfg = dit_config(args.model, size, vae_downsample=1 if pixel else 8, in_channels=info["channels"],
+    # The model's input is the data itself: pixels, or latents of whatever size the VAE produced.
+    size = info["latent_size"][0] if info["data_space"] == "latent" else info["resolution"]
+    cfg = dit_config(args.model, size, vae_downsample=1, in_channels=info["channels"],
                      num_classes=info["num_classes"], learn_sigma=not args.no_learn_sigma,
                      data_space=info["data_space"], **overrides)
     return DiT(cfg).train()

@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from importlib import resources
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsedit.checkpoint import atomic_write
 from sparsedit.data import DIGITS_NUM_CLASSES, DigitsDataset, load_digits_array
 from sparsedit.errors import SparseditError
 from sparsedit.metrics.stats import feature_stats, frechet_distance
@@ -200,18 +200,6 @@ def load_digits_classifier(path: str | os.PathLike[str] | None = None) -> Digits
     if not p.exists():
         raise SparseditError(f"digits classifier path {str(path)!r} does not exist; check the path")
     return _load_from_dir(p)
-
-
-def _atomic_write(target: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,8 +391,8 @@ def train_digits_classifier(
     }
     config["training"] = training
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(out / MODEL_FILE, lambda p: save_file(state, p, metadata={"arch": ARCH}))
-    _atomic_write(out / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(out / MODEL_FILE, lambda p: save_file(state, str(p), metadata={"arch": ARCH}))
+    atomic_write(out / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
     command = (
         f"python -m sparsedit.metrics.digits train --out {out_dir} --resolution {resolution} "
         f"--epochs {epochs} --seed {seed}"
@@ -432,7 +420,7 @@ fc {config["feature_dim"]} (features), fc {config["num_classes"]} |
 Results can differ in the last digits across machines and torch versions (floating-point
 non-determinism of CPU kernels); the seed fixes initialisation, shuffling and augmentation.
 """
-    _atomic_write(out / "TRAINING.md", lambda p: Path(p).write_text(notes))
+    atomic_write(out / "TRAINING.md", lambda p: Path(p).write_text(notes))
     return config
 
 
