@@ -1,0 +1,84 @@
+"""`sparsedit sample`: a PNG grid, bit-reproducible with one seed; latent models decode with a local VAE."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+
+import sparsedit
+from sparsedit.cli import main
+from sparsedit.dit import DiT, DiTConfig
+from sparsedit.images import make_grid
+from sparsedit.sampling import generate, to_images
+
+
+def tiny(tmp_path, data_space: str, channels: int, name: str):
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=channels, hidden_size=32, depth=2, num_heads=2,
+                          num_classes=10, data_space=data_space))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return sparsedit.save_pretrained(model, tmp_path / name)
+
+
+@pytest.fixture()
+def pixel_ckpt(tmp_path):
+    return tiny(tmp_path, "pixel", 3, "pixel")
+
+
+def sample_args(ckpt, out, seed=0, *extra):
+    return ["sample", "--ckpt", str(ckpt), "--class-labels", "1", "2", "3", "--steps", "4", "--seed", str(seed),
+            "--out", str(out), "--no-progress", "--device", "cpu", *extra]
+
+
+def test_same_seed_same_bytes_other_seed_other_image(tmp_path, pixel_ckpt):
+    a, b, c = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
+    assert main(sample_args(pixel_ckpt, a)) == 0
+    assert main(sample_args(pixel_ckpt, b)) == 0
+    assert main(sample_args(pixel_ckpt, c, 1)) == 0
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes() != c.read_bytes()
+    img = np.asarray(Image.open(a))
+    assert img.shape == (2 + 2 * 10, 2 + 2 * 10, 3)  # 3 images of 8 px in a 2x2 grid with 2 px padding
+
+
+def test_png_holds_the_generated_samples(tmp_path, pixel_ckpt):
+    out = tmp_path / "g.png"
+    assert main(sample_args(pixel_ckpt, out, 0, "--sampler", "ddim", "--cfg-scale", "1.5", "--nrow", "3")) == 0
+    model = sparsedit.load_model(pixel_ckpt)
+    x = generate(model, [1, 2, 3], sampler="ddim", steps=4, cfg_scale=1.5, seed=0, progress=False)
+    assert np.array_equal(np.asarray(Image.open(out)), make_grid(to_images(model, x), nrow=3))
+
+
+def test_latent_model_needs_a_vae_and_says_where_to_get_it(tmp_path, capsys):
+    ckpt = tiny(tmp_path, "latent", 4, "latent")
+    assert main(sample_args(ckpt, tmp_path / "x.png")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--vae" in err and "stabilityai/sd-vae-ft-ema" in err
+    assert not (tmp_path / "x.png").exists()
+    assert main(sample_args(ckpt, tmp_path / "x.png", 0, "--vae", str(tmp_path / "nope"))) == 2
+    assert "not a VAE directory" in capsys.readouterr().err
+
+
+def test_latent_model_decodes_with_a_local_vae(tmp_path):
+    ckpt = tiny(tmp_path, "latent", 4, "latent")
+    torch.manual_seed(1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 8),
+                        latent_channels=4, norm_num_groups=4, layers_per_block=1)
+    vae.save_pretrained(tmp_path / "vae")
+    out = tmp_path / "v.png"
+    assert main(sample_args(ckpt, out, 0, "--vae", str(tmp_path / "vae"))) == 0
+    assert np.asarray(Image.open(out)).shape == (2 + 2 * 18, 2 + 2 * 18, 3)  # latent 8 px -> 16 px images
+
+
+def test_bad_labels_and_bad_device_are_one_line_errors(tmp_path, pixel_ckpt, capsys):
+    args = ["sample", "--ckpt", str(pixel_ckpt), "--class-labels", "12", "--steps", "2", "--out", str(tmp_path / "o.png")]
+    assert main(args) == 2
+    assert "outside [0, 10)" in capsys.readouterr().err
+    assert main([*args[:4], "1", *args[5:], "--device", "tpu9"]) == 2
+    assert "unknown device" in capsys.readouterr().err
