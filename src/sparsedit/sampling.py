@@ -56,6 +56,10 @@ def generate(
         z = torch.cat([z, z])  # both halves share noise; forward_with_cfg uses the first half
         y = torch.cat([y, torch.full_like(y, cfg.num_classes)])
         model_fn = partial(model.forward_with_cfg, cfg_scale=cfg_scale, cfg_mode=cfg_mode)
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:  # the sampler state stays float32; the model sees its own dtype
+        low_precision_fn = model_fn
+        model_fn = lambda x, t, **kw: low_precision_fn(x.to(dtype), t, **kw).float()  # noqa: E731
     out = sample(
         model_fn, tuple(z.shape), sampler=sampler, steps=steps, eta=eta, noise=z, generator=gen, device=device,
         model_kwargs={"y": y}, progress=progress, learn_sigma=cfg.learn_sigma,
