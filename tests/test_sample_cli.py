@@ -86,7 +86,8 @@ def test_bad_labels_and_bad_device_are_one_line_errors(tmp_path, pixel_ckpt, cap
 
 def test_low_precision_model_samples_with_float32_state(pixel_ckpt):
     model = sparsedit.load_model(pixel_ckpt)
-    ref = generate(model, [1, 2], steps=3, cfg_scale=2.0, seed=0, progress=False)
-    half = generate(model.to(torch.bfloat16), [1, 2], steps=3, cfg_scale=2.0, seed=0, progress=False)
+    ref = generate(model, [1, 2], sampler="ddim", steps=2, seed=0, progress=False)
+    half = generate(model.to(torch.bfloat16), [1, 2], sampler="ddim", steps=2, seed=0, progress=False)
     assert half.dtype == torch.float32 and half.shape == ref.shape
-    assert (half - ref).abs().max() < 0.25  # bf16 rounding only, not a different trajectory
+    rel = (half - ref).norm() / ref.norm()
+    assert rel < 0.1, rel  # bf16 rounding only, not a different trajectory
