@@ -35,7 +35,7 @@ from sparsedit.dit import CFG_MODES, DiT, DiTConfig, GuidanceMixin
 from sparsedit.errors import SparseditError
 from sparsedit.layers import Attention, Mlp, PatchEmbed, TimestepEmbedder, adaln_modulation, modulate, unpatchify
 from sparsedit.sparse_dit import Layout, SparseDiT, SparseDiTConfig, block_kinds, parse_layout
-from sparsedit.sparsify import init_rules
+from sparsedit.sparsify import apply_init_rules, init_rules, pooled_qkv_keys
 
 Grid = tuple[int, int]
 
@@ -682,29 +682,8 @@ def sparsify_pixart(model: PixArt, layout: str | Layout, r_min: float = 0.61, r_
         raise SparseditError(f"sparsify_pixart needs a dense PixArt, got {type(model).__name__}")
     config = SparsePixArtConfig.from_pixart(model.config, layout, r_min=r_min, r_max=r_max, **options)
     sparse = SparsePixArt(config)
-    source = model.state_dict()
-    target = sparse.state_dict()
-    state: dict[str, Tensor] = {}
-    used: set[str] = set()
-    for rule in init_rules(config, list(target)):  # type: ignore[arg-type]  # only reads hidden_size
-        shape = target[rule.target].shape
-        if rule.rule == "zeros":
-            value = torch.zeros(shape)
-        elif rule.rule == "identity":
-            value = torch.eye(shape[0])
-        else:
-            value = source[rule.source]
-            if rule.rule == "slice":
-                value = value[rule.rows[0] : rule.rows[1]]
-            used.add(rule.source)
-        if value.shape != shape:
-            raise SparseditError(f"{rule.target}: shape {tuple(shape)} but the source gives {tuple(value.shape)}")
-        state[rule.target] = value.clone()
-    dropped = {f"blocks.{i}.attn.qkv.{s}" for i, k in enumerate(sparse.kinds) if k == "pool" for s in ("weight", "bias")}
-    unused = sorted(set(source) - used - dropped)
-    if unused:
-        raise SparseditError(f"source tensors left unused: {', '.join(unused[:6])}; the layout does not fit the model")
-    sparse.load_state_dict(state, strict=True)
+    rules = init_rules(config, list(sparse.state_dict()))  # type: ignore[arg-type]  # only reads hidden_size
+    apply_init_rules(model.state_dict(), sparse, rules, pooled_qkv_keys(sparse.kinds))
     return sparse.to(next(model.parameters()).dtype).eval()
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from sparsedit.dit import DiT
 from sparsedit.errors import SparseditError
@@ -81,9 +81,28 @@ def sparsify_with_rules(dit: DiT, config: SparseDiTConfig | None = None, *, layo
         raise SparseditError(f"SparseDiT config differs from the source DiT in {', '.join(mismatched)}; derive it "
                              "with SparseDiTConfig.from_dit")
     model = SparseDiT(config)
-    source = dit.state_dict()
-    target = model.state_dict()
-    rules = init_rules(config, list(target))
+    rules = init_rules(config, list(model.state_dict()))
+    apply_init_rules(dit.state_dict(), model, rules, pooled_qkv_keys(model.kinds), source_name="DiT")
+    return model.to(next(dit.parameters()).dtype).eval(), rules
+
+
+def pooled_qkv_keys(kinds: list[str]) -> set[str]:
+    """The ``attn.qkv`` tensors of the layers that become poolingformers.
+
+    A poolingformer keeps only V (a slice of ``qkv``), so its Q and K rows are the one source part
+    a conversion may leave unused.
+    """
+    return {f"blocks.{i}.attn.qkv.{s}" for i, kind in enumerate(kinds) if kind == "pool" for s in ("weight", "bias")}
+
+
+def apply_init_rules(source_state: dict[str, Tensor], target_model: nn.Module, rules: list[InitRule],
+                     droppable_keys: set[str], source_name: str = "model") -> None:
+    """Initialise ``target_model`` from ``source_state`` by ``rules`` (one per target key) and load it strictly.
+
+    Shared by every dense -> sparse conversion (DiT, PixArt, Latte). Every source tensor must be used
+    by a rule or be listed in ``droppable_keys``; ``source_name`` names the source in errors.
+    """
+    target = target_model.state_dict()
     new_state: dict[str, Tensor] = {}
     used: set[str] = set()
     for rule in rules:
@@ -93,20 +112,18 @@ def sparsify_with_rules(dit: DiT, config: SparseDiTConfig | None = None, *, layo
         elif rule.rule == "identity":
             value = torch.eye(shape[0])
         else:
-            if rule.source not in source:
-                raise SparseditError(f"source DiT has no {rule.source} for {rule.target}; is it the right depth?")
-            value = source[rule.source]
+            if rule.source not in source_state:
+                raise SparseditError(f"source {source_name} has no {rule.source} for {rule.target}; "
+                                     "is it the right depth?")
+            value = source_state[rule.source]
             if rule.rule == "slice":
                 value = value[rule.rows[0] : rule.rows[1]]
             used.add(rule.source)
         if value.shape != shape:
-            raise SparseditError(f"{rule.target}: shape {tuple(shape)} but source gives {tuple(value.shape)}")
+            raise SparseditError(f"{rule.target}: shape {tuple(shape)} but the source gives {tuple(value.shape)}")
         new_state[rule.target] = value.clone()
-    # Only the Q and K rows of poolingformer qkv tensors may go unused.
-    unused = sorted(set(source) - used)
-    pool_qkv = {f"blocks.{i}.attn.qkv.{s}" for i, k in enumerate(model.kinds) if k == "pool" for s in ("weight", "bias")}
-    unexpected = [k for k in unused if k not in pool_qkv]
+    unexpected = sorted(set(source_state) - used - droppable_keys)
     if unexpected:
-        raise SparseditError(f"source tensors left unused: {', '.join(unexpected[:6])}; the layout does not fit the DiT")
-    model.load_state_dict(new_state, strict=True)
-    return model.to(next(dit.parameters()).dtype).eval(), rules
+        raise SparseditError(f"source tensors left unused: {', '.join(unexpected[:6])}; the layout does not fit "
+                             f"the {source_name}")
+    target_model.load_state_dict(new_state, strict=True)
