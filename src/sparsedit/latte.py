@@ -65,7 +65,7 @@ from sparsedit.pixart import (
     text_attention_mask,
 )
 from sparsedit.schedule import PruningSchedule, grid_for_rate
-from sparsedit.sparse_dit import Layout, SparseDiTConfig, parse_layout
+from sparsedit.sparse_dit import Layout, SparseLayoutConfig, layout_fields, parse_layout
 
 Grid = tuple[int, int]
 CONDITIONINGS = ("class", "text")
@@ -509,7 +509,7 @@ class SparseLatteConfig(LatteConfig):
     upsample: str = "nearest"
     model_type: str = field(default="SparseLatte", init=False)
 
-    layout = SparseDiTConfig.layout
+    layout = SparseLayoutConfig.layout
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -539,8 +539,7 @@ class SparseLatteConfig(LatteConfig):
         name = layout.split("/")[0] if isinstance(layout, str) else None
         lay = SPARSE_LATTE_LAYOUTS[name] if name in SPARSE_LATTE_LAYOUTS else parse_layout(layout)
         base = {f.name: getattr(config, f.name) for f in dataclasses.fields(LatteConfig) if f.init}
-        return cls(**base, pool_blocks=lay.pool, num_sdtm=lay.sdtm, gen_blocks=lay.gen, sparse_blocks=lay.sparse,
-                   recovery_blocks=lay.recovery, dense_blocks=lay.dense, top_blocks=lay.top, **kwargs)
+        return cls(**base, **layout_fields(lay), **kwargs)
 
 
 class SparseLatte(Latte):

@@ -34,7 +34,7 @@ from sparsedit.checkpoint import register_model_type
 from sparsedit.dit import CFG_MODES, DiT, DiTConfig, GuidanceMixin
 from sparsedit.errors import SparseditError
 from sparsedit.layers import Attention, Mlp, PatchEmbed, TimestepEmbedder, adaln_modulation, modulate, unpatchify
-from sparsedit.sparse_dit import Layout, SparseDiT, SparseDiTConfig, block_kinds, parse_layout
+from sparsedit.sparse_dit import Layout, SparseDiT, SparseLayoutConfig, block_kinds, layout_fields, parse_layout
 from sparsedit.sparsify import apply_init_rules, init_rules, pooled_qkv_keys
 
 Grid = tuple[int, int]
@@ -585,47 +585,15 @@ class PixArtCrossDenseBlock(PixArtBlock):
 
 
 @dataclass
-class SparsePixArtConfig(PixArtConfig):
+class SparsePixArtConfig(SparseLayoutConfig, PixArtConfig):
     """A PixArt config plus the SparseDiT layout, the pruning-rate range and the sparse-grid options."""
 
-    pool_blocks: int = 2
-    num_sdtm: int = 4
-    gen_blocks: int = 1
-    sparse_blocks: int = 3
-    recovery_blocks: int = 1
-    dense_blocks: int = 1
-    top_blocks: int = 2
-    r_min: float = 0.61
-    r_max: float = 0.86
-    num_pieces: int | None = None
-    num_timesteps: int = 1000
-    upsample: str = "nearest"
     model_type: str = field(default="SparsePixArt", init=False)
-
-    # Same fields, same meaning as SparseDiTConfig's.
-    layout = SparseDiTConfig.layout
-    schedule = SparseDiTConfig.schedule
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        layout = self.layout
-        if layout.sdtm and (layout.gen < 1 or layout.recovery < 1):
-            raise SparseditError("an SDTM needs at least one generation and one recovery block (g >= 1, r >= 1)")
-        if layout.depth != self.depth:
-            raise SparseditError(
-                f"layout {layout.as_string()} has {layout.depth} blocks but the model has depth {self.depth}; "
-                "make P + K*(g+s+r+d) + T equal the source depth"
-            )
-        if self.upsample not in UPSAMPLE_MODES:
-            raise SparseditError(f"upsample must be one of {', '.join(UPSAMPLE_MODES)}, not {self.upsample!r}")
-        self.schedule  # validates the rates  # noqa: B018
 
     @classmethod
     def from_pixart(cls, config: PixArtConfig, layout: str | Layout, **kwargs: Any) -> SparsePixArtConfig:
-        lay = parse_layout(layout)
         base = {f.name: getattr(config, f.name) for f in dataclasses.fields(PixArtConfig) if f.init}
-        return cls(**base, pool_blocks=lay.pool, num_sdtm=lay.sdtm, gen_blocks=lay.gen, sparse_blocks=lay.sparse,
-                   recovery_blocks=lay.recovery, dense_blocks=lay.dense, top_blocks=lay.top, **kwargs)
+        return cls(**base, **layout_fields(parse_layout(layout)), **kwargs)
 
 
 class SparsePixArt(PixArt):

@@ -9,7 +9,7 @@ pruning schedule saved in its config, so a checkpoint samples with no extra flag
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
@@ -77,9 +77,23 @@ def parse_layout(spec: str | Layout) -> Layout:
     return Layout(*values)
 
 
+def layout_fields(layout: Layout) -> dict[str, int]:
+    """A :class:`Layout` as the config fields that store it (``pool_blocks=P``, ``num_sdtm=K``, ...)."""
+    return dict(pool_blocks=layout.pool, num_sdtm=layout.sdtm, gen_blocks=layout.gen, sparse_blocks=layout.sparse,
+                recovery_blocks=layout.recovery, dense_blocks=layout.dense, top_blocks=layout.top)
+
+
 @dataclass
-class SparseDiTConfig(DiTConfig):
-    """A DiT config plus the SparseDiT layout, the pruning-rate range and the sparse-grid options."""
+class SparseLayoutConfig:
+    """Mixin: the SparseDiT layout, pruning-rate range and sparse-grid fields, with their validation.
+
+    Put it before a dense config class (``class SparseXConfig(SparseLayoutConfig, XConfig)``): its
+    fields then follow the dense ones and ``__post_init__`` validates the dense fields first. Shared by
+    SparseDiT and SparsePixArt, whose sparse fields mean the same.
+    """
+
+    if TYPE_CHECKING:  # provided by the dense config (not fields of the mixin)
+        depth: int
 
     pool_blocks: int = 2
     num_sdtm: int = 4
@@ -93,10 +107,9 @@ class SparseDiTConfig(DiTConfig):
     num_pieces: int | None = None
     num_timesteps: int = 1000
     upsample: str = "nearest"
-    model_type: str = field(default="SparseDiT", init=False)
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        super().__post_init__()  # type: ignore[misc]  # the dense config's checks
         layout = self.layout
         if layout.sdtm and (layout.gen < 1 or layout.recovery < 1):
             raise SparseditError("an SDTM needs at least one generation and one recovery block (g >= 1, r >= 1)")
@@ -118,13 +131,18 @@ class SparseDiTConfig(DiTConfig):
     def schedule(self) -> PruningSchedule:
         return PruningSchedule(self.r_min, self.r_max, self.num_timesteps, self.num_pieces)
 
+
+@dataclass
+class SparseDiTConfig(SparseLayoutConfig, DiTConfig):
+    """A DiT config plus the SparseDiT layout, the pruning-rate range and the sparse-grid options."""
+
+    model_type: str = field(default="SparseDiT", init=False)
+
     @classmethod
     def from_dit(cls, config: DiTConfig, layout: str | Layout, **kwargs: Any) -> SparseDiTConfig:
         """The SparseDiT config for a source DiT config, a layout and schedule options."""
-        lay = parse_layout(layout)
         base = {k: v for k, v in config.to_dict().items() if k != "model_type"}
-        return cls(**base, pool_blocks=lay.pool, num_sdtm=lay.sdtm, gen_blocks=lay.gen, sparse_blocks=lay.sparse,
-                   recovery_blocks=lay.recovery, dense_blocks=lay.dense, top_blocks=lay.top, **kwargs)
+        return cls(**base, **layout_fields(parse_layout(layout)), **kwargs)
 
 
 def block_kinds(layout: Layout) -> list[str]:
