@@ -23,6 +23,7 @@ from sparsedit.layers import (
     LabelEmbedder,
     PatchEmbed,
     TimestepEmbedder,
+    init_linears_and_patch_embed,
     sincos_pos_embed_2d,
     unpatchify,
 )
@@ -190,14 +191,7 @@ class DiT(GuidanceMixin, nn.Module):
 
     def initialize_weights(self) -> None:
         """DiT's initialisation: xavier linears, zeroed adaLN and output ("adaLN-Zero")."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        init_linears_and_patch_embed(self, self.x_embedder)
         for emb in [self, *self.block_cond]:
             nn.init.normal_(emb.y_embedder.embedding_table.weight, std=0.02)
             nn.init.normal_(emb.t_embedder.mlp[0].weight, std=0.02)

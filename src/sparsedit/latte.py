@@ -48,6 +48,7 @@ from sparsedit.layers import (
     PatchEmbed,
     TimestepEmbedder,
     adaln_modulation,
+    init_linears_and_patch_embed,
     unpatchify,
 )
 from sparsedit.pixart import (
@@ -251,14 +252,7 @@ class Latte(GuidanceMixin, nn.Module):
 
     def initialize_weights(self) -> None:
         """The release's / PixArt's initialisation: xavier linears, N(0, 0.02) embedders, zero adaLN and output."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        init_linears_and_patch_embed(self, self.x_embedder)
         normal = [self.t_embedder.mlp[0].weight, self.t_embedder.mlp[2].weight]
         if self.config.text:
             normal += [self.t_block[1].weight, self.y_embedder.y_proj.fc1.weight, self.y_embedder.y_proj.fc2.weight]

@@ -156,6 +156,22 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def init_linears_and_patch_embed(model: nn.Module, patch_embed: PatchEmbed) -> None:
+    """The DiT family's base initialisation: every linear xavier-uniform with zero bias, and the patch
+    embedding's conv initialised like a linear (xavier on its weight flattened to (D, C*p*p)), zero bias.
+
+    Models then re-initialise their embedders and zero their adaLN / output layers on top of this.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    w = patch_embed.proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(patch_embed.proj.bias)
+
+
 def adaln_modulation(hidden_size: int, chunks: int) -> nn.Sequential:
     """``SiLU -> Linear(D, chunks*D)``: the adaLN-Zero regressor (keys ``adaLN_modulation.1``)."""
     return nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, chunks * hidden_size))

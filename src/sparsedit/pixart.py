@@ -33,7 +33,16 @@ from sparsedit.blocks import UPSAMPLE_MODES, DenseRecoveryBlock, PoolingAttentio
 from sparsedit.checkpoint import register_model_type
 from sparsedit.dit import CFG_MODES, DiT, DiTConfig, GuidanceMixin
 from sparsedit.errors import SparseditError
-from sparsedit.layers import Attention, Mlp, PatchEmbed, TimestepEmbedder, adaln_modulation, modulate, unpatchify
+from sparsedit.layers import (
+    Attention,
+    Mlp,
+    PatchEmbed,
+    TimestepEmbedder,
+    adaln_modulation,
+    init_linears_and_patch_embed,
+    modulate,
+    unpatchify,
+)
 from sparsedit.sparse_dit import Layout, SparseDiT, SparseLayoutConfig, block_kinds, layout_fields, parse_layout
 from sparsedit.sparsify import apply_init_rules, init_rules, pooled_qkv_keys
 
@@ -389,14 +398,7 @@ class PixArt(nn.Module):
 
     def initialize_weights(self) -> None:
         """The original's initialisation: xavier linears, N(0, 0.02) embedders, zero text proj and output."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        init_linears_and_patch_embed(self, self.x_embedder)
         embed_mlps = [self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1], self.y_embedder.y_proj.fc1,
                       self.y_embedder.y_proj.fc2]
         if self.config.use_additional_conditions:
