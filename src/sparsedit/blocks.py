@@ -7,6 +7,8 @@ SparseDiT loads layer i of the source DiT (Sec. 3.3). Shapes: B batch, D hidden 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -26,6 +28,60 @@ def tokens_to_map(x: Tensor, grid: Grid) -> Tensor:
 def map_to_tokens(x: Tensor) -> Tensor:
     """(B, D, h, w) -> (B, h*w, D)."""
     return x.flatten(2).transpose(1, 2)
+
+
+def pool_tokens(dense: Tensor, dense_grid: Grid, sparse_grid: Grid) -> Tensor:
+    """(B, H*W, D) -> (B, h*w, D): adaptive average pooling of the token map to the sparse grid."""
+    return map_to_tokens(F.adaptive_avg_pool2d(tokens_to_map(dense, dense_grid), sparse_grid))
+
+
+def upsample_tokens(sparse: Tensor, sparse_grid: Grid, dense_grid: Grid, mode: str) -> Tensor:
+    """(B, h*w, D) -> (B, H*W, D): the sparse token map interpolated back to the dense grid."""
+    up = tokens_to_map(sparse, sparse_grid)  # (B, D, h, w)
+    if sparse_grid != dense_grid:
+        align = None if mode == "nearest" else False  # nearest takes no align_corners
+        up = F.interpolate(up, size=dense_grid, mode=mode, align_corners=align)  # (B, D, H, W)
+    return map_to_tokens(up)
+
+
+class RecoveryMerge:
+    """Mixin for the recovery blocks of every model family: ``Xm = up(Xs) W1 + X W2 + pos``.
+
+    The linears live on the block itself (``merge_sparse`` = W1, ``merge_dense`` = W2) so checkpoint
+    keys stay ``blocks.{i}.merge_*``. Call :meth:`add_merge` in ``__init__`` after the block's layers.
+    """
+
+    merge_sparse: nn.Linear
+    merge_dense: nn.Linear
+    upsample: str
+
+    def add_merge(self, hidden_size: int, upsample: str) -> None:
+        if upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, not {upsample!r}")
+        self.upsample = upsample
+        self.merge_sparse = nn.Linear(hidden_size, hidden_size)  # W1
+        self.merge_dense = nn.Linear(hidden_size, hidden_size)  # W2
+        self.reset_merge()
+
+    def reset_merge(self) -> None:
+        """W1 = 0, W2 = I, biases 0 (Sec. 3.3): a converted model starts from the dense path."""
+        nn.init.zeros_(self.merge_sparse.weight)
+        nn.init.zeros_(self.merge_sparse.bias)
+        with torch.no_grad():
+            self.merge_dense.weight.copy_(torch.eye(self.merge_dense.weight.shape[0]))
+        nn.init.zeros_(self.merge_dense.bias)
+
+    def merge(self, x: Tensor, sparse: Tensor, dense_grid: Grid, sparse_grid: Grid, pos_embed: Tensor) -> Tensor:
+        """x: (B, N, D) dense tokens, sparse: (B, M, D) -> merged (B, N, D)."""
+        up = upsample_tokens(sparse, sparse_grid, dense_grid, self.upsample)  # (B, N, D)
+        return self.merge_sparse(up) + self.merge_dense(x) + pos_embed  # (B, N, D)
+
+
+def reset_merges(blocks: Iterable[nn.Module]) -> None:
+    """W1 = 0, W2 = I again in every recovery block, after a model-wide re-initialisation."""
+    for block in blocks:
+        if isinstance(block, RecoveryMerge):
+            block.reset_merge()
 
 
 class PoolingAttention(nn.Module):
@@ -72,11 +128,11 @@ class SparseGenerationBlock(DiTBlock):
 
     def forward(self, x: Tensor, c: Tensor, dense: Tensor, dense_grid: Grid, sparse_grid: Grid, pool: bool = True) -> Tensor:  # type: ignore[override]
         if pool:
-            x = map_to_tokens(F.adaptive_avg_pool2d(tokens_to_map(dense, dense_grid), sparse_grid))  # (B, M, D)
+            x = pool_tokens(dense, dense_grid, sparse_grid)  # (B, M, D)
         return super().forward(x, c, context=dense)  # (B, M, D)
 
 
-class DenseRecoveryBlock(DiTBlock):
+class DenseRecoveryBlock(RecoveryMerge, DiTBlock):
     """First dense block after the sparse ones: upsample, merge with the SDTM's input, cross-attend.
 
     ``Xm = up(Xs) W1 + X W2 + pos``; ``X = Xm + gate * MHA(q=Xm, k=v=Xs)``; then the MLP. W1 starts
@@ -87,27 +143,10 @@ class DenseRecoveryBlock(DiTBlock):
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6,
                  mlp_norm_eps: float = 1e-6, upsample: str = "nearest"):
         super().__init__(hidden_size, num_heads, mlp_ratio, norm_eps, mlp_norm_eps)
-        if upsample not in UPSAMPLE_MODES:
-            raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, not {upsample!r}")
-        self.upsample = upsample
-        self.merge_sparse = nn.Linear(hidden_size, hidden_size)  # W1
-        self.merge_dense = nn.Linear(hidden_size, hidden_size)  # W2
-        self.reset_merge()
-
-    def reset_merge(self) -> None:
-        """W1 = 0, W2 = I, biases 0."""
-        nn.init.zeros_(self.merge_sparse.weight)
-        nn.init.zeros_(self.merge_sparse.bias)
-        with torch.no_grad():
-            self.merge_dense.weight.copy_(torch.eye(self.merge_dense.weight.shape[0]))
-        nn.init.zeros_(self.merge_dense.bias)
+        self.add_merge(hidden_size, upsample)
 
     def forward(self, x: Tensor, c: Tensor, sparse: Tensor, dense_grid: Grid, sparse_grid: Grid, pos_embed: Tensor) -> Tensor:  # type: ignore[override]
-        up = tokens_to_map(sparse, sparse_grid)  # (B, D, h, w)
-        if sparse_grid != dense_grid:
-            align = None if self.upsample == "nearest" else False
-            up = F.interpolate(up, size=dense_grid, mode=self.upsample, align_corners=align)  # (B, D, H, W)
-        merged = self.merge_sparse(map_to_tokens(up)) + self.merge_dense(x) + pos_embed  # (B, N, D)
+        merged = self.merge(x, sparse, dense_grid, sparse_grid, pos_embed)  # (B, N, D)
         return super().forward(merged, c, context=sparse)  # (B, N, D)
 
 

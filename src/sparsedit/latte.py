@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sparsedit.blocks import UPSAMPLE_MODES, DenseRecoveryBlock, Poolingformer, SparseGenerationBlock
+from sparsedit.blocks import UPSAMPLE_MODES, DenseRecoveryBlock, Poolingformer, SparseGenerationBlock, reset_merges
 from sparsedit.checkpoint import CONFIG_NAME, load_state_strict, read_json, register_model_type
 from sparsedit.dit import CFG_MODES, DIT_SIZES, DiT, DiTConfig, GuidanceMixin
 from sparsedit.errors import CheckpointError, SparseditError
@@ -269,9 +269,7 @@ class Latte(GuidanceMixin, nn.Module):
         for m in zero:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
-        for block in self.blocks:
-            if hasattr(block, "reset_merge"):
-                block.reset_merge()
+        reset_merges(self.blocks)
 
     # -- embeddings and conditions -----------------------------------------------------------------
 

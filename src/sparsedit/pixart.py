@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsedit.blocks import UPSAMPLE_MODES, DenseRecoveryBlock, PoolingAttention, map_to_tokens, tokens_to_map
+from sparsedit.blocks import PoolingAttention, RecoveryMerge, pool_tokens, reset_merges
 from sparsedit.checkpoint import register_model_type
 from sparsedit.dit import CFG_MODES, DiT, DiTConfig, GuidanceMixin
 from sparsedit.errors import SparseditError
@@ -527,11 +527,6 @@ class PixArt(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 
-def _pool_tokens(dense: Tensor, dense_grid: Grid, sparse_grid: Grid) -> Tensor:
-    # The generation block's pooling (as in blocks.SparseGenerationBlock, which is bound to DiTBlock).
-    return map_to_tokens(F.adaptive_avg_pool2d(tokens_to_map(dense, dense_grid), sparse_grid))  # (B, M, D)
-
-
 class PixArtPoolingformer(PixArtBlock):
     """Bottom-segment block: mean-V attention (no Q/K), then the text cross-attention and the MLP."""
 
@@ -546,11 +541,11 @@ class PixArtGenerationBlock(PixArtBlock):
     def forward(self, x: Tensor | None, c: PixArtCond, dense: Tensor, dense_grid: Grid,  # type: ignore[override]
                 sparse_grid: Grid, pool: bool = True) -> Tensor:
         if pool or x is None:
-            x = _pool_tokens(dense, dense_grid, sparse_grid)  # (B, M, D)
+            x = pool_tokens(dense, dense_grid, sparse_grid)  # (B, M, D)
         return super().forward(x, c, context=dense)  # (B, M, D)
 
 
-class PixArtRecoveryBlock(PixArtBlock):
+class PixArtRecoveryBlock(RecoveryMerge, PixArtBlock):
     """First dense block after the sparse ones: ``Xm = up(Xs) W1 + X W2 + pos``; ``MHA(q=Xm, k=v=Xs)``.
 
     Then the text cross-attention (on the N dense tokens) and the MLP. W1 = 0, W2 = I at init.
@@ -559,23 +554,11 @@ class PixArtRecoveryBlock(PixArtBlock):
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6,
                  upsample: str = "nearest"):
         super().__init__(hidden_size, num_heads, mlp_ratio, norm_eps)
-        if upsample not in UPSAMPLE_MODES:
-            raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, not {upsample!r}")
-        self.upsample = upsample
-        self.merge_sparse = nn.Linear(hidden_size, hidden_size)  # W1
-        self.merge_dense = nn.Linear(hidden_size, hidden_size)  # W2
-        self.reset_merge()
-
-    # W1 = 0, W2 = I, biases 0: the DiT recovery block's initialisation (it only touches merge_*).
-    reset_merge = DenseRecoveryBlock.reset_merge
+        self.add_merge(hidden_size, upsample)
 
     def forward(self, x: Tensor, c: PixArtCond, sparse: Tensor, dense_grid: Grid,  # type: ignore[override]
                 sparse_grid: Grid, pos_embed: Tensor) -> Tensor:
-        up = tokens_to_map(sparse, sparse_grid)  # (B, D, h, w)
-        if sparse_grid != dense_grid:
-            align = None if self.upsample == "nearest" else False
-            up = F.interpolate(up, size=dense_grid, mode=self.upsample, align_corners=align)  # (B, D, H, W)
-        merged = self.merge_sparse(map_to_tokens(up)) + self.merge_dense(x) + pos_embed  # (B, N, D)
+        merged = self.merge(x, sparse, dense_grid, sparse_grid, pos_embed)  # (B, N, D)
         return super().forward(merged, c, context=sparse)  # (B, N, D)
 
 
@@ -628,9 +611,7 @@ class SparsePixArt(PixArt):
 
     def initialize_weights(self) -> None:
         super().initialize_weights()
-        for block in self.blocks:
-            if isinstance(block, PixArtRecoveryBlock):
-                block.reset_merge()
+        reset_merges(self.blocks)
 
     def forward(self, x: Tensor, t: Tensor, encoder_hidden_states: Tensor,  # type: ignore[override]
                 encoder_attention_mask: Tensor | None = None, added_cond_kwargs: dict[str, Tensor] | None = None,

@@ -19,6 +19,7 @@ from sparsedit.blocks import (
     DenseRecoveryBlock,
     Poolingformer,
     SparseGenerationBlock,
+    reset_merges,
 )
 from sparsedit.checkpoint import register_model_type
 from sparsedit.dit import DiT, DiTConfig
@@ -183,9 +184,7 @@ class SparseDiT(DiT):
 
     def initialize_weights(self) -> None:
         super().initialize_weights()
-        for block in self.blocks:
-            if isinstance(block, DenseRecoveryBlock):
-                block.reset_merge()
+        reset_merges(self.blocks)
 
     def sparse_grid(
         self, t: Tensor, dense_grid: Grid, grid: Grid | None = None, keep_ratio: float | None = None
