@@ -17,7 +17,7 @@ import argparse
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,8 @@ from sparsedit.errors import CheckpointError, SparseditError
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_CLASS = "DiTTransformer2DModel"
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
 
 # hidden size -> number of heads of the released sizes (heads cannot be read off tensor shapes).
 _HEADS_BY_WIDTH = {hidden: heads for _, hidden, heads in DIT_SIZES.values()}
@@ -231,11 +233,29 @@ def _read_diffusers_weights(path: Path) -> dict[str, Tensor]:
     raise CheckpointError(f"{path} has no {DIFFUSERS_WEIGHTS}; the diffusers directory is incomplete")
 
 
+def _diffusers_model_dir(path: Path) -> Path:
+    """``path`` itself, or its ``transformer/`` folder when ``path`` is a pipeline directory."""
+    if (path / "transformer" / CONFIG_NAME).exists() and not (path / CONFIG_NAME).exists():
+        return path / "transformer"
+    return path
+
+
+def _load_diffusers_mapped(model: ModelT, path: Path, key_map: dict[str, list[str]]) -> ModelT:
+    """Fill ``model`` from the diffusers weights in ``path``: ours <- theirs (several: concatenated on dim 0).
+
+    Strict both ways: every model tensor is loaded and every file tensor is used. Returns the model in eval mode.
+    """
+    src = _Source(_read_diffusers_weights(path), str(path))
+    state = {ours: torch.cat([src.take(k) for k in theirs]) if len(theirs) > 1 else src.take(theirs[0])
+             for ours, theirs in key_map.items()}
+    load_state_strict(model, state, str(path))
+    src.finish()
+    return model.eval()
+
+
 def dit_from_diffusers(path: str | Path) -> DiT:
     """Load a diffusers ``DiTTransformer2DModel`` directory (or its parent pipeline directory)."""
-    path = Path(path)
-    if (path / "transformer" / CONFIG_NAME).exists() and not (path / CONFIG_NAME).exists():
-        path = path / "transformer"  # a DiTPipeline directory
+    path = _diffusers_model_dir(Path(path))  # a DiTPipeline directory holds it in transformer/
     name = str(path)
     fields = _diffusers_config(read_json(path / CONFIG_NAME), str(path / CONFIG_NAME))
     src = _Source(_read_diffusers_weights(path), name)
@@ -357,9 +377,7 @@ def detect_format(path: str | Path) -> str:
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; pass a DiT .pt file, a diffusers directory or a sparsedit directory")
     if path.is_dir():
-        cfg_path = path / CONFIG_NAME
-        if not cfg_path.exists() and (path / "transformer" / CONFIG_NAME).exists():
-            cfg_path = path / "transformer" / CONFIG_NAME
+        cfg_path = _diffusers_model_dir(path) / CONFIG_NAME
         if not cfg_path.exists():
             raise CheckpointError(f"{path} has no config.json; it is neither a sparsedit nor a diffusers checkpoint")
         cfg = read_json(cfg_path)

@@ -714,19 +714,11 @@ def is_latte_diffusers_config(cfg: dict[str, Any]) -> bool:
 
 def latte_from_diffusers(path: str | Path) -> Latte:
     """Load a diffusers ``LatteTransformer3DModel`` directory (or the pipeline directory above it)."""
-    from sparsedit.convert import _read_diffusers_weights, _Source
+    from sparsedit.convert import _diffusers_model_dir, _load_diffusers_mapped
 
-    path = Path(path)
-    if (path / "transformer" / CONFIG_NAME).exists() and not (path / CONFIG_NAME).exists():
-        path = path / "transformer"
+    path = _diffusers_model_dir(Path(path))
     config = latte_config_from_diffusers(read_json(path / CONFIG_NAME), str(path / CONFIG_NAME))
-    model = Latte(config)
-    src = _Source(_read_diffusers_weights(path), str(path))
-    state = {ours: torch.cat([src.take(k) for k in theirs]) if len(theirs) > 1 else src.take(theirs[0])
-             for ours, theirs in _latte_key_map(config).items()}
-    load_state_strict(model, state, str(path))
-    src.finish()
-    return model.eval()
+    return _load_diffusers_mapped(Latte(config), path, _latte_key_map(config))
 
 
 def latte_from_original_state(state: dict[str, Tensor], num_heads: int | None = None,

@@ -30,7 +30,7 @@ from sparsedit.checkpoint import (
     write_json,
     write_safetensors,
 )
-from sparsedit.convert import DIFFUSERS_WEIGHTS, _read_diffusers_weights, _Source
+from sparsedit.convert import DIFFUSERS_WEIGHTS, _diffusers_model_dir, _load_diffusers_mapped, _Source
 from sparsedit.errors import CheckpointError, SparseditError
 from sparsedit.pixart import PIXART_HEAD_DIM, PixArt, PixArtConfig, pixart_pos_embed
 
@@ -127,17 +127,9 @@ def pixart_config_from_diffusers(cfg: dict[str, Any], name: str = "config.json")
 
 def pixart_from_diffusers(path: str | Path) -> PixArt:
     """Load a diffusers PixArt transformer directory (or the pipeline directory above it)."""
-    path = Path(path)
-    if (path / "transformer" / CONFIG_NAME).exists() and not (path / CONFIG_NAME).exists():
-        path = path / "transformer"
+    path = _diffusers_model_dir(Path(path))
     config = pixart_config_from_diffusers(read_json(path / CONFIG_NAME), str(path / CONFIG_NAME))
-    model = PixArt(config)
-    src = _Source(_read_diffusers_weights(path), str(path))
-    state = {ours: torch.cat([src.take(k) for k in theirs]) if len(theirs) > 1 else src.take(theirs[0])
-             for ours, theirs in _key_map(config).items()}
-    load_state_strict(model, state, str(path))
-    src.finish()
-    return model.eval()
+    return _load_diffusers_mapped(PixArt(config), path, _key_map(config))
 
 
 def save_pixart_diffusers(model: PixArt, out: str | Path, overwrite: bool = False,
