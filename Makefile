@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 demo: setup
 	$(BIN)/sparsedit demo
