@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 from collections.abc import Sequence
 
-from sparsedit.errors import SparseditError
+from sparsedit.commands.common import run_command
 
 # Sub-command modules, in the order `sparsedit --help` lists them.
 COMMANDS = (
@@ -39,16 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        code = args.func(args)
-    except SparseditError as err:
-        print(f"sparsedit {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"sparsedit {args.command}: interrupted", file=sys.stderr)
-        return 130
-    return int(code or 0)
+    return run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -17,28 +17,15 @@ from typing import Any
 
 import torch
 
-from sparsedit.commands.common import add_device_arg, add_model_args, check_device, positive_int
+from sparsedit.commands.common import (
+    add_device_arg,
+    add_model_args,
+    check_device,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from sparsedit.samplers import SAMPLERS
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -58,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=positive_int, default=2, help="number of seeds (seed, seed+1, ...; default 2)")
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (default 1 = off)")
-    p.add_argument("--max-k", type=_non_negative_int, default=4,
+    p.add_argument("--max-k", type=non_negative_int, default=4,
                    help="constant-map experiment for k = 0..K first layers (default 4; 0 skips it)")
     p.add_argument("--vae", default=None, metavar="PATH",
                    help="local AutoencoderKL directory: also decode the constant-map samples of a latent model")
@@ -67,13 +54,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     prop = p.add_argument_group("proposal")
     prop.add_argument("--propose", action="store_true", help="propose a SparseDiT layout and rate range")
     budget = prop.add_mutually_exclusive_group()
-    budget.add_argument("--target-ratio", type=_positive_float, default=None,
+    budget.add_argument("--target-ratio", type=positive_float, default=None,
                         help="budget as a fraction of the dense DiT's GMACs (default 0.6 with --propose)")
-    budget.add_argument("--target-gmacs", type=_positive_float, default=None,
+    budget.add_argument("--target-gmacs", type=positive_float, default=None,
                         help="budget in GMACs per forward (mean over the sampling steps)")
-    prop.add_argument("--var-threshold", type=_positive_float, default=0.5,
+    prop.add_argument("--var-threshold", type=positive_float, default=0.5,
                       help="a bottom layer is 'global' when its variance <= this x the median layer's (default 0.5)")
-    prop.add_argument("--diff-tolerance", type=_positive_float, default=0.25,
+    prop.add_argument("--diff-tolerance", type=positive_float, default=0.25,
                       help="largest relative sample difference of the constant-map experiment at k = P (default 0.25)")
     prop.add_argument("--rate-spread", type=float, default=None,
                       help="fix r_max - r_min (default: derived from the variance trend over the steps)")

@@ -14,21 +14,10 @@ import time
 
 import torch
 
-from sparsedit.commands.common import add_device_arg, check_device, positive_int
-from sparsedit.commands.sparsify import rate
+from sparsedit.commands.common import add_device_arg, check_device, non_negative_int, positive_int, rate
 from sparsedit.dit import CFG_MODES
 
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:

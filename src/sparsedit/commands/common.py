@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -33,11 +36,56 @@ def check_device(name: str) -> torch.device:
     return device
 
 
-def positive_int(text: str) -> int:
+def _number(text: str, cast: type[int] | type[float], ok: Callable[[float], bool], rule: str) -> Any:
+    """argparse ``type=``: ``cast(text)`` if ``ok`` accepts it, else an error naming ``rule``."""
     try:
-        value = int(text)
+        value = cast(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+        kind = "an integer" if cast is int else "a number"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{rule}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v > 0, "must be > 0")
+
+
+def non_negative_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 0, "must be >= 0")
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, lambda v: v > 0, "must be > 0")
+
+
+def rate(text: str) -> float:
+    """A pruning rate, in [0, 1)."""
+    return _number(text, float, lambda v: 0 <= v < 1, "a pruning rate must be in [0, 1)")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, cfg_scale: float, cfg_scale_help: str) -> None:
+    """--steps, --sampler, --eta, --cfg-scale and --cfg-mode of the commands that sample with :func:`generate`."""
+    from sparsedit.dit import CFG_MODES
+    from sparsedit.samplers import SAMPLERS
+
+    parser.add_argument("--steps", type=positive_int, default=250, help="sampling steps (default 250)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    parser.add_argument("--cfg-scale", type=float, default=cfg_scale, help=cfg_scale_help)
+    parser.add_argument("--cfg-mode", choices=CFG_MODES, default="first3",
+                        help="guide the first 3 latent channels (official DiT) or all channels")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Call the parsed sub-command: its exit code, 2 after a one-line user error, 130 on Ctrl-C."""
+    try:
+        code = args.func(args)
+    except SparseditError as err:
+        print(f"sparsedit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sparsedit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)

@@ -14,8 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sparsedit.commands.common import positive_int
-from sparsedit.commands.sparsify import rate
+from sparsedit.commands.common import positive_int, rate
 from sparsedit.sparse_dit import LAYOUT_HELP
 
 SAMPLERS = ("ddpm", "ddim")

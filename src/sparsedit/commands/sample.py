@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from sparsedit.commands.common import add_device_arg, add_model_args, check_device, positive_int
-from sparsedit.dit import CFG_MODES
-from sparsedit.samplers import SAMPLERS
+from sparsedit.commands.common import add_device_arg, add_model_args, add_sampling_args, check_device, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,12 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--class-labels", type=int, nargs="+", default=[207, 360, 387, 974, 88, 979, 417, 279],
                    help="one image per label (default: the 8 classes of the DiT sample grid)")
-    p.add_argument("--steps", type=positive_int, default=250, help="sampling steps (default 250)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--cfg-mode", choices=CFG_MODES, default="first3",
-                   help="guide the first 3 latent channels (official DiT) or all channels")
+    add_sampling_args(p, cfg_scale=4.0, cfg_scale_help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", default=None, metavar="PATH", help="local AutoencoderKL directory (latent models only)")
     p.add_argument("--nrow", type=positive_int, default=None, help="images per grid row")

@@ -11,10 +11,14 @@ import sys
 import time
 from collections.abc import Sequence
 
-from sparsedit.commands.common import add_device_arg, add_model_args, check_device, positive_int
-from sparsedit.dit import CFG_MODES
-from sparsedit.errors import SparseditError
-from sparsedit.samplers import SAMPLERS
+from sparsedit.commands.common import (
+    add_device_arg,
+    add_model_args,
+    add_sampling_args,
+    check_device,
+    positive_int,
+    run_command,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -29,12 +33,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, required=True, metavar="B",
                    help="images per shard and per sampling batch (fixes the shard layout; keep it when resuming)")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder: manifest.json, shards/ and the packed .npz")
-    p.add_argument("--steps", type=positive_int, default=250, help="sampling steps (default 250)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (default 1.5; 1 = off)")
-    p.add_argument("--cfg-mode", choices=CFG_MODES, default="first3",
-                   help="guide the first 3 latent channels (official DiT) or all channels")
+    add_sampling_args(p, cfg_scale=1.5, cfg_scale_help="classifier-free guidance scale (default 1.5; 1 = off)")
     p.add_argument("--seed", type=int, default=0, help="global seed; shard k uses a seed derived from (seed, k)")
     p.add_argument("--vae", default=None, metavar="PATH", help="local AutoencoderKL directory (latent models only)")
     p.add_argument("--pack", default=None, metavar="OUT.npz", help="packed batch path (default DIR/samples_N.npz)")
@@ -93,14 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sparsedit")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["sample-fid", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args) or 0)
-    except SparseditError as err:
-        print(f"sparsedit {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"sparsedit {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return run_command(args)
 
 
 if __name__ == "__main__":

@@ -5,18 +5,8 @@ from __future__ import annotations
 import argparse
 
 from sparsedit.blocks import UPSAMPLE_MODES
-from sparsedit.commands.common import add_model_args, positive_int
+from sparsedit.commands.common import add_model_args, positive_int, rate
 from sparsedit.sparse_dit import LAYOUT_HELP
-
-
-def rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"a pruning rate must be in [0, 1), got {value}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
