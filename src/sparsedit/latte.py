@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -792,30 +791,24 @@ def generate_latte(
     step from the original timesteps); all noise comes from a CPU generator seeded with ``seed``.
     The release samples with 250 DDPM steps.
     """
-    from sparsedit.samplers import sample
+    from sparsedit.sampling import sample_batch
 
     cfg = model.config
     cond = labels_or_text_embeds
     n = num_videos if cond is None else cond.shape[0]
     if n is None:
         raise SparseditError("pass labels / text embeddings, or num_videos for an unconditional Latte")
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    h, w = cfg.latent_hw
-    frames = cfg.num_frames if num_frames is None else num_frames
-    z = torch.randn(n, cfg.in_channels, frames, h, w, generator=gen).to(device)
     kwargs: dict[str, Any] = {"y": None if cond is None else cond.to(device)}
     if text_mask is not None:
         kwargs["encoder_attention_mask"] = text_mask.to(device)
-    model_fn: Any = model
-    guided = cfg_scale != 1.0
-    if guided:
-        z = torch.cat([z, z])
-        if cfg.text:
-            kwargs["null_embeds"] = None if null_embeds is None else null_embeds.to(device)
-        model_fn = partial(model.forward_with_cfg, cfg_scale=cfg_scale, cfg_mode=cfg_mode)
-    out = sample(model_fn, tuple(z.shape), sampler=sampler, steps=steps, eta=eta, noise=z, generator=gen,
-                 device=device, model_kwargs=kwargs, progress=progress, learn_sigma=cfg.learn_sigma)
-    return out[:n] if guided else out
+    if cfg_scale != 1.0 and cfg.text:
+        kwargs["null_embeds"] = None if null_embeds is None else null_embeds.to(device)
+    h, w = cfg.latent_hw
+    frames = cfg.num_frames if num_frames is None else num_frames
+    return sample_batch(
+        model, (n, cfg.in_channels, frames, h, w), kwargs, sampler=sampler, steps=steps, eta=eta,
+        cfg_scale=cfg_scale, cfg_mode=cfg_mode, seed=seed, device=device, progress=progress,
+    )
 
 
 def save_video_strip(videos: Tensor, path: str | Path) -> Path:

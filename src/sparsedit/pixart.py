@@ -664,30 +664,22 @@ def generate_pixart(
     model calls receive the original timesteps, so a SparsePixArt picks its sparse grid per step.
     All noise comes from a CPU generator seeded with ``seed``.
     """
-    from functools import partial
-
-    from sparsedit.samplers import sample
+    from sparsedit.sampling import sample_batch
 
     cfg = model.config
-    n = prompt_embeds.shape[0]
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    h, w = cfg.latent_hw
-    z = torch.randn(n, cfg.in_channels, h, w, generator=gen).to(device)
     kwargs: dict[str, Any] = {
         "encoder_hidden_states": prompt_embeds.to(device),
         "encoder_attention_mask": None if prompt_mask is None else prompt_mask.to(device),
         "added_cond_kwargs": added_cond_kwargs,
     }
-    model_fn: Any = model
-    guided = cfg_scale != 1.0
-    if guided:
-        z = torch.cat([z, z])  # both halves share noise; forward_with_cfg uses the first half
+    if cfg_scale != 1.0:
         kwargs["null_embeds"] = None if null_embeds is None else null_embeds.to(device)
         kwargs["null_attention_mask"] = None if null_mask is None else null_mask.to(device)
-        model_fn = partial(model.forward_with_cfg, cfg_scale=cfg_scale, cfg_mode=cfg_mode)
-    out = sample(model_fn, tuple(z.shape), sampler=sampler, steps=steps, eta=eta, noise=z, generator=gen,
-                 device=device, model_kwargs=kwargs, progress=progress, learn_sigma=cfg.learn_sigma)
-    return out[:n] if guided else out
+    h, w = cfg.latent_hw
+    return sample_batch(
+        model, (prompt_embeds.shape[0], cfg.in_channels, h, w), kwargs, sampler=sampler, steps=steps, eta=eta,
+        cfg_scale=cfg_scale, cfg_mode=cfg_mode, seed=seed, device=device, progress=progress,
+    )
 
 
 register_model_type("PixArt", PixArtConfig, PixArt)
