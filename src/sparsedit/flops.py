@@ -20,7 +20,7 @@ follow what our modules execute (:mod:`sparsedit.layers`, :mod:`sparsedit.blocks
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -256,6 +256,33 @@ def dit_macs(config: DiTConfig, grid: Grid | None = None) -> MacReport:
     return MacReport("DiT", (H, W), None, table, params=model_params(config))
 
 
+def _sparse_grids(dense_grid: object, sparse_grid: object) -> tuple[Grid, Grid]:
+    """Both grids checked; the sparse one must fit inside the dense one, as :meth:`SparseDiT.sparse_grid` requires."""
+    H, W = _check_grid(dense_grid, "dense grid")
+    h, w = _check_grid(sparse_grid, "sparse grid")
+    if h > H or w > W:
+        raise SparseditError(f"sparse grid {h}x{w} must lie within the dense grid {H}x{W}; pick a smaller grid")
+    return (H, W), (h, w)
+
+
+def _sparse_table(kinds: list[str], block_cost: Callable[[str], Cost], embed: Cost,
+                  final: Cost) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """Per-segment MAC table (embed, pool, sdtm, top, final) of a SparseDiT-layout model and the SDTM
+    cost by part (gen, sparse, recover, dense; linear + attention MACs)."""
+    table = {seg: dict.fromkeys(KINDS, 0) for seg in ("embed", "pool", "sdtm", "top", "final")}
+    table["embed"] = _row(embed)
+    table["final"] = _row(final)
+    parts = dict.fromkeys(("gen", "sparse", "recover", "dense"), 0)
+    for kind in kinds:
+        cost = block_cost(kind)
+        row = table[_SEGMENT[kind]]
+        for k, v in zip(KINDS, cost, strict=True):
+            row[k] += v
+        if kind in _SDTM_PART:
+            parts[_SDTM_PART[kind]] += cost[0] + cost[1]
+    return table, parts
+
+
 def sparse_dit_macs(config: SparseDiTConfig, sparse_grid: Grid, dense_grid: Grid | None = None) -> MacReport:
     """MACs of one SparseDiT forward for one image with sparse grid ``sparse_grid`` (h, w).
 
@@ -264,22 +291,11 @@ def sparse_dit_macs(config: SparseDiTConfig, sparse_grid: Grid, dense_grid: Grid
     """
     if not isinstance(config, SparseDiTConfig):
         raise SparseditError("sparse_dit_macs needs a SparseDiT config; use dit_macs for a DiT")
-    H, W = _check_grid(config.grid if dense_grid is None else dense_grid, "dense grid")
-    h, w = _check_grid(sparse_grid, "sparse grid")
-    if h > H or w > W:
-        raise SparseditError(f"sparse grid {h}x{w} must lie within the dense grid {H}x{W}; pick a smaller grid")
+    (H, W), (h, w) = _sparse_grids(config.grid if dense_grid is None else dense_grid, sparse_grid)
     n, mtok, m = H * W, h * w, _Dims.of(config)
-    table = {seg: dict.fromkeys(KINDS, 0) for seg in ("embed", "pool", "sdtm", "top", "final")}
-    table["embed"] = _row(_embed(n, m))
-    table["final"] = _row(_final(n, m))
-    parts = dict.fromkeys(("gen", "sparse", "recover", "dense"), 0)
-    for kind in block_kinds(config.layout):
-        cost = _block_cost(kind, n, mtok, (h, w) != (H, W), m)
-        row = table[_SEGMENT[kind]]
-        for k, v in zip(KINDS, cost, strict=True):
-            row[k] += v
-        if kind in _SDTM_PART:
-            parts[_SDTM_PART[kind]] += cost[0] + cost[1]
+    resized = (h, w) != (H, W)
+    table, parts = _sparse_table(block_kinds(config.layout), lambda kind: _block_cost(kind, n, mtok, resized, m),
+                                 _embed(n, m), _final(n, m))
     return MacReport("SparseDiT", (H, W), (h, w), table, by_part=parts, params=model_params(config))
 
 
@@ -445,22 +461,12 @@ def sparse_pixart_macs(config: SparsePixArtConfig, sparse_grid: Grid, dense_grid
     """MACs of one SparsePixArt forward for one image with sparse grid ``sparse_grid`` and ``text_len`` tokens."""
     if not isinstance(config, SparsePixArtConfig):
         raise SparseditError("sparse_pixart_macs needs a SparsePixArt config; use pixart_macs for a PixArt")
-    H, W = _check_grid(config.grid if dense_grid is None else dense_grid, "dense grid")
-    h, w = _check_grid(sparse_grid, "sparse grid")
-    if h > H or w > W:
-        raise SparseditError(f"sparse grid {h}x{w} must lie within the dense grid {H}x{W}; pick a smaller grid")
+    (H, W), (h, w) = _sparse_grids(config.grid if dense_grid is None else dense_grid, sparse_grid)
     n, mtok, m = H * W, h * w, _pixart_dims(config)
-    table = {seg: dict.fromkeys(KINDS, 0) for seg in ("embed", "pool", "sdtm", "top", "final")}
-    table["embed"] = _row(_pixart_embed(n, text_len, config, m))
-    table["final"] = _row(_pixart_final(n, m))
-    parts = dict.fromkeys(("gen", "sparse", "recover", "dense"), 0)
-    for kind in block_kinds(config.layout):
-        cost = _pixart_block(kind, n, mtok, text_len, (h, w) != (H, W), m)
-        row = table[_SEGMENT[kind]]
-        for k, v in zip(KINDS, cost, strict=True):
-            row[k] += v
-        if kind in _SDTM_PART:
-            parts[_SDTM_PART[kind]] += cost[0] + cost[1]
+    resized = (h, w) != (H, W)
+    table, parts = _sparse_table(block_kinds(config.layout),
+                                 lambda kind: _pixart_block(kind, n, mtok, text_len, resized, m),
+                                 _pixart_embed(n, text_len, config, m), _pixart_final(n, m))
     return MacReport("SparsePixArt", (H, W), (h, w), table, by_part=parts, params=pixart_params(config))
 
 
