@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+import helpers
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
@@ -21,14 +23,7 @@ def randomize() -> Callable[..., nn.Module]:
 
     Zero-initialised layers (adaLN-Zero, the output projection) would otherwise hide mapping errors.
     """
-
-    @torch.no_grad()
-    def _randomize(module: nn.Module, std: float = 0.2) -> nn.Module:
-        for p in module.parameters():
-            p.normal_(0.0, std)
-        return module
-
-    return _randomize
+    return helpers.randomize
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -40,13 +39,7 @@ LAYOUT = dict(pool_blocks=1, num_sdtm=1, gen_blocks=1, sparse_blocks=1, recovery
               top_blocks=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny matmuls are dominated by thread hand-off on a shared machine; restore the setting after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_dit() -> DiT:

@@ -15,23 +15,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from helpers import randomize
 from sparsedit.blocks import DenseRecoveryBlock, Poolingformer, SparseGenerationBlock
 from sparsedit.layers import DiTBlock, sincos_pos_embed_2d
 
 TOL = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)
-
-
-@torch.no_grad()
-def randomize(module: nn.Module, std: float = 0.2) -> nn.Module:
-    """Every parameter ~ N(0, std^2): non-trivial adaLN (shift/scale/gate) and non-zero biases."""
-    for p in module.parameters():
-        p.normal_(0.0, std)
-    return module
 
 
 # ------------------------------------------------------------------------------------------------

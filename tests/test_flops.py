@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -31,14 +30,7 @@ from sparsedit.flops import (
 )
 from sparsedit.sparse_dit import SparseDiT, SparseDiTConfig, parse_layout
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny matmuls are dominated by thread hand-off on a shared machine; restore the setting after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 TINY = dict(hidden_size=32, num_heads=2, num_classes=10, patch_size=2, in_channels=4)

@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+import helpers
 from sparsedit.checkpoint import save_pretrained
 from sparsedit.convert import detect_format, load_model
 from sparsedit.diffusion import space_timesteps
@@ -44,10 +45,7 @@ FRAMES, LATENT = 4, 8  # 4 frames of a 4 x 4 token grid at patch 2
 
 
 def randomize(module: nn.Module, std: float = 0.2) -> nn.Module:
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0.0, std)
-    return module.eval()
+    return helpers.randomize(module, std).eval()
 
 
 def tiny(**kw) -> LatteConfig:

@@ -9,7 +9,6 @@ independently of :mod:`sparsedit.pixart_convert`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 import sparsedit
+from helpers import randomize
 from sparsedit.checkpoint import save_pretrained
 from sparsedit.errors import CheckpointError, SparseditError
 from sparsedit.flops import (
@@ -52,19 +52,7 @@ DEPTH = 2
 LATENT = 8  # 4 x 4 token grid at patch 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@torch.no_grad()
-def randomize(module: nn.Module, std: float = 0.2) -> nn.Module:
-    for p in module.parameters():
-        p.normal_(0.0, std)
-    return module
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def diffusers_model(additional: bool, interpolation_scale: float | None = 0.5, depth: int = DEPTH,

@@ -9,22 +9,11 @@ import torch
 from torch import Tensor, nn
 
 import sparsedit
+from helpers import randomize
 from sparsedit.blocks import CrossDenseBlock, DenseRecoveryBlock, Poolingformer, SparseGenerationBlock
 from sparsedit.errors import SparseditError
 from sparsedit.layers import DiTBlock
 from sparsedit.sparse_dit import LAYOUTS, Layout, SparseDiT, SparseDiTConfig, block_kinds, parse_layout
-
-
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)
-
-
-@torch.no_grad()
-def randomize(module: nn.Module, std: float = 0.2) -> nn.Module:
-    for p in module.parameters():
-        p.normal_(0.0, std)
-    return module
 
 
 def tiny_config(layout: str = "1,1,1,1,1,1,1", **kw) -> SparseDiTConfig:

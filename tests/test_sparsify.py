@@ -13,6 +13,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 import sparsedit
+from helpers import randomize
 from sparsedit.blocks import DenseRecoveryBlock, SparseGenerationBlock
 from sparsedit.cli import main
 from sparsedit.diffusion import space_timesteps
@@ -24,18 +25,6 @@ from sparsedit.sparsify import sparsify, sparsify_with_rules
 
 LAYOUT = "1,2,1,1,1,1,1"  # P=1, K=2 SDTMs of (g, s, r, d) = (1, 1, 1, 1), T=1 -> depth 10
 KINDS = ["pool"] + ["gen", "sparse", "recover", "dense"] * 2 + ["top"]
-
-
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)
-
-
-@torch.no_grad()
-def randomize(module: nn.Module, std: float = 0.2) -> nn.Module:
-    for p in module.parameters():
-        p.normal_(0.0, std)
-    return module
 
 
 def tiny_dit(**kw) -> DiT:
