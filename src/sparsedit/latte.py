@@ -65,7 +65,7 @@ from sparsedit.pixart import (
     text_attention_mask,
 )
 from sparsedit.schedule import PruningSchedule, grid_for_rate
-from sparsedit.sparse_dit import Layout, SparseLayoutConfig, layout_fields, parse_layout
+from sparsedit.sparse_dit import Layout, SparseLayoutConfig, layout_fields, parse_layout, timestep_bounds
 
 Grid = tuple[int, int]
 CONDITIONINGS = ("class", "text")
@@ -566,7 +566,7 @@ class SparseLatte(Latte):
         if keep_ratio is not None:
             auto = split_keep_ratio(keep_ratio, dense_grid, frames, cfg.temporal_share)
         elif grid is None or sparse_frames is None:
-            lo, hi = int(t.min()), int(t.max())
+            lo, hi = timestep_bounds(t)
             auto = cfg.tokens_at(lo, dense_grid, frames)
             if cfg.tokens_at(hi, dense_grid, frames) != auto:
                 raise SparseditError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
 from sparsedit.blocks import (
@@ -146,6 +147,16 @@ class SparseDiTConfig(SparseLayoutConfig, DiTConfig):
         return cls(**base, **layout_fields(parse_layout(layout)), **kwargs)
 
 
+def timestep_bounds(t: Tensor) -> tuple[int, int]:
+    """(min, max) of a batch's timesteps as Python ints, read with one device -> host transfer.
+
+    Reading ``t`` on a GPU waits for all queued work; one read per forward instead of two halves
+    those stalls (the grid decides tensor shapes, so the host must know it).
+    """
+    lo, hi = torch.stack([t.min(), t.max()]).tolist()
+    return int(lo), int(hi)
+
+
 def block_kinds(layout: Layout) -> list[str]:
     """Kind of every layer, in order: pool, gen, gen+, sparse, recover, recover+, dense, top.
 
@@ -202,7 +213,7 @@ class SparseDiT(DiT):
             return grid_for_rate(1.0 - keep_ratio, H, W)
         schedule = self.config.schedule
         # r(t) is monotone, so the extreme timesteps decide whether the batch shares one grid.
-        lo, hi = int(t.min()), int(t.max())
+        lo, hi = timestep_bounds(t)
         g_lo, g_hi = schedule.grid(lo, dense_grid), schedule.grid(hi, dense_grid)
         if g_lo != g_hi:
             raise SparseditError(
