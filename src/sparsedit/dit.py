@@ -42,8 +42,51 @@ DIT_PRESETS = tuple(f"{size}/{p}" for size in DIT_SIZES for p in (2, 4, 8))
 CFG_MODES = ("first3", "all")
 
 
+class GridConfig:
+    """Input-size helpers shared by the DiT, PixArt and Latte configs (plain mixin, adds no fields).
+
+    Needs the fields ``input_size``, ``patch_size``, ``in_channels``, ``learn_sigma`` and ``data_space``.
+    """
+
+    input_size: int | tuple[int, int]
+    patch_size: int
+    in_channels: int
+    learn_sigma: bool
+    data_space: str
+
+    def check_input(self, hint: str = "") -> None:
+        """JSON's list -> tuple for ``input_size``; data space and patch divisibility checks."""
+        if isinstance(self.input_size, list):
+            self.input_size = tuple(self.input_size)
+        if self.data_space not in ("latent", "pixel"):
+            raise SparseditError(f"data_space must be 'latent' or 'pixel', not {self.data_space!r}")
+        h, w = self.latent_hw
+        if h % self.patch_size or w % self.patch_size:
+            raise SparseditError(f"input size {h}x{w} is not divisible by patch size {self.patch_size}{hint}")
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        s = self.input_size
+        return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        h, w = self.latent_hw
+        return h // self.patch_size, w // self.patch_size
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)  # type: ignore[call-overload]  # subclasses are dataclasses
+        if isinstance(self.input_size, tuple):
+            d["input_size"] = list(self.input_size)
+        return d
+
+
 @dataclass
-class DiTConfig:
+class DiTConfig(GridConfig):
     """Everything needed to rebuild a DiT; saved as ``config.json`` beside the weights.
 
     Numerical differences between checkpoint writers are named fields, not silent:
@@ -74,38 +117,9 @@ class DiTConfig:
     model_type: str = field(default="DiT", init=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.input_size, list):
-            self.input_size = tuple(self.input_size)
-        if self.data_space not in ("latent", "pixel"):
-            raise SparseditError(f"data_space must be 'latent' or 'pixel', not {self.data_space!r}")
-        h, w = self.latent_hw
-        if h % self.patch_size or w % self.patch_size:
-            raise SparseditError(
-                f"input size {h}x{w} is not divisible by patch size {self.patch_size}; "
-                "pick an image size whose latent is a multiple of the patch size"
-            )
+        self.check_input("; pick an image size whose latent is a multiple of the patch size")
         if self.hidden_size % self.num_heads:
             raise SparseditError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-
-    @property
-    def latent_hw(self) -> tuple[int, int]:
-        s = self.input_size
-        return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        h, w = self.latent_hw
-        return h // self.patch_size, w // self.patch_size
-
-    @property
-    def out_channels(self) -> int:
-        return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        if isinstance(self.input_size, tuple):
-            d["input_size"] = list(self.input_size)
-        return d
 
 
 def dit_config(preset: str, image_size: int = 256, vae_downsample: int = 8, **overrides: Any) -> DiTConfig:

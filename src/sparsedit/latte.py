@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from sparsedit.blocks import UPSAMPLE_MODES, DenseRecoveryBlock, Poolingformer, SparseGenerationBlock, reset_merges
 from sparsedit.checkpoint import CONFIG_NAME, load_state_strict, read_json, register_model_type
-from sparsedit.dit import CFG_MODES, DIT_SIZES, DiT, DiTConfig, GuidanceMixin
+from sparsedit.dit import CFG_MODES, DIT_SIZES, DiT, GridConfig, GuidanceMixin
 from sparsedit.errors import CheckpointError, SparseditError
 from sparsedit.layers import (
     DiTBlock,
@@ -85,7 +85,7 @@ SPARSE_LATTE_LAYOUTS: dict[str, Layout] = {
 
 
 @dataclass
-class LatteConfig:
+class LatteConfig(GridConfig):
     """Everything needed to rebuild a Latte; saved as ``config.json`` beside the weights.
 
     ``depth`` counts blocks, spatial and temporal (even). ``num_frames`` is diffusers'
@@ -116,14 +116,7 @@ class LatteConfig:
     data_space: str = "latent"
     model_type: str = field(default="Latte", init=False)
 
-    latent_hw = DiTConfig.latent_hw
-    grid = DiTConfig.grid
-    out_channels = DiTConfig.out_channels
-    to_dict = DiTConfig.to_dict
-
     def __post_init__(self) -> None:
-        if isinstance(self.input_size, list):
-            self.input_size = tuple(self.input_size)
         if self.conditioning not in CONDITIONINGS:
             raise SparseditError(f"conditioning must be one of {', '.join(CONDITIONINGS)}, not {self.conditioning!r}")
         if self.depth < 2 or self.depth % 2:
@@ -132,11 +125,7 @@ class LatteConfig:
             raise SparseditError(f"num_frames must be positive, got {self.num_frames}")
         if self.num_classes < 0:
             raise SparseditError(f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
-        if self.data_space not in ("latent", "pixel"):
-            raise SparseditError(f"data_space must be 'latent' or 'pixel', not {self.data_space!r}")
-        h, w = self.latent_hw
-        if h % self.patch_size or w % self.patch_size:
-            raise SparseditError(f"input size {h}x{w} is not divisible by patch size {self.patch_size}")
+        self.check_input()
         if self.hidden_size % self.num_heads or self.hidden_size % 4:
             raise SparseditError(
                 f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads} and by 4"

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from sparsedit.blocks import PoolingAttention, RecoveryMerge, pool_tokens, reset_merges
 from sparsedit.checkpoint import register_model_type
-from sparsedit.dit import CFG_MODES, DiT, DiTConfig, GuidanceMixin
+from sparsedit.dit import CFG_MODES, DiT, GridConfig, GuidanceMixin
 from sparsedit.errors import SparseditError
 from sparsedit.layers import (
     Attention,
@@ -65,7 +65,7 @@ T5_CHANNELS = 4096
 
 
 @dataclass
-class PixArtConfig:
+class PixArtConfig(GridConfig):
     """Everything needed to rebuild a PixArt-alpha; saved as ``config.json`` beside the weights.
 
     ``interpolation_scale`` and ``base_size`` define the sin-cos position table: token (i, j) of an
@@ -101,20 +101,8 @@ class PixArtConfig:
     data_space: str = "latent"
     model_type: str = field(default="PixArt", init=False)
 
-    # Same meaning as DiT's (input size, token grid, learned-sigma channels, JSON form).
-    latent_hw = DiTConfig.latent_hw
-    grid = DiTConfig.grid
-    out_channels = DiTConfig.out_channels
-    to_dict = DiTConfig.to_dict
-
     def __post_init__(self) -> None:
-        if isinstance(self.input_size, list):
-            self.input_size = tuple(self.input_size)
-        if self.data_space not in ("latent", "pixel"):
-            raise SparseditError(f"data_space must be 'latent' or 'pixel', not {self.data_space!r}")
-        h, w = self.latent_hw
-        if h % self.patch_size or w % self.patch_size:
-            raise SparseditError(f"input size {h}x{w} is not divisible by patch size {self.patch_size}")
+        self.check_input()
         if self.hidden_size % self.num_heads:
             raise SparseditError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.hidden_size % 4:
