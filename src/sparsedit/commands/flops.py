@@ -66,11 +66,24 @@ def _checkpoint_config(path: Path, image_size: int | None) -> Any:
 
 
 def _preset_config(name: str, image_size: int) -> tuple[Any, str | None]:
-    """(DiT config, preset layout or None) for ``DiT-XL/2`` or ``SparseDiT-XL/2``."""
+    """(dense config, preset layout or None) for DiT/PixArt/Latte presets and their Sparse* names.
+
+    ``SparseDiT-XL/2`` is DiT-XL/2 with the paper's XL layout; ``SparsePixArt-XL/2`` is PixArt-alpha
+    (XL/2) with the same layout; ``SparseLatte-XL/2`` is Latte-XL/2 with the paper's video layout.
+    """
     from sparsedit.dit import DIT_PRESETS, dit_config
     from sparsedit.errors import SparseditError
+    from sparsedit.latte import LATTE_PRESETS, latte_config
     from sparsedit.sparse_dit import LAYOUTS
 
+    if name in ("PixArt-XL/2", "SparsePixArt-XL/2"):
+        from sparsedit.pixart import pixart_config
+
+        return pixart_config(image_size), ("SparseDiT-XL" if name.startswith("Sparse") else None)
+    if name.startswith("SparseLatte-") and name[len("Sparse"):] in LATTE_PRESETS:
+        return latte_config(name[len("Sparse"):], image_size), "SparseLatte-XL"
+    if name in LATTE_PRESETS:
+        return latte_config(name, image_size), None
     if name.startswith("SparseDiT-"):
         dit_name = "DiT-" + name[len("SparseDiT-"):]
         if dit_name not in DIT_PRESETS:
@@ -83,8 +96,31 @@ def _preset_config(name: str, image_size: int) -> tuple[Any, str | None]:
         return dit_config(name, image_size), None
     raise SparseditError(
         f"--model {name!r} is neither an existing checkpoint path nor a preset; pass a path, a DiT preset "
-        f"({', '.join(DIT_PRESETS[:3])}, ...) or a SparseDiT preset (SparseDiT-XL/2, SparseDiT-B/2, ...)"
+        f"({', '.join(DIT_PRESETS[:3])}, ...), a SparseDiT preset (SparseDiT-XL/2, SparseDiT-B/2, ...), "
+        "PixArt-XL/2, SparsePixArt-XL/2, Latte-XL/2 or SparseLatte-XL/2"
     )
+
+
+def _sparse_and_dense_types() -> dict[type, type]:
+    """Sparse config class -> the dense config class it extends."""
+    from sparsedit.dit import DiTConfig
+    from sparsedit.latte import LatteConfig, SparseLatteConfig
+    from sparsedit.pixart import PixArtConfig, SparsePixArtConfig
+    from sparsedit.sparse_dit import SparseDiTConfig
+
+    return {SparseDiTConfig: DiTConfig, SparsePixArtConfig: PixArtConfig, SparseLatteConfig: LatteConfig}
+
+
+def is_sparse(config: Any) -> bool:
+    return type(config) in _sparse_and_dense_types()
+
+
+def dense_config(config: Any) -> Any:
+    """The dense model a sparse config was derived from (same fields, no layout)."""
+    dense_cls = _sparse_and_dense_types().get(type(config))
+    if dense_cls is None:
+        return config
+    return dense_cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(dense_cls) if f.init})
 
 
 def _with_image_size(config: Any, image_size: int) -> Any:
@@ -97,25 +133,32 @@ def _with_image_size(config: Any, image_size: int) -> Any:
 
 
 def _with_sparsity(config: Any, layout: str | None, rates: dict[str, Any]) -> Any:
-    """Apply --layout / --r-min / --r-max / --num-pieces to a DiT or SparseDiT config."""
+    """Apply --layout / --r-min / --r-max / --num-pieces to a dense or sparse config."""
     from sparsedit.errors import SparseditError
-    from sparsedit.sparse_dit import SparseDiTConfig, parse_layout
+    from sparsedit.latte import LatteConfig, SparseLatteConfig
+    from sparsedit.pixart import PixArtConfig, SparsePixArtConfig
+    from sparsedit.sparse_dit import SparseDiTConfig, layout_fields, parse_layout
 
     given = {k: v for k, v in rates.items() if v is not None}
-    if isinstance(config, SparseDiTConfig):
+    if is_sparse(config):
+        if isinstance(config, SparseLatteConfig):
+            given.pop("num_pieces", None)  # Latte's schedule is continuous (no training pieces)
         fields: dict[str, Any] = dict(given)
         if layout is not None:
-            lay = parse_layout(layout)
-            fields.update(pool_blocks=lay.pool, num_sdtm=lay.sdtm, gen_blocks=lay.gen, sparse_blocks=lay.sparse,
-                          recovery_blocks=lay.recovery, dense_blocks=lay.dense, top_blocks=lay.top)
+            fields.update(layout_fields(parse_layout(layout)))
         return dataclasses.replace(config, **fields) if fields else config
     if layout is None:
         if given:
             raise SparseditError(
-                "--r-min/--r-max/--num-pieces apply to a SparseDiT; add --layout, or pass a SparseDiT preset "
+                "--r-min/--r-max/--num-pieces apply to a sparse model; add --layout, or pass a sparse preset "
                 "such as SparseDiT-XL/2"
             )
         return config
+    if isinstance(config, LatteConfig):
+        given.pop("num_pieces", None)
+        return SparseLatteConfig.from_latte(config, layout, **given)
+    if isinstance(config, PixArtConfig):
+        return SparsePixArtConfig.from_pixart(config, layout, **given)
     return SparseDiTConfig.from_dit(config, layout, **given)
 
 
@@ -142,18 +185,17 @@ def resolve_config(args: argparse.Namespace) -> tuple[Any, str]:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Everything the command prints, as one JSON-ready dict."""
     from sparsedit.diffusion import space_timesteps
-    from sparsedit.dit import DiTConfig
-    from sparsedit.flops import dit_macs, schedule_macs
-    from sparsedit.sparse_dit import SparseDiTConfig
+    from sparsedit.flops import schedule_macs
 
     config, name = resolve_config(args)
-    sparse = isinstance(config, SparseDiTConfig)
+    sparse = is_sparse(config)
     T = config.num_timesteps if sparse else 1000
     spec = f"ddim{args.steps}" if args.sampler == "ddim" else str(args.steps)
     timesteps = space_timesteps(T, spec)
     result = schedule_macs(config, timesteps)
-    dense_fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(DiTConfig) if f.init}
-    dense = dit_macs(DiTConfig(**dense_fields)).total / 1e9
+    dense = schedule_macs(dense_config(config), timesteps)["gmacs"]
+    if "tokens" in result:  # video: a sparse token set is a (grid, frames) pair
+        result["grids"] = result.pop("tokens")
     factor = VAE_DOWNSAMPLE if config.data_space == "latent" else 1
     H, W = config.latent_hw
     out: dict[str, Any] = {
@@ -164,17 +206,21 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "layout": config.layout.as_string() if sparse else None,
         "r_min": config.r_min if sparse else None,
         "r_max": config.r_max if sparse else None,
-        "num_pieces": config.num_pieces if sparse else None,
+        "num_pieces": getattr(config, "num_pieces", None),
         "sampler": args.sampler,
         "steps": len(timesteps),
         "unit": "GMACs per forward pass of one image (batch 1; classifier-free guidance doubles the batch)",
-        **{k: result[k] for k in ("gmacs", "gmacs_min", "gmacs_max", "grids", "params", "by_segment", "by_kind",
-                                 "by_part")},
+        **{k: result.get(k) for k in ("gmacs", "gmacs_min", "gmacs_max", "grids", "params", "by_segment", "by_kind",
+                                     "by_part")},
         "dense_gmacs": dense,
         "reduction": 1.0 - result["gmacs"] / dense,
         "per_step": result["per_step"],
     }
     return out
+
+
+def _frames(entry: dict[str, Any]) -> str:
+    return f" x {entry['frames']} frames" if "frames" in entry else ""
 
 
 def _fmt(parts: dict[str, float]) -> str:
@@ -196,16 +242,18 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"GMACs per forward, per image: {out['gmacs']:.2f}")
     else:
         lines.append(f"GMACs per forward, per image: {out['gmacs']:.2f} (mean over steps; min {out['gmacs_min']:.2f}, "
-                     f"max {out['gmacs_max']:.2f}); dense DiT {out['dense_gmacs']:.2f} "
+                     f"max {out['gmacs_max']:.2f}); dense model {out['dense_gmacs']:.2f} "
                      f"({-100 * out['reduction']:+.1f}%)")
     lines.append("  (multiply-accumulates = linear + attention; classifier-free guidance doubles the batch)")
     if out["layout"] is not None:
         lines.append("grids:")
-        lines.extend(f"  {g['grid'][0]:>3}x{g['grid'][1]:<3} {g['tokens']:>5} tokens  {g['steps']:>5} steps  "
+        lines.extend(f"  {g['grid'][0]:>3}x{g['grid'][1]:<3}{_frames(g)} {g['tokens']:>6} tokens  {g['steps']:>5} steps  "
                      f"{g['gmacs']:.2f} GMACs" for g in out["grids"])
-    lines.append(f"by segment (GMACs): {_fmt(out['by_segment'])}")
+    if out["by_segment"]:  # the video report has no per-segment breakdown
+        lines.append(f"by segment (GMACs): {_fmt(out['by_segment'])}")
     if out["by_part"]:
         lines.append(f"  sdtm parts: {_fmt(out['by_part'])}")
-    lines.append(f"by kind (GMACs): {_fmt(out['by_kind'])}  (other is not in the total)")
+    if out["by_kind"]:
+        lines.append(f"by kind (GMACs): {_fmt(out['by_kind'])}  (other is not in the total)")
     print("\n".join(lines))
     return 0
