@@ -26,25 +26,51 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _convert(src, args: argparse.Namespace):  # noqa: ANN001, ANN202
+    """Dispatch on the source family: DiT -> SparseDiT, PixArt -> SparsePixArt, Latte -> SparseLatte."""
+    from sparsedit.errors import SparseditError
+    from sparsedit.latte import Latte, SparseLatte, sparsify_latte
+    from sparsedit.pixart import PixArt, SparsePixArt, sparsify_pixart
+    from sparsedit.sparsify import sparsify_with_rules
+
+    rates = {"r_min": args.r_min, "r_max": args.r_max, "upsample": args.upsample}
+    if isinstance(src, (SparsePixArt, SparseLatte)):
+        raise SparseditError(f"the source is already a {type(src).__name__}; pass the dense model it came from")
+    if isinstance(src, PixArt):
+        return sparsify_pixart(src, args.layout, num_pieces=args.num_pieces, **rates)
+    if isinstance(src, Latte):
+        if args.num_pieces is not None:
+            raise SparseditError("--num-pieces is not supported for Latte (its schedule is continuous); drop it")
+        return sparsify_latte(src, args.layout, **rates)
+    return sparsify_with_rules(src, layout=args.layout, num_pieces=args.num_pieces, **rates)[0]
+
+
+def _token_sets(cfg) -> list[str]:  # noqa: ANN001
+    """The distinct sparse token sets a full sampling run can use, fewest tokens first."""
+    if hasattr(cfg, "tokens_at"):  # video: (grid, frames)
+        sets = {cfg.tokens_at(t) for t in range(cfg.num_timesteps)}
+        return [f"{g[0]}x{g[1]}x{f}f" for g, f in sorted(sets, key=lambda s: s[0][0] * s[0][1] * s[1])]
+    grids = {p.grid for p in cfg.schedule.pieces(cfg.grid)}
+    return [f"{h}x{w}" for h, w in sorted(grids, key=lambda g: g[0] * g[1])]
+
+
 def run(args: argparse.Namespace) -> int:
     from sparsedit.checkpoint import prepare_output_dir, save_pretrained
     from sparsedit.convert import load_model
     from sparsedit.errors import SparseditError
-    from sparsedit.sparsify import sparsify_with_rules
+    from sparsedit.sparsify import init_rules
 
     if args.r_min > args.r_max:
         raise SparseditError(f"--r-min {args.r_min} is larger than --r-max {args.r_max}; swap them")
     prepare_output_dir(args.out, args.overwrite)  # fail before the (slow) load
-    dit = load_model(args.src, model=args.model, image_size=args.image_size)
-    model, rules = sparsify_with_rules(dit, layout=args.layout, r_min=args.r_min, r_max=args.r_max,
-                                       num_pieces=args.num_pieces, upsample=args.upsample)
+    src = load_model(args.src, model=args.model, image_size=args.image_size)
+    model = _convert(src, args)
     if args.verbose:
-        for rule in rules:
+        for rule in init_rules(model.config, list(model.state_dict())):
             print(rule.describe())
     out = save_pretrained(model, args.out, overwrite=True)
     cfg = model.config
     dense = cfg.grid
-    grids = [f"{h}x{w}" for h, w in sorted({p.grid for p in cfg.schedule.pieces(dense)}, key=lambda g: g[0] * g[1])]
-    print(f"wrote SparseDiT {out}: layout {cfg.layout.as_string()} (P,K,g,s,r,d,T), r in [{cfg.r_min}, {cfg.r_max}], "
-          f"dense grid {dense[0]}x{dense[1]}, sparse grids {', '.join(grids)}")
+    print(f"wrote {type(model).__name__} {out}: layout {cfg.layout.as_string()} (P,K,g,s,r,d,T), r in "
+          f"[{cfg.r_min}, {cfg.r_max}], dense grid {dense[0]}x{dense[1]}, sparse token sets {', '.join(_token_sets(cfg))}")
     return 0
