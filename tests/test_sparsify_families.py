@@ -39,3 +39,28 @@ def test_latte_checkpoint_sparsifies_to_sparse_latte(tmp_path, capsys):
     assert main(["sparsify", str(src), "--layout", "2,1,2,0,2,0,2", "--num-pieces", "3",
                  "--out", str(tmp_path / "x")]) == 2
     assert "not supported for Latte" in capsys.readouterr().err
+
+
+def test_sample_pixart_from_prompt_embeddings_and_latte_as_a_strip(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    pix = PixArt(PixArtConfig(input_size=8, in_channels=3, hidden_size=32, depth=2, num_heads=2, caption_channels=16,
+                              null_caption_length=5, data_space="pixel"))
+    src = sparsedit.save_pretrained(pix, tmp_path / "pixart")
+    assert main(["sample", "--ckpt", str(src), "--steps", "2", "--out", str(tmp_path / "p.png"), "--no-progress"]) == 2
+    assert "--prompt-embeds" in capsys.readouterr().err
+    save_file({"prompt_embeds": torch.randn(3, 5, 16), "prompt_mask": torch.ones(3, 5)}, str(tmp_path / "emb.st"))
+    assert main(["sample", "--ckpt", str(src), "--prompt-embeds", str(tmp_path / "emb.st"), "--steps", "2",
+                 "--out", str(tmp_path / "p.png"), "--no-progress"]) == 0
+    assert np.asarray(Image.open(tmp_path / "p.png")).shape == (2 + 2 * 10, 2 + 2 * 10, 3)  # 3 images, 2x2 grid
+
+    lat = Latte(LatteConfig(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2,
+                            num_frames=4, num_classes=3, data_space="pixel"))
+    src = sparsedit.save_pretrained(lat, tmp_path / "latte")
+    assert main(["sample", "--ckpt", str(src), "--class-labels", "0", "2", "--steps", "2", "--cfg-scale", "1",
+                 "--out", str(tmp_path / "v.png"), "--no-progress"]) == 0
+    assert "2 videos" in capsys.readouterr().out
+    assert np.asarray(Image.open(tmp_path / "v.png")).shape == (2 + 2 * 10, 2 + 4 * 10, 3)  # a row of 4 frames each
