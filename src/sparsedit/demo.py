@@ -45,7 +45,7 @@ class DemoSettings:
     samples_per_class: int = 20
     sampler: str = "ddim"
     sample_steps: int = 50
-    cfg_scale: float = 2.0
+    cfg_scale: float = 3.0
     seed: int = 0
     timing_repeats: int = 3
 
