@@ -38,10 +38,10 @@ class DemoSettings:
     layout: str = "SparseDiT-B/2"
     r_min: float = 0.44
     r_max: float = 0.75
-    finetune_steps: int = 400
+    finetune_steps: int = 1500
     batch_size: int = 32
     lr: float = 1e-4
-    ema_decay: float = 0.99
+    ema_decay: float = 0.995
     samples_per_class: int = 20
     sampler: str = "ddim"
     sample_steps: int = 50
