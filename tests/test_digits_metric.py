@@ -28,7 +28,7 @@ def clf() -> DigitsClassifier:
 
 
 @pytest.fixture(scope="module")
-def test16() -> DigitsDataset:
+def heldout16() -> DigitsDataset:
     return DigitsDataset("test", resolution=16)
 
 
@@ -51,13 +51,13 @@ def test_shipped_weights_are_package_data() -> None:
     assert "python -m sparsedit.metrics.digits train" in (base / "TRAINING.md").read_text()
 
 
-def test_shipped_classifier_accuracy(clf: DigitsClassifier, test16: DigitsDataset) -> None:
+def test_shipped_classifier_accuracy(clf: DigitsClassifier, heldout16: DigitsDataset) -> None:
     assert not clf.training
-    assert _accuracy(clf, test16.images, test16.labels) >= 0.95
+    assert _accuracy(clf, heldout16.images, heldout16.labels) >= 0.95
 
 
-def test_classifier_shapes_resolutions_and_channels(clf: DigitsClassifier, test16: DigitsDataset) -> None:
-    x = test16.images[:32]
+def test_classifier_shapes_resolutions_and_channels(clf: DigitsClassifier, heldout16: DigitsDataset) -> None:
+    x = heldout16.images[:32]
     with torch.no_grad():
         f = clf.features(x)
         assert f.shape == (32, clf.feature_dim) and clf.logits(x).shape == (32, 10)
@@ -75,12 +75,12 @@ def test_classifier_shapes_resolutions_and_channels(clf: DigitsClassifier, test1
         clf.logits(torch.zeros(2, 2, 16, 16))
 
 
-def test_score_real_vs_noise(clf: DigitsClassifier, test16: DigitsDataset, train16: DigitsDataset) -> None:
-    real = digits_score(test16.images, test16.labels, reference=train16.images, classifier=clf)
+def test_score_real_vs_noise(clf: DigitsClassifier, heldout16: DigitsDataset, train16: DigitsDataset) -> None:
+    real = digits_score(heldout16.images, heldout16.labels, reference=train16.images, classifier=clf)
     assert real["num_samples"] == 359
     assert real["class_accuracy"] >= 0.95
     gen = torch.Generator().manual_seed(0)
-    noise = torch.rand(test16.images.shape, generator=gen) * 2 - 1
+    noise = torch.rand(heldout16.images.shape, generator=gen) * 2 - 1
     noisy = digits_score(noise, None, reference=train16.images, classifier=clf)
     assert "class_accuracy" not in noisy and noisy["num_samples"] == 359
     assert 0 < real["fid_digits_cnn"] < 0.1 * noisy["fid_digits_cnn"]
@@ -102,13 +102,13 @@ def test_default_reference_is_whole_set_at_sample_resolution(clf: DigitsClassifi
     assert default["class_accuracy"] >= 0.95
 
 
-def test_score_input_errors(clf: DigitsClassifier, test16: DigitsDataset) -> None:
+def test_score_input_errors(clf: DigitsClassifier, heldout16: DigitsDataset) -> None:
     with pytest.raises(SparseditError, match="at least 2 samples"):
-        digits_score(test16.images[:1], None, classifier=clf)
+        digits_score(heldout16.images[:1], None, classifier=clf)
     with pytest.raises(SparseditError, match=r"samples must be an \(N, 1\|3, H, W\) tensor"):
-        digits_score(test16.images[:, 0], None, classifier=clf)
+        digits_score(heldout16.images[:, 0], None, classifier=clf)
     with pytest.raises(SparseditError, match=r"labels must have shape \(10,\)"):
-        digits_score(test16.images[:10], test16.labels[:9], classifier=clf)
+        digits_score(heldout16.images[:10], heldout16.labels[:9], classifier=clf)
 
 
 def test_train_and_load_round_trip(tmp_path: Path) -> None:
