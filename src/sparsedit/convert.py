@@ -29,6 +29,7 @@ from sparsedit.checkpoint import (
     prepare_output_dir,
     read_json,
     read_safetensors,
+    save_pretrained,
     write_json,
     write_safetensors,
 )
@@ -440,8 +441,6 @@ def load_model(
 
 def save_model(model: nn.Module, out: str | Path, fmt: str = "sparsedit", overwrite: bool = False) -> Path:
     """Export ``model`` as ``fmt`` ("sparsedit" or "diffusers")."""
-    from sparsedit.checkpoint import save_pretrained
-
     if fmt == "sparsedit":
         return save_pretrained(model, out, overwrite)
     if fmt == "diffusers":

@@ -233,8 +233,8 @@ class SparseDiT(DiT):
         h = self.x_embedder(x) + pos  # (B, N, D)
         cs = self.conditions(t, y)
         dense_in = xs = h
+        run = self.run_block
         for block, c, kind in zip(self.blocks, cs, self.kinds, strict=True):
-            run = self.run_block
             if kind == "gen":
                 dense_in = h  # kept for the recovery block
                 xs = run(block, None, c, dense_in, dense_grid, sparse_grid, pool=True)  # (B, M, D)

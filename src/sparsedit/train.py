@@ -384,7 +384,7 @@ class Trainer:
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        ema = [p for p in self.ema_wrapped.parameters()]
+        ema = list(self.ema_wrapped.parameters())
         cur = [p.detach() for p in self.model.parameters()]
         torch._foreach_lerp_(ema, cur, 1.0 - self.settings.ema_decay)
 
