@@ -35,26 +35,36 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sparsedit.dit import CFG_MODES, DIT_PRESETS, DiT, DiTConfig, dit_config
+from sparsedit.checkpoint import build_model
+from sparsedit.dit import CFG_MODES, DiTConfig
 from sparsedit.errors import SparseditError
+from sparsedit.latte import LatteConfig, temporal_pos_embed
 from sparsedit.layers import sincos_pos_embed_2d
-from sparsedit.sparse_dit import SparseDiT, SparseDiTConfig
+from sparsedit.pixart import CAPTION_TOKENS, PixArtConfig
+from sparsedit.presets import is_sparse, preset_config
 
 __all__ = [
     "DTYPES",
     "BenchSettings",
+    "Family",
+    "LatteFamily",
     "ModelRunner",
+    "PixArtFamily",
     "Stats",
     "bench_forward",
     "bench_pair",
     "bench_run",
     "build_bench_model",
     "cheap_init_",
+    "family_of",
     "format_markdown",
     "run_timesteps",
 ]
 
 Grid = tuple[int, int]
+# The sparse token set of one model call: a grid (h, w) for DiT / PixArt, (grid, frames) for Latte;
+# None for a dense model.
+Tokens = Any
 Clock = Callable[[], float]
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLERS = ("ddpm", "ddim")
@@ -188,16 +198,18 @@ class BenchSettings:
 
 @torch.no_grad()
 def cheap_init_(model: nn.Module, std: float = 0.02, seed: int = 0) -> nn.Module:
-    """Fill every parameter with a tiled block of N(0, std^2) values and rebuild ``pos_embed``.
+    """Fill every parameter and buffer with a tiled block of N(0, std^2) values, then rebuild the tables.
 
     Meant for models built on the meta device and ``to_empty``'d: drawing ~700 M fresh random numbers
     costs more than the whole CPU benchmark's warm-up, while speed does not depend on the values (as
-    long as they are finite and not denormal, which uninitialised memory might be).
+    long as they are finite and not denormal, which uninitialised memory might be). Buffers (PixArt's
+    null caption, the sin-cos tables) are filled too; the position tables are then recomputed.
     """
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     pool = (torch.randn(1 << 20, generator=gen) * std).to(device)
-    for i, p in enumerate(model.parameters()):
+    tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+    for i, p in enumerate(tensors):
         flat = p.view(-1)
         offset = (i * 7919) % pool.numel()  # different tensors start at different places of the pool
         tiled = torch.cat([pool[offset:], pool[:offset]])
@@ -207,34 +219,23 @@ def cheap_init_(model: nn.Module, std: float = 0.02, seed: int = 0) -> nn.Module
     config = getattr(model, "config", None)
     if isinstance(config, DiTConfig) and hasattr(model, "pos_embed"):
         model.pos_embed.copy_(sincos_pos_embed_2d(config.hidden_size, *config.grid)[None])
+    elif isinstance(config, (PixArtConfig, LatteConfig)):
+        model.pos_embed.copy_(model.position_table(config.grid)[None])
+        if isinstance(config, LatteConfig):
+            model.temp_embed.copy_(temporal_pos_embed(config.hidden_size, config.num_frames)[None])
     return model
 
 
-def _preset_config(name: str, image_size: int, r_min: float | None, r_max: float | None) -> DiTConfig:
-    if name.startswith("SparseDiT-"):
-        dit_name = "DiT-" + name[len("SparseDiT-"):]
-        if dit_name not in DIT_PRESETS:
-            raise SparseditError(f"unknown SparseDiT preset {name!r}; use e.g. SparseDiT-XL/2 or SparseDiT-B/2")
-        rates = {k: v for k, v in (("r_min", r_min), ("r_max", r_max)) if v is not None}
-        return SparseDiTConfig.from_dit(dit_config(dit_name, image_size), name, **rates)
-    if name in DIT_PRESETS:
-        return dit_config(name, image_size)
-    raise SparseditError(
-        f"{name!r} is neither an existing checkpoint path nor a preset; pass a path, a DiT preset such as DiT-XL/2 "
-        "or a SparseDiT preset such as SparseDiT-XL/2"
-    )
-
-
-def _with_rates(config: DiTConfig, r_min: float | None, r_max: float | None) -> DiTConfig:
-    """A SparseDiT config with the given rates; a DiT config unchanged (the rates do not apply)."""
-    if not isinstance(config, SparseDiTConfig) or (r_min is None and r_max is None):
+def _with_rates(config: Any, r_min: float | None, r_max: float | None) -> Any:
+    """A sparse config with the given rates; a dense config unchanged (the rates do not apply)."""
+    if not is_sparse(config) or (r_min is None and r_max is None):
         return config
     return dataclasses.replace(config, r_min=config.r_min if r_min is None else r_min,
                                r_max=config.r_max if r_max is None else r_max)
 
 
 def build_bench_model(
-    spec: str | Path | DiTConfig | nn.Module,
+    spec: str | Path | Any,
     image_size: int = 256,
     r_min: float | None = None,
     r_max: float | None = None,
@@ -243,31 +244,32 @@ def build_bench_model(
 ) -> nn.Module:
     """A model to benchmark, in eval mode on ``device`` in ``dtype``.
 
-    ``spec``: a preset (``"DiT-XL/2"``, ``"SparseDiT-XL/2"``; random weights, built on the meta
+    ``spec``: a preset of any family (``"DiT-XL/2"``, ``"SparseDiT-XL/2"``, ``"PixArt-XL/2"``,
+    ``"SparseLatte-XL/2"``, ... see :mod:`sparsedit.presets`; random weights, built on the meta
     device and filled by :func:`cheap_init_`), a checkpoint path (anything
     :func:`sparsedit.convert.load_model` reads; ``image_size`` only helps files that cannot tell),
-    a config (built like a preset) or a ready model. ``r_min`` / ``r_max`` replace a SparseDiT's
-    pruning-rate range and are ignored for a dense DiT (so one pair of flags serves both sides).
+    a config (built like a preset) or a ready model. ``r_min`` / ``r_max`` replace a sparse model's
+    pruning-rate range and are ignored for a dense one (so one pair of flags serves both sides).
     """
     if isinstance(spec, nn.Module):
         model = spec
-        if isinstance(getattr(model, "config", None), SparseDiTConfig):
-            model.config = _with_rates(model.config, r_min, r_max)
+        config = getattr(model, "config", None)
+        if is_sparse(config):
+            model.config = _with_rates(config, r_min, r_max)
         return model.to(device=device, dtype=dtype).eval()
-    if isinstance(spec, DiTConfig):
-        config = _with_rates(spec, r_min, r_max)
-    elif Path(spec).exists():
+    if isinstance(spec, (str, Path)) and Path(spec).exists():
         from sparsedit.convert import load_model
 
         model = load_model(spec, image_size=image_size, device=device, dtype=dtype)
-        if isinstance(model.config, SparseDiTConfig):
+        if is_sparse(model.config):
             model.config = _with_rates(model.config, r_min, r_max)
         return model.eval()
+    if isinstance(spec, (str, Path)):
+        config = preset_config(str(spec), image_size, r_min=r_min, r_max=r_max)
     else:
-        config = _preset_config(str(spec), image_size, r_min, r_max)
-    cls = SparseDiT if isinstance(config, SparseDiTConfig) else DiT
+        config = _with_rates(spec, r_min, r_max)
     with torch.device("meta"):
-        model = cls(config)
+        model = build_model(config)
     model = model.to_empty(device=device)
     cheap_init_(model)
     return model.to(dtype=dtype).eval()
@@ -279,11 +281,6 @@ def run_timesteps(steps: int, sampler: str = "ddpm", num_timesteps: int = 1000) 
 
     spec: str | int = f"ddim{steps}" if sampler == "ddim" else steps
     return sorted(space_timesteps(num_timesteps, spec), reverse=True)
-
-
-def _num_timesteps(model: nn.Module) -> int:
-    config = model.config
-    return config.num_timesteps if isinstance(config, SparseDiTConfig) else 1000
 
 
 def _sync(device: torch.device) -> None:
@@ -302,32 +299,191 @@ def _raise_recompile_limit(needed: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# model families: inputs, sparse tokens and the forward call of each
+# ------------------------------------------------------------------------------------------------
+
+
+class Family:
+    """How bench feeds one model family (class-conditional DiT here; :class:`PixArtFamily`, :class:`LatteFamily`).
+
+    ``conditioning`` draws the non-noise inputs of one evaluation as a dict of tensors with ``rows``
+    rows (under guidance the second half is the unconditional input), ``call`` runs the model on
+    them with the sparse tokens passed explicitly, ``tokens_at`` gives the tokens the schedule uses
+    at a timestep and ``forward_gmacs`` / ``run_cost`` the analytic MACs per sample.
+    """
+
+    def __init__(self, config: Any):
+        self.config = config
+        self.sparse = is_sparse(config)
+
+    def check_guidance(self, name: str) -> None:
+        if self.config.class_dropout_prob <= 0:
+            raise SparseditError(f"{name} was trained without a null class, so --cfg-scale must be 1")
+
+    def sample_shape(self, rows: int) -> tuple[int, ...]:
+        return (rows, self.config.in_channels, *self.config.latent_hw)
+
+    def conditioning(self, model: nn.Module, settings: BenchSettings, gen: torch.Generator) -> dict[str, Tensor]:
+        y = torch.randint(0, self.config.num_classes, (settings.batch_size,), generator=gen)
+        if settings.guided:
+            y = torch.cat([y, torch.full_like(y, self.config.num_classes)])  # the null class
+        return {"y": y}
+
+    def call(self, fn: Callable[..., Tensor], x: Tensor, t: Tensor, cond: dict[str, Tensor], tokens: Tokens) -> Tensor:
+        return fn(x, t, cond["y"], **({"grid": tokens} if tokens is not None else {}))
+
+    def tokens_at(self, t: int) -> Tokens:
+        return self.config.schedule.grid(int(t), self.config.grid) if self.sparse else None
+
+    def forward_gmacs(self, tokens: Tokens) -> float:
+        from sparsedit.flops import model_macs
+
+        return model_macs(self.config, tokens).gmacs
+
+    def run_cost(self, timesteps: Sequence[int]) -> dict[str, Any]:
+        """:func:`sparsedit.flops.schedule_macs` of the run (``grids`` entries: grid, steps, gmacs)."""
+        from sparsedit.flops import schedule_macs
+
+        return schedule_macs(self.config, timesteps)
+
+    def describe(self, tokens: Tokens) -> dict[str, Any]:
+        """JSON fields naming ``tokens`` (the dense grid for a dense model)."""
+        return {"forward_grid": list(self.config.grid if tokens is None else tokens)}
+
+
+def _caption_conditioning(model: nn.Module, config: Any, settings: BenchSettings,
+                          gen: torch.Generator) -> dict[str, Tensor]:
+    """Random T5-sized caption embeddings of 120 tokens, all attended (a mask of ones).
+
+    Under guidance the unconditional half gets the model's stored null caption (zeros when the
+    checkpoint has none). A 1024 px PixArt also gets resolution and aspect-ratio conditions.
+    """
+    b, rows, n = settings.batch_size, settings.rows, CAPTION_TOKENS
+    text = torch.randn(b, n, config.caption_channels, generator=gen)
+    mask = torch.ones(rows, n)
+    if settings.guided:
+        null = torch.zeros_like(text)
+        stored = getattr(model.y_embedder, "y_embedding", None)
+        if stored is not None:  # fit a stored null caption of another length into the static 120 tokens
+            k = min(n, stored.shape[0])
+            null[:, :k] = stored[:k].detach().float().cpu()
+            mask[b:, k:] = 0
+        text = torch.cat([text, null])
+    cond = {"encoder_hidden_states": text, "encoder_attention_mask": mask}
+    if getattr(config, "use_additional_conditions", False):
+        h, w = config.latent_hw
+        cond["resolution"] = torch.tensor([[h * VAE_DOWNSAMPLE, w * VAE_DOWNSAMPLE]], dtype=torch.float).expand(rows, 2)
+        cond["aspect_ratio"] = torch.tensor([[h / w]]).expand(rows, 1)
+    return cond
+
+
+class PixArtFamily(Family):
+    """PixArt / SparsePixArt: caption embeddings (:func:`_caption_conditioning`); grids as for a DiT."""
+
+    def check_guidance(self, name: str) -> None:
+        pass  # a caption model always has an unconditional input
+
+    def conditioning(self, model: nn.Module, settings: BenchSettings, gen: torch.Generator) -> dict[str, Tensor]:
+        return _caption_conditioning(model, self.config, settings, gen)
+
+    def call(self, fn: Callable[..., Tensor], x: Tensor, t: Tensor, cond: dict[str, Tensor], tokens: Tokens) -> Tensor:
+        added = {k: cond[k] for k in ("resolution", "aspect_ratio") if k in cond} or None
+        kwargs = {"grid": tokens} if tokens is not None else {}
+        return fn(x, t, cond["encoder_hidden_states"], cond["encoder_attention_mask"], added_cond_kwargs=added,
+                  **kwargs)
+
+
+class LatteFamily(Family):
+    """Latte / SparseLatte on (rows, C, F, H, W) video latents; labels or caption embeddings by variant.
+
+    The sparse token set is (grid, frames) from the schedule (:meth:`SparseLatteConfig.tokens_at`).
+    """
+
+    def check_guidance(self, name: str) -> None:
+        if self.config.text:
+            return  # a caption model always has an unconditional input
+        if self.config.num_classes == 0:
+            raise SparseditError(f"{name} is unconditional (num_classes=0): nothing to guide, so --cfg-scale must be 1")
+        super().check_guidance(name)
+
+    def sample_shape(self, rows: int) -> tuple[int, ...]:
+        c = self.config
+        return (rows, c.in_channels, c.num_frames, *c.latent_hw)
+
+    def conditioning(self, model: nn.Module, settings: BenchSettings, gen: torch.Generator) -> dict[str, Tensor]:
+        if self.config.text:
+            return _caption_conditioning(model, self.config, settings, gen)
+        if self.config.num_classes == 0:
+            return {}
+        return super().conditioning(model, settings, gen)
+
+    def call(self, fn: Callable[..., Tensor], x: Tensor, t: Tensor, cond: dict[str, Tensor], tokens: Tokens) -> Tensor:
+        kwargs: dict[str, Any] = {}
+        if tokens is not None:
+            kwargs.update(grid=tokens[0], frames=tokens[1])
+        if self.config.text:
+            return fn(x, t, None, cond["encoder_attention_mask"], encoder_hidden_states=cond["encoder_hidden_states"],
+                      **kwargs)
+        return fn(x, t, cond.get("y"), **kwargs)
+
+    def tokens_at(self, t: int) -> Tokens:
+        return self.config.tokens_at(int(t)) if self.sparse else None
+
+    def forward_gmacs(self, tokens: Tokens) -> float:
+        from sparsedit.flops import latte_macs, sparse_latte_macs
+
+        return (latte_macs(self.config) if tokens is None else sparse_latte_macs(self.config, *tokens)).gmacs
+
+    def run_cost(self, timesteps: Sequence[int]) -> dict[str, Any]:
+        cost = super().run_cost(timesteps)
+        cost["grids"] = cost.pop("tokens")  # entries carry "frames" too
+        return cost
+
+    def describe(self, tokens: Tokens) -> dict[str, Any]:
+        grid, frames = (self.config.grid, self.config.num_frames) if tokens is None else tokens
+        return {"forward_grid": list(grid), "forward_frames": frames}
+
+
+def family_of(model: nn.Module) -> Family:
+    """The :class:`Family` adapter for ``model`` (a DiT, PixArt or Latte, dense or sparse)."""
+    config = getattr(model, "config", None)
+    if isinstance(config, LatteConfig):
+        return LatteFamily(config)
+    if isinstance(config, PixArtConfig):
+        return PixArtFamily(config)
+    if isinstance(config, DiTConfig):
+        return Family(config)
+    raise SparseditError(
+        f"bench needs a DiT, PixArt or Latte model (dense or sparse), got {type(model).__name__}"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
 # calling a model the way it is timed
 # ------------------------------------------------------------------------------------------------
 
 
 class ModelRunner:
-    """One model prepared for timing: dtype cast, explicit sparse grid, guidance, compile, CUDA graphs.
+    """One model prepared for timing: dtype cast, explicit sparse tokens, guidance, compile, CUDA graphs.
 
-    ``runner(x, t, y, grid)`` is one model evaluation (under guidance: on ``cat([x[:B/2], x[:B/2]])``
+    ``runner(x, t, cond, tokens)`` is one model evaluation (under guidance: on ``cat([x[:B/2], x[:B/2]])``
     followed by the guidance arithmetic, as ``forward_with_cfg`` does) and returns the output in
-    ``x.dtype``. A SparseDiT always gets ``grid=`` explicitly, so a compiled model keeps one graph per
-    grid shape (``dynamic=False``) and a CUDA graph is captured per grid.
+    ``x.dtype``. ``cond`` is the family's conditioning dict (:meth:`Family.conditioning`). A sparse
+    model always gets its tokens explicitly, so a compiled model keeps one graph per token shape
+    (``dynamic=False``) and a CUDA graph is captured per token set.
     """
 
     def __init__(self, model: nn.Module, settings: BenchSettings, name: str = "model"):
-        config = getattr(model, "config", None)
-        if not isinstance(config, DiTConfig):
-            raise SparseditError(f"{name}: bench needs a DiT or SparseDiT (a model with a DiTConfig), got {type(model).__name__}")
-        if settings.guided and config.class_dropout_prob <= 0:
-            raise SparseditError(f"{name} was trained without a null class, so --cfg-scale must be 1")
+        self.family = family_of(model)
+        if settings.guided:
+            self.family.check_guidance(name)
         self.model = model
         self.settings = settings
         self.name = name
-        self.config = config
-        self.sparse = isinstance(config, SparseDiTConfig)
+        self.config = self.family.config
+        self.sparse = self.family.sparse
         self.dtype = next(model.parameters()).dtype
-        self.num_timesteps = _num_timesteps(model)
+        self.num_timesteps = self.config.num_timesteps if self.sparse else 1000
         self.calls = 0
         self._fn: Callable[..., Tensor] = model
         if settings.compile:
@@ -338,76 +494,72 @@ class ModelRunner:
             if not dynamo.is_dynamo_supported():
                 raise SparseditError("torch.compile is not supported on this Python / platform; drop --compile")
             self._fn = torch.compile(model, backend=settings.compile_backend, mode=settings.compile_mode, dynamic=False)
-        self._graphs: dict[tuple[Any, ...], tuple[Tensor, Tensor, Tensor, Tensor, Any]] = {}
+        self._graphs: dict[tuple[Any, ...], tuple[Tensor, Tensor, dict[str, Tensor], Tensor, Any]] = {}
         self._pool = torch.cuda.graph_pool_handle() if settings.cuda_graphs else None
 
-    # -- grids ---------------------------------------------------------------------------------
+    # -- sparse tokens -------------------------------------------------------------------------
 
-    def grid_at(self, t: int) -> Grid | None:
-        """Sparse grid the schedule gives timestep ``t`` (None for a dense DiT)."""
-        if not self.sparse:
-            return None
-        return self.config.schedule.grid(int(t), self.config.grid)
+    def grid_at(self, t: int) -> Tokens:
+        """Sparse tokens the schedule gives timestep ``t`` (None for a dense model)."""
+        return self.family.tokens_at(t)
 
-    def grids_for(self, timesteps: Sequence[int]) -> list[Grid | None]:
+    def grids_for(self, timesteps: Sequence[int]) -> list[Tokens]:
         return [self.grid_at(t) for t in timesteps]
 
     # -- one evaluation ------------------------------------------------------------------------
 
-    def _evaluate(self, x: Tensor, t: Tensor, y: Tensor, grid: Grid | None) -> Tensor:
+    def _evaluate(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], tokens: Tokens) -> Tensor:
         s = self.settings
         if s.guided:
             half = x[: len(x) // 2]
             x = torch.cat([half, half])
-        kwargs = {"grid": grid} if grid is not None else {}
-        out = self._fn(x.to(self.dtype), t, y, **kwargs)
+        cond = {k: (v.to(self.dtype) if v.is_floating_point() else v) for k, v in cond.items()}
+        out = self.family.call(self._fn, x.to(self.dtype), t, cond, tokens)
         if s.guided:
             n = 3 if s.cfg_mode == "first3" else self.config.in_channels
             eps, rest = out[:, :n], out[:, n:]
-            cond, uncond = eps.chunk(2, dim=0)
-            guided = uncond + s.cfg_scale * (cond - uncond)
+            guided_cond, uncond = eps.chunk(2, dim=0)
+            guided = uncond + s.cfg_scale * (guided_cond - uncond)
             out = torch.cat([torch.cat([guided, guided]), rest], dim=1)
         return out
 
-    def _capture(self, x: Tensor, t: Tensor, y: Tensor, grid: Grid | None) -> tuple[Any, ...]:
-        static = (x.clone(), t.clone(), y.clone())
+    def _capture(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], tokens: Tokens) -> tuple[Any, ...]:
+        static = (x.clone(), t.clone(), {k: v.clone() for k, v in cond.items()})
         stream = torch.cuda.Stream(device=x.device)
         stream.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # allocator / cuBLAS workspaces settle before capture
-                self._evaluate(*static, grid)
+                self._evaluate(*static, tokens)
         torch.cuda.current_stream(x.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = self._evaluate(*static, grid)
+            out = self._evaluate(*static, tokens)
         return (*static, out, graph)
 
-    def __call__(self, x: Tensor, t: Tensor, y: Tensor, grid: Grid | None) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], tokens: Tokens) -> Tensor:
         self.calls += 1
         if not self.settings.cuda_graphs:
-            return self._evaluate(x, t, y, grid).to(x.dtype)
-        key = (grid, tuple(x.shape), x.dtype)
+            return self._evaluate(x, t, cond, tokens).to(x.dtype)
+        key = (tokens, tuple(x.shape), x.dtype)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(x, t, y, grid)
-        sx, st, sy, out, graph = self._graphs[key]
+            self._graphs[key] = self._capture(x, t, cond, tokens)
+        sx, st, scond, out, graph = self._graphs[key]
         sx.copy_(x)
         st.copy_(t)
-        sy.copy_(y)
+        for k, v in cond.items():
+            scond[k].copy_(v)
         graph.replay()
         return out.to(x.dtype)
 
     # -- inputs --------------------------------------------------------------------------------
 
-    def inputs(self, seed: int = 0) -> tuple[Tensor, Tensor]:
-        """(noise x in fp32 with ``rows`` rows, labels y: ``batch_size`` classes, then null labels under guidance)."""
+    def inputs(self, seed: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+        """(noise x in fp32 with ``rows`` rows, the family's conditioning dict), on the device."""
         s = self.settings
-        h, w = self.config.latent_hw
         gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(s.rows, self.config.in_channels, h, w, generator=gen)
-        y = torch.randint(0, self.config.num_classes, (s.batch_size,), generator=gen)
-        if s.guided:
-            y = torch.cat([y, torch.full_like(y, self.config.num_classes)])
-        return x.to(s.device), y.to(s.device)
+        x = torch.randn(self.family.sample_shape(s.rows), generator=gen)
+        cond = self.family.conditioning(self.model, s, gen)
+        return x.to(s.device), {k: v.to(s.device) for k, v in cond.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -423,9 +575,9 @@ class _Contender:
     timesteps: list[int]
     forward_t: int
     x: Tensor
-    y: Tensor
+    cond: dict[str, Tensor]
     t: Tensor
-    grids: list[Grid | None]
+    grids: list[Tokens]
     diffusion: Any
     forward_s: list[float] = field(default_factory=list)
     run_s: list[float] = field(default_factory=list)
@@ -443,28 +595,28 @@ class _Contender:
         if not 0 <= forward_t < T:
             raise SparseditError(f"forward timestep {forward_t} is outside [0, {T}); pick e.g. {T // 2}")
         timesteps = run_timesteps(settings.steps, settings.sampler, T)
-        x, y = runner.inputs(settings.seed)
+        x, cond = runner.inputs(settings.seed)
         t = torch.full((settings.rows,), forward_t, dtype=torch.long, device=settings.device)
         diffusion = create_diffusion(None, learn_sigma=runner.config.learn_sigma, num_train_timesteps=T)
-        return cls(runner, timesteps, forward_t, x, y, t, runner.grids_for(timesteps), diffusion)
+        return cls(runner, timesteps, forward_t, x, cond, t, runner.grids_for(timesteps), diffusion)
 
     @property
-    def forward_grid(self) -> Grid | None:
+    def forward_grid(self) -> Tokens:
         return self.runner.grid_at(self.forward_t)
 
-    def distinct_grids(self) -> list[Grid | None]:
-        """Every grid a timed call will use: the forward's, then the run's, each once."""
-        seen: list[Grid | None] = []
+    def distinct_grids(self) -> list[Tokens]:
+        """Every token set a timed call will use: the forward's, then the run's, each once."""
+        seen: list[Tokens] = []
         for g in [self.forward_grid, *self.grids]:
             if g not in seen:
                 seen.append(g)
         return seen
 
     def forward(self) -> Tensor:
-        return self.runner(self.x, self.t, self.y, self.forward_grid)
+        return self.runner(self.x, self.t, self.cond, self.forward_grid)
 
     def warm_up(self, clock: Clock) -> None:
-        """``warmup`` untimed forwards at every distinct grid (compiles / captures there)."""
+        """``warmup`` untimed forwards at every distinct token set (compiles / captures there)."""
         s = self.runner.settings
         if s.compile:
             _raise_recompile_limit(len(self.distinct_grids()) + 2)
@@ -474,7 +626,7 @@ class _Contender:
             t = torch.full((s.rows,), t_value, dtype=torch.long, device=s.device)
             for _ in range(s.warmup):
                 try:
-                    self.runner(self.x, t, self.y, grid)
+                    self.runner(self.x, t, self.cond, grid)
                 except SparseditError:
                     raise
                 except Exception as err:
@@ -490,20 +642,20 @@ class _Contender:
         self.warmup_s = clock() - start
 
     def sampling_run(self, model_fn: Callable[..., Tensor] | None = None) -> Tensor:
-        """One full sampling run; each step's model call uses that step's scheduled grid."""
+        """One full sampling run; each step's model call uses that step's scheduled tokens."""
         from sparsedit.samplers import sample
 
         s = self.runner.settings
-        grids: Iterator[Grid | None] = iter(self.grids)
+        grids: Iterator[Tokens] = iter(self.grids)
 
-        def step(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        def step(x: Tensor, t: Tensor) -> Tensor:
             grid = next(grids, "exhausted")  # the sampler visits self.timesteps in order: no device sync for t
             if grid == "exhausted":
                 raise SparseditError(f"the sampler made more model calls than the {len(self.grids)} scheduled steps")
-            return self.runner(x, t, y, grid) if model_fn is None else model_fn(x, t, y, grid)
+            return (self.runner if model_fn is None else model_fn)(x, t, self.cond, grid)
 
         out = sample(step, tuple(self.x.shape), sampler=s.sampler, steps=s.steps, diffusion=self.diffusion,
-                     noise=self.x, device=s.device, model_kwargs={"y": self.y}, progress=False)
+                     noise=self.x, device=s.device, progress=False)
         if next(grids, "done") != "done":
             raise SparseditError(f"the sampler made fewer model calls than the {len(self.grids)} scheduled steps")
         return out
@@ -512,7 +664,7 @@ class _Contender:
         """A stand-in model returning a constant output of the right shape (times the sampler alone)."""
         c = self.runner.config
         zeros = torch.zeros(self.x.shape[0], c.out_channels, *self.x.shape[2:], device=self.x.device)
-        return lambda x, t, y, grid: zeros
+        return lambda x, t, cond, tokens: zeros
 
 
 def _time(fn: Callable[[], Any], device: torch.device, clock: Clock) -> float:
@@ -524,12 +676,9 @@ def _time(fn: Callable[[], Any], device: torch.device, clock: Clock) -> float:
 
 
 def _model_summary(c: _Contender, name: str, settings: BenchSettings) -> dict[str, Any]:
-    from sparsedit.flops import model_macs, schedule_macs
-
-    config = c.runner.config
-    fwd_grid = c.forward_grid
-    forward_gmacs = model_macs(config, fwd_grid).gmacs
-    run_cost = schedule_macs(config, c.timesteps)
+    config, family = c.runner.config, c.runner.family
+    forward_gmacs = family.forward_gmacs(c.forward_grid)
+    run_cost = family.run_cost(c.timesteps)
     rows, steps = settings.rows, len(c.timesteps)
     factor = VAE_DOWNSAMPLE if config.data_space == "latent" else 1
     h, w = config.latent_hw
@@ -539,11 +688,12 @@ def _model_summary(c: _Contender, name: str, settings: BenchSettings) -> dict[st
         "params": sum(p.numel() for p in c.runner.model.parameters()),
         "dtype": str(c.runner.dtype).removeprefix("torch."),
         "image_size": [h * factor, w * factor],
+        **({"frames": config.num_frames} if isinstance(config, LatteConfig) else {}),
         "grid": list(config.grid),
         "r_min": getattr(config, "r_min", None),
         "r_max": getattr(config, "r_max", None),
         "forward_t": c.forward_t,
-        "forward_grid": list(fwd_grid) if fwd_grid is not None else list(config.grid),
+        **family.describe(c.forward_grid),
         "forward_gmacs": forward_gmacs,
         "gmacs": run_cost["gmacs"],
         "run_grids": run_cost["grids"],
@@ -733,7 +883,6 @@ def format_markdown(result: dict[str, Any]) -> str:
     """The result of :func:`bench_pair` as a markdown table with a settings line above it."""
     s, ma, mb, pair = result["settings"], result["models"]["a"], result["models"]["b"], result["pair"]
     machine = result["machine"]
-    grid = ma["forward_grid"], mb["forward_grid"]
     compiled = f"compiled ({s['compile_backend']})" if s["compile"] else "eager"
     head = (f"device {s['device']} ({machine['device_name']}, {machine['torch_threads']} threads), torch "
             f"{machine['torch']}, {s['dtype']}, batch {s['batch_size']}"
@@ -745,10 +894,10 @@ def format_markdown(result: dict[str, Any]) -> str:
         ("forward latency (median [min-max])",
          *(_spread(m["forward_ms"], "ms", 1) if "forward_ms" in m else "-" for m in (ma, mb)),
          f"speedup {_ratio(pair['speedup']['forward'])}"),
-        ("images/s (forward)", *(f"{m['images_per_sec']:.3f}" if "images_per_sec" in m else "-" for m in (ma, mb)),
+        ("samples/s (forward)", *(f"{m['images_per_sec']:.3f}" if "images_per_sec" in m else "-" for m in (ma, mb)),
          ""),
-        ("GMACs/image, forward (grid)", f"{ma['forward_gmacs']:.4g} ({grid[0][0]}x{grid[0][1]})",
-         f"{mb['forward_gmacs']:.4g} ({grid[1][0]}x{grid[1][1]})",
+        ("GMACs/sample, forward (tokens)", *(f"{m['forward_gmacs']:.4g} ({_tokens(m['forward_grid'], m.get('forward_frames'))})"
+                                              for m in (ma, mb)),
          f"FLOPs ratio {_ratio(pair['flops_ratio']['forward'])}"),
         ("achieved GMAC/s (forward)", *(f"{m['gmacs_per_sec']:.1f}" if "gmacs_per_sec" in m else "-"
                                         for m in (ma, mb)),
@@ -757,9 +906,9 @@ def format_markdown(result: dict[str, Any]) -> str:
         (f"sampling run, {s['steps']} steps (median [min-max])",
          *(_spread(m["run_s"], "s", 2) if "run_s" in m else "-" for m in (ma, mb)),
          f"speedup {_ratio(pair['speedup']['run'])}"),
-        ("images/s (run)", *(f"{m['run_images_per_sec']:.4f}" if "run_images_per_sec" in m else "-"
+        ("samples/s (run)", *(f"{m['run_images_per_sec']:.4f}" if "run_images_per_sec" in m else "-"
                              for m in (ma, mb)), ""),
-        ("GMACs/image/step, mean over run", f"{ma['gmacs']:.4g}", f"{mb['gmacs']:.4g}",
+        ("GMACs/sample/step, mean over run", f"{ma['gmacs']:.4g}", f"{mb['gmacs']:.4g}",
          f"FLOPs ratio {_ratio(pair['flops_ratio']['run'])}"),
         ("achieved GMAC/s (run)", *(f"{m['run_gmacs_per_sec']:.1f}" if "run_gmacs_per_sec" in m else "-"
                                     for m in (ma, mb)),
@@ -767,12 +916,17 @@ def format_markdown(result: dict[str, Any]) -> str:
          if pair["speed_per_flops"]["run"] is not None else ""),
         ("of which sampler only (s/run)", *(f"{m['sampler_s']['median']:.3f}" if "sampler_s" in m else "-"
                                             for m in (ma, mb)), ""),
-        ("grids in run (grid: steps)", *(_grid_list(m) for m in (ma, mb)), ""),
+        ("token sets in run (tokens: steps)", *(_grid_list(m) for m in (ma, mb)), ""),
     ]
     lines = [head, "", f"| | A: {ma['name']} | B: {mb['name']} | B vs A |", "|---|---|---|---|"]
     lines += [f"| {' | '.join(r)} |" for r in rows]
     return "\n".join(lines)
 
 
+def _tokens(grid: Sequence[int], frames: int | None = None) -> str:
+    """``h x w`` (a grid), ``h x w x f`` with frames (a video token set)."""
+    return f"{grid[0]}x{grid[1]}" + ("" if frames is None else f"x{frames}f")
+
+
 def _grid_list(m: dict[str, Any]) -> str:
-    return ", ".join(f"{g['grid'][0]}x{g['grid'][1]}: {g['steps']}" for g in m["run_grids"])
+    return ", ".join(f"{_tokens(g['grid'], g.get('frames'))}: {g['steps']}" for g in m["run_grids"])

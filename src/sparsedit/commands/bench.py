@@ -1,5 +1,8 @@
 """``sparsedit bench``: throughput of two models side by side (default DiT-XL/2 vs SparseDiT-XL/2).
 
+Any family works: DiT / SparseDiT, PixArt-alpha / SparsePixArt (random 120-token caption embeddings)
+and Latte / SparseLatte (video latents; per-step sparse grid and frames), as presets or checkpoints.
+
 Both models are built in one process and timed alternately after warm-up, per forward pass and per
 full sampling run (the schedule's per-step grids included); see :mod:`sparsedit.bench` for exactly
 what each number covers. Progress goes to stderr, the table (or ``--json``) to stdout.
@@ -16,6 +19,7 @@ import torch
 
 from sparsedit.commands.common import add_device_arg, check_device, non_negative_int, positive_int, rate
 from sparsedit.dit import CFG_MODES
+from sparsedit.presets import PRESET_HELP
 
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
@@ -27,20 +31,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         "grid: latency per forward pass (at one timestep) and seconds per full sampling run (every step on its "
         "scheduled grid, sampler arithmetic included), with median and spread, images/s, achieved GMAC/s "
         "(analytic MACs / time) and the FLOPs ratio next to the speedup. Random weights are fine for speed. "
+        "DiT, PixArt-alpha and Latte models (dense or sparse) are supported; e.g. --a PixArt-XL/2 --b "
+        "SparsePixArt-XL/2, or --a Latte-XL/2 --b SparseLatte-XL/2 (16 frames). "
         "CPU defaults are light (batch 1, 10 steps, 3 forward repeats, 2 runs); CUDA defaults: batch 128, "
         "50 steps, 10 forward repeats, 3 runs.",
     )
     p.add_argument("--a", default="DiT-XL/2", metavar="PRESET_OR_CKPT",
-                   help="model A: a preset (DiT-XL/2, SparseDiT-XL/2, ...) or a checkpoint path (default DiT-XL/2)")
+                   help=f"model A: {PRESET_HELP}, or a checkpoint path (default DiT-XL/2)")
     p.add_argument("--b", default="SparseDiT-XL/2", metavar="PRESET_OR_CKPT",
                    help="model B, as --a (default SparseDiT-XL/2)")
     p.add_argument("--image-size", type=positive_int, default=256,
                    help="image size in pixels for presets (default 256; latent = size / 8); checkpoints keep "
                    "their own size and use this only when the file cannot tell")
-    p.add_argument("--r-min", type=rate, default=None, help="SparseDiT smallest pruning rate (default: the model's, "
-                   "0.61 for presets); ignored for a dense DiT")
-    p.add_argument("--r-max", type=rate, default=None, help="SparseDiT largest pruning rate (default: the model's, "
-                   "0.86 for presets); ignored for a dense DiT")
+    p.add_argument("--r-min", type=rate, default=None, help="sparse model's smallest pruning rate (default: the "
+                   "model's; presets 0.61, SparseLatte 0.80); ignored for a dense model")
+    p.add_argument("--r-max", type=rate, default=None, help="sparse model's largest pruning rate (default: the "
+                   "model's; presets 0.86, SparseLatte 0.93); ignored for a dense model")
     p.add_argument("--batch-size", type=positive_int, default=None, help="images per forward (default 1 on CPU, "
                    "128 on CUDA); classifier-free guidance doubles the rows")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="model precision (default fp32)")
@@ -61,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-warmup", type=non_negative_int, default=None,
                    help="untimed sampling runs per model before the timed ones (default 0 on CPU, 1 on CUDA)")
     p.add_argument("--t", type=non_negative_int, default=None, dest="forward_t",
-                   help="timestep of the timed forward pass (default T/2 = 500; it picks a SparseDiT's grid)")
+                   help="timestep of the timed forward pass (default T/2 = 500; it picks a sparse model's grid)")
     p.add_argument("--quick", action="store_true",
                    help="smallest meaningful run for a loaded machine: 5 steps, 2 forward repeats, 1 run "
                    "(explicit flags still win)")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsedit.commands.common import positive_int, rate
+from sparsedit.presets import dense_config, is_sparse, resolve_preset, with_sparsity
 from sparsedit.sparse_dit import LAYOUT_HELP
 
 SAMPLERS = ("ddpm", "ddim")
@@ -65,64 +66,6 @@ def _checkpoint_config(path: Path, image_size: int | None) -> Any:
     return load_model(path, image_size=image_size).config
 
 
-def _preset_config(name: str, image_size: int) -> tuple[Any, str | None]:
-    """(dense config, preset layout or None) for DiT/PixArt/Latte presets and their Sparse* names.
-
-    ``SparseDiT-XL/2`` is DiT-XL/2 with the paper's XL layout; ``SparsePixArt-XL/2`` is PixArt-alpha
-    (XL/2) with the same layout; ``SparseLatte-XL/2`` is Latte-XL/2 with the paper's video layout.
-    """
-    from sparsedit.dit import DIT_PRESETS, dit_config
-    from sparsedit.errors import SparseditError
-    from sparsedit.latte import LATTE_PRESETS, latte_config
-    from sparsedit.sparse_dit import LAYOUTS
-
-    if name in ("PixArt-XL/2", "SparsePixArt-XL/2"):
-        from sparsedit.pixart import pixart_config
-
-        return pixart_config(image_size), ("SparseDiT-XL" if name.startswith("Sparse") else None)
-    if name.startswith("SparseLatte-") and name[len("Sparse"):] in LATTE_PRESETS:
-        return latte_config(name[len("Sparse"):], image_size), "SparseLatte-XL"
-    if name in LATTE_PRESETS:
-        return latte_config(name, image_size), None
-    if name.startswith("SparseDiT-"):
-        dit_name = "DiT-" + name[len("SparseDiT-"):]
-        if dit_name not in DIT_PRESETS:
-            raise SparseditError(
-                f"unknown SparseDiT preset {name!r}; choose one of {', '.join(k + '/2' for k in LAYOUTS)} "
-                "(or /4, /8), or a DiT preset with --layout"
-            )
-        return dit_config(dit_name, image_size), name
-    if name in DIT_PRESETS:
-        return dit_config(name, image_size), None
-    raise SparseditError(
-        f"--model {name!r} is neither an existing checkpoint path nor a preset; pass a path, a DiT preset "
-        f"({', '.join(DIT_PRESETS[:3])}, ...), a SparseDiT preset (SparseDiT-XL/2, SparseDiT-B/2, ...), "
-        "PixArt-XL/2, SparsePixArt-XL/2, Latte-XL/2 or SparseLatte-XL/2"
-    )
-
-
-def _sparse_and_dense_types() -> dict[type, type]:
-    """Sparse config class -> the dense config class it extends."""
-    from sparsedit.dit import DiTConfig
-    from sparsedit.latte import LatteConfig, SparseLatteConfig
-    from sparsedit.pixart import PixArtConfig, SparsePixArtConfig
-    from sparsedit.sparse_dit import SparseDiTConfig
-
-    return {SparseDiTConfig: DiTConfig, SparsePixArtConfig: PixArtConfig, SparseLatteConfig: LatteConfig}
-
-
-def is_sparse(config: Any) -> bool:
-    return type(config) in _sparse_and_dense_types()
-
-
-def dense_config(config: Any) -> Any:
-    """The dense model a sparse config was derived from (same fields, no layout)."""
-    dense_cls = _sparse_and_dense_types().get(type(config))
-    if dense_cls is None:
-        return config
-    return dense_cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(dense_cls) if f.init})
-
-
 def _with_image_size(config: Any, image_size: int) -> Any:
     from sparsedit.errors import SparseditError
 
@@ -130,36 +73,6 @@ def _with_image_size(config: Any, image_size: int) -> Any:
     if image_size % factor:
         raise SparseditError(f"image size {image_size} is not divisible by the VAE factor {factor}; pick e.g. 256")
     return dataclasses.replace(config, input_size=image_size // factor)
-
-
-def _with_sparsity(config: Any, layout: str | None, rates: dict[str, Any]) -> Any:
-    """Apply --layout / --r-min / --r-max / --num-pieces to a dense or sparse config."""
-    from sparsedit.errors import SparseditError
-    from sparsedit.latte import LatteConfig, SparseLatteConfig
-    from sparsedit.pixart import PixArtConfig, SparsePixArtConfig
-    from sparsedit.sparse_dit import SparseDiTConfig, layout_fields, parse_layout
-
-    given = {k: v for k, v in rates.items() if v is not None}
-    if is_sparse(config):
-        if isinstance(config, SparseLatteConfig):
-            given.pop("num_pieces", None)  # Latte's schedule is continuous (no training pieces)
-        fields: dict[str, Any] = dict(given)
-        if layout is not None:
-            fields.update(layout_fields(parse_layout(layout)))
-        return dataclasses.replace(config, **fields) if fields else config
-    if layout is None:
-        if given:
-            raise SparseditError(
-                "--r-min/--r-max/--num-pieces apply to a sparse model; add --layout, or pass a sparse preset "
-                "such as SparseDiT-XL/2"
-            )
-        return config
-    if isinstance(config, LatteConfig):
-        given.pop("num_pieces", None)
-        return SparseLatteConfig.from_latte(config, layout, **given)
-    if isinstance(config, PixArtConfig):
-        return SparsePixArtConfig.from_pixart(config, layout, **given)
-    return SparseDiTConfig.from_dit(config, layout, **given)
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[Any, str]:
@@ -171,10 +84,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[Any, str]:
             config = _with_image_size(config, args.image_size)
         layout = args.layout
     else:
-        config, layout = _preset_config(args.model, args.image_size or 256)
+        config, layout = resolve_preset(args.model, args.image_size or 256)
         layout = args.layout or layout
     rates = {"r_min": args.r_min, "r_max": args.r_max, "num_pieces": args.num_pieces}
-    return _with_sparsity(config, layout, rates), args.model
+    return with_sparsity(config, layout, rates), args.model
 
 
 # ------------------------------------------------------------------------------------------------
