@@ -254,6 +254,53 @@ def _load_diffusers_mapped(model: ModelT, path: Path, key_map: dict[str, list[st
     return model.eval()
 
 
+def check_exportable(model: nn.Module, dense_cls: type[nn.Module], diffusers_class: str) -> None:
+    """Refuse what no diffusers class can hold: a sparse model, a non-square latent, an MLP ratio other than 4,
+    a caption padding bias other than diffusers' -10000 (exact masking exports with a note, see export_differences)."""
+    if type(model) is not dense_cls:
+        raise SparseditError(
+            f"only a dense {dense_cls.__name__} exports to diffusers: a {type(model).__name__} has no diffusers class; "
+            "save it with --to sparsedit (or export its dense source)"
+        )
+    cfg = model.config
+    if cfg.latent_hw[0] != cfg.latent_hw[1]:
+        raise SparseditError(f"diffusers' {diffusers_class} only supports square inputs; export to sparsedit instead")
+    if cfg.mlp_ratio != 4.0:
+        raise SparseditError(f"diffusers' {diffusers_class} has an MLP ratio of 4, not {cfg.mlp_ratio}; export to sparsedit")
+    bias = getattr(cfg, "text_mask_bias", None)  # PixArt / Latte-T2V
+    if bias not in (None, -10000.0):
+        raise SparseditError(f"diffusers masks padded caption tokens with -10000, not {bias}; export to sparsedit")
+
+
+def diffusers_state(ours: dict[str, Tensor], key_map: dict[str, list[str]],
+                    dropped: tuple[str, ...] = ()) -> dict[str, Tensor]:
+    """The inverse of :func:`_load_diffusers_mapped`: split every tensor into the diffusers tensors it is made of.
+
+    A fused tensor (q/k/v) splits into equal parts along dim 0. Every key of ``ours`` must be mapped
+    or listed in ``dropped``, so an export never loses a tensor silently.
+    """
+    left = sorted(set(ours) - set(key_map) - set(dropped))
+    if left:
+        raise SparseditError(f"the diffusers format has no place for {', '.join(left[:6])}; export to sparsedit")
+    return {name: part for key, theirs in key_map.items()
+            for name, part in zip(theirs, ours[key].chunk(len(theirs)), strict=True)}
+
+
+def write_diffusers_model(out: str | Path, state: dict[str, Tensor], class_name: str, fields: dict[str, Any],
+                          overwrite: bool = False) -> Path:
+    """Write a diffusers model directory: weights, then ``config.json`` (it marks a complete checkpoint).
+
+    Atomic per file; an existing checkpoint in ``out`` is only replaced with ``overwrite``.
+    """
+    from sparsedit import __version__
+
+    out = prepare_output_dir(out, overwrite)
+    write_safetensors(out / DIFFUSERS_WEIGHTS, state, metadata={"format": "pt"})
+    write_json(out / CONFIG_NAME, {"_class_name": class_name, "_diffusers_version": "0.30.0",
+                                   "_sparsedit_version": __version__, **fields})
+    return out
+
+
 def dit_from_diffusers(path: str | Path) -> DiT:
     """Load a diffusers ``DiTTransformer2DModel`` directory (or its parent pipeline directory)."""
     path = _diffusers_model_dir(Path(path))  # a DiTPipeline directory holds it in transformer/
@@ -309,12 +356,10 @@ def save_diffusers(model: DiT, out: str | Path, overwrite: bool = False) -> Path
     with other values (e.g. loaded from an official checkpoint) exports with that small numerical
     change, which :func:`export_differences` reports.
     """
+    check_exportable(model, DiT, DIFFUSERS_CLASS)
     cfg = model.config
-    if cfg.latent_hw[0] != cfg.latent_hw[1]:
-        raise SparseditError("diffusers' DiTTransformer2DModel only supports square inputs; export to sparsedit instead")
     if cfg.class_dropout_prob <= 0:
         raise SparseditError("diffusers' DiT always has a null-class row; this model has none (class_dropout_prob=0)")
-    out = prepare_output_dir(out, overwrite)
     ours = model.state_dict()
     state: dict[str, Tensor] = {
         "pos_embed.proj.weight": ours["x_embedder.proj.weight"],
@@ -339,23 +384,22 @@ def save_diffusers(model: DiT, out: str | Path, overwrite: bool = False) -> Path
         state[f"{pre}norm1.emb.class_embedder.embedding_table.weight"] = ours[
             f"{emb_prefix}y_embedder.embedding_table.weight"
         ]
-    write_safetensors(out / DIFFUSERS_WEIGHTS, state, metadata={"format": "pt"})
-    from sparsedit import __version__
-
-    write_json(out / CONFIG_NAME, {
-        "_class_name": DIFFUSERS_CLASS, "_diffusers_version": "0.30.0", "_sparsedit_version": __version__,
+    return write_diffusers_model(out, state, DIFFUSERS_CLASS, {
         "num_attention_heads": cfg.num_heads, "attention_head_dim": d // cfg.num_heads,
         "in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "num_layers": cfg.depth,
         "dropout": 0.0, "norm_num_groups": 32, "attention_bias": True, "sample_size": cfg.latent_hw[0],
         "patch_size": cfg.patch_size, "activation_fn": "gelu-approximate", "num_embeds_ada_norm": cfg.num_classes,
         "upcast_attention": False, "norm_type": "ada_norm_zero", "norm_elementwise_affine": False,
         "norm_eps": cfg.mlp_norm_eps,
-    })
-    return out
+    }, overwrite)
 
 
-def export_differences(config: DiTConfig) -> list[str]:
-    """Numerical settings that a diffusers export cannot keep (empty when exact)."""
+def export_differences(config: Any) -> list[str]:
+    """Numerical settings that a diffusers export cannot keep (empty when exact); any model family's config."""
+    if not isinstance(config, DiTConfig):  # PixArt / Latte: diffusers masks caption padding with a -10000 bias
+        if getattr(config, "text_mask_bias", -10000.0) is None:
+            return ["caption padding: excluded exactly -> a -10000 logit bias (diffusers; equal unless logits reach ~1e4)"]
+        return []
     notes = []
     if config.t_freq_shift != 1.0:
         notes.append(f"timestep frequency shift {config.t_freq_shift:g} -> 1 (diffusers' Timesteps)")
@@ -439,12 +483,26 @@ def load_model(
     return net.eval()
 
 
-def save_model(model: nn.Module, out: str | Path, fmt: str = "sparsedit", overwrite: bool = False) -> Path:
-    """Export ``model`` as ``fmt`` ("sparsedit" or "diffusers")."""
+def save_model(model: nn.Module, out: str | Path, fmt: str = "sparsedit", overwrite: bool = False,
+               drop_null_caption: bool = False) -> Path:
+    """Export ``model`` as ``fmt`` ("sparsedit" or "diffusers").
+
+    diffusers holds dense models only: a DiT (``DiTTransformer2DModel``), a PixArt
+    (``PixArtTransformer2DModel``; ``drop_null_caption`` allows dropping an original checkpoint's null
+    caption, which diffusers has no slot for) or a text-conditional Latte (``LatteTransformer3DModel``).
+    """
     if fmt == "sparsedit":
         return save_pretrained(model, out, overwrite)
-    if fmt == "diffusers":
-        if not isinstance(model, DiT):
-            raise SparseditError(f"only DiT models export to diffusers, not {type(model).__name__}; use --to sparsedit")
+    if fmt != "diffusers":
+        raise SparseditError(f"unknown export format {fmt!r}; choose 'sparsedit' or 'diffusers'")
+    from sparsedit.latte import Latte, save_latte_diffusers
+    from sparsedit.pixart import PixArt
+    from sparsedit.pixart_convert import save_pixart_diffusers
+
+    if isinstance(model, PixArt):
+        return save_pixart_diffusers(model, out, overwrite, drop_null_caption)
+    if isinstance(model, Latte):
+        return save_latte_diffusers(model, out, overwrite)
+    if isinstance(model, DiT):
         return save_diffusers(model, out, overwrite)
-    raise SparseditError(f"unknown export format {fmt!r}; choose 'sparsedit' or 'diffusers'")
+    raise SparseditError(f"a {type(model).__name__} has no diffusers format; use --to sparsedit")

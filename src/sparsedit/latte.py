@@ -555,7 +555,7 @@ class SparseLatte(Latte):
         if keep_ratio is not None:
             auto = split_keep_ratio(keep_ratio, dense_grid, frames, cfg.temporal_share)
         elif grid is None or sparse_frames is None:
-            lo, hi = timestep_bounds(t)
+            lo, hi = timestep_bounds(t, cfg.num_timesteps)
             auto = cfg.tokens_at(lo, dense_grid, frames)
             if cfg.tokens_at(hi, dense_grid, frames) != auto:
                 raise SparseditError(
@@ -707,6 +707,39 @@ def latte_from_diffusers(path: str | Path) -> Latte:
     path = _diffusers_model_dir(Path(path))
     config = latte_config_from_diffusers(read_json(path / CONFIG_NAME), str(path / CONFIG_NAME))
     return _load_diffusers_mapped(Latte(config), path, _latte_key_map(config))
+
+
+def save_latte_diffusers(model: Latte, out: str | Path, overwrite: bool = False) -> Path:
+    """Write a dense text-conditional Latte as a diffusers ``LatteTransformer3DModel`` directory.
+
+    The inverse of :func:`latte_from_diffusers`. diffusers' class is Latte-T2V only (a class-conditional
+    Latte has no diffusers class) and fixes the spatial interpolation scale to ``max(sample_size // 64, 1)``;
+    a model with exact caption masking (``text_mask_bias=None``) exports with diffusers' -10000 bias
+    (:func:`sparsedit.convert.export_differences`).
+    """
+    from sparsedit.convert import check_exportable, diffusers_state, write_diffusers_model
+
+    check_exportable(model, Latte, LATTE_DIFFUSERS_CLASS)
+    cfg = model.config
+    if not cfg.text:
+        raise SparseditError(
+            f"diffusers' {LATTE_DIFFUSERS_CLASS} is text-to-video; a class-conditional Latte saves as sparsedit only"
+        )
+    sample = cfg.latent_hw[0]
+    if cfg.interpolation_scale != max(sample // 64, 1):
+        raise SparseditError(
+            f"diffusers fixes a Latte's position interpolation scale to {max(sample // 64, 1)} at sample_size {sample}; "
+            f"this model uses {cfg.interpolation_scale:g}: export to sparsedit"
+        )
+    d = cfg.hidden_size
+    return write_diffusers_model(out, diffusers_state(model.state_dict(), _latte_key_map(cfg)), LATTE_DIFFUSERS_CLASS, {
+        "num_attention_heads": cfg.num_heads, "attention_head_dim": d // cfg.num_heads, "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels, "num_layers": cfg.depth // 2, "dropout": 0.0, "cross_attention_dim": d,
+        "attention_bias": True, "sample_size": sample, "patch_size": cfg.patch_size,
+        "activation_fn": "gelu-approximate", "num_embeds_ada_norm": 1000, "norm_type": "ada_norm_single",
+        "norm_elementwise_affine": False, "norm_eps": cfg.norm_eps, "caption_channels": cfg.caption_channels,
+        "video_length": cfg.num_frames,
+    }, overwrite)
 
 
 def latte_from_original_state(state: dict[str, Tensor], num_heads: int | None = None,

@@ -22,15 +22,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sparsedit.checkpoint import (
-    CONFIG_NAME,
-    load_state_strict,
-    prepare_output_dir,
-    read_json,
-    write_json,
-    write_safetensors,
+from sparsedit.checkpoint import CONFIG_NAME, load_state_strict, read_json
+from sparsedit.convert import (
+    _diffusers_model_dir,
+    _load_diffusers_mapped,
+    _Source,
+    check_exportable,
+    diffusers_state,
+    write_diffusers_model,
 )
-from sparsedit.convert import DIFFUSERS_WEIGHTS, _diffusers_model_dir, _load_diffusers_mapped, _Source
 from sparsedit.errors import CheckpointError, SparseditError
 from sparsedit.pixart import PIXART_HEAD_DIM, PixArt, PixArtConfig, pixart_pos_embed
 
@@ -141,29 +141,16 @@ def save_pixart_diffusers(model: PixArt, out: str | Path, overwrite: bool = Fals
     diffusers always masks padded caption tokens with a -10000 logit bias; a model with exact
     masking (``text_mask_bias=None``) exports with that change (equal unless logits reach ~1e4).
     """
-    if type(model) is not PixArt:
-        raise SparseditError(f"only a dense PixArt exports to diffusers, not {type(model).__name__}")
+    check_exportable(model, PixArt, "PixArtTransformer2DModel")
     cfg = model.config
-    if cfg.latent_hw[0] != cfg.latent_hw[1]:
-        raise SparseditError("diffusers' PixArtTransformer2DModel has a square sample_size; export to sparsedit")
     if cfg.base_size not in (None, cfg.grid[0]):
         raise SparseditError(f"base_size {cfg.base_size} cannot be expressed in diffusers (always sample_size // patch)")
-    if cfg.text_mask_bias not in (None, -10000.0):
-        raise SparseditError(f"diffusers masks padded caption tokens with -10000, not {cfg.text_mask_bias}")
     if model.y_embedder.y_embedding is not None and not drop_null_caption:
-        raise SparseditError("this PixArt stores a null caption, which diffusers cannot hold; pass drop_null_caption=True")
-    out = prepare_output_dir(out, overwrite)
-    ours = model.state_dict()
+        raise SparseditError("this PixArt stores a null caption, which diffusers cannot hold; pass drop_null_caption=True "
+                             "(sparsedit convert: --drop-null-caption)")
     d = cfg.hidden_size
-    state: dict[str, Tensor] = {}
-    for key, theirs in _key_map(cfg).items():
-        for j, k in enumerate(theirs):
-            state[k] = ours[key][j * d : (j + 1) * d] if len(theirs) > 1 else ours[key]
-    write_safetensors(out / DIFFUSERS_WEIGHTS, state, metadata={"format": "pt"})
-    from sparsedit import __version__
-
-    write_json(out / CONFIG_NAME, {
-        "_class_name": "PixArtTransformer2DModel", "_diffusers_version": "0.30.0", "_sparsedit_version": __version__,
+    state = diffusers_state(model.state_dict(), _key_map(cfg), dropped=("y_embedder.y_embedding",))
+    return write_diffusers_model(out, state, "PixArtTransformer2DModel", {
         "num_attention_heads": cfg.num_heads, "attention_head_dim": d // cfg.num_heads, "in_channels": cfg.in_channels,
         "out_channels": cfg.out_channels, "num_layers": cfg.depth, "dropout": 0.0, "norm_num_groups": 32,
         "cross_attention_dim": d, "attention_bias": True, "sample_size": cfg.latent_hw[0],
@@ -172,8 +159,7 @@ def save_pixart_diffusers(model: PixArt, out: str | Path, overwrite: bool = Fals
         "norm_eps": cfg.norm_eps, "interpolation_scale": cfg.interpolation_scale,
         "use_additional_conditions": cfg.use_additional_conditions, "caption_channels": cfg.caption_channels,
         "attention_type": "default",
-    })
-    return out
+    }, overwrite)
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ __all__ = [
     "Piece",
     "PieceSampler",
     "PruningSchedule",
+    "discrete_timestep",
     "grid_for_rate",
     "pruning_rate",
 ]
@@ -109,6 +110,24 @@ def _check_timestep(t: object, num_timesteps: int) -> int:
             "(t = 0 is clean, t = num_timesteps - 1 is pure noise)"
         )
     return ti
+
+
+def discrete_timestep(t: float, num_timesteps: int = 1000) -> int:
+    """The integer timestep whose sparse grid a possibly fractional timestep ``t`` uses.
+
+    The schedule lives on the integers ``[0, T)``, but schedulers also pass fractional ``t``
+    (Euler / Karras spacing) and flow-matching schedulers pass ``t = sigma * T`` in ``(0, T]``, where
+    ``T`` itself is pure noise. ``t`` is rounded half up (as grid sides are) and the noise end ``T``
+    maps to ``T - 1``; anything that does not round into ``[0, T]`` is an error, never clamped.
+    """
+    T = _check_num_timesteps(num_timesteps)
+    ti = _round_half_up(t) if _is_real(t) and math.isfinite(t) else None
+    if ti is None or not 0 <= ti <= T:
+        raise SparseditError(
+            f"timestep {t!r} is outside [0, {T}]; pass DDPM-style timesteps 0 <= t < {T} or flow-matching "
+            f"timesteps sigma * {T}"
+        )
+    return min(ti, T - 1)
 
 
 def _plateau_end(num_timesteps: int) -> int:

@@ -26,7 +26,7 @@ from sparsedit.checkpoint import register_model_type
 from sparsedit.dit import DiT, DiTConfig
 from sparsedit.errors import SparseditError
 from sparsedit.layers import DiTBlock
-from sparsedit.schedule import PruningSchedule, grid_for_rate
+from sparsedit.schedule import PruningSchedule, discrete_timestep, grid_for_rate
 
 Grid = tuple[int, int]
 
@@ -147,14 +147,15 @@ class SparseDiTConfig(SparseLayoutConfig, DiTConfig):
         return cls(**base, **layout_fields(parse_layout(layout)), **kwargs)
 
 
-def timestep_bounds(t: Tensor) -> tuple[int, int]:
-    """(min, max) of a batch's timesteps as Python ints, read with one device -> host transfer.
+def timestep_bounds(t: Tensor, num_timesteps: int) -> tuple[int, int]:
+    """(min, max) of a batch's timesteps as schedule timesteps, read with one device -> host transfer.
 
     Reading ``t`` on a GPU waits for all queued work; one read per forward instead of two halves
-    those stalls (the grid decides tensor shapes, so the host must know it).
+    those stalls (the grid decides tensor shapes, so the host must know it). Fractional and
+    flow-matching timesteps map to integers by :func:`sparsedit.schedule.discrete_timestep`.
     """
     lo, hi = torch.stack([t.min(), t.max()]).tolist()
-    return int(lo), int(hi)
+    return discrete_timestep(lo, num_timesteps), discrete_timestep(hi, num_timesteps)
 
 
 def block_kinds(layout: Layout) -> list[str]:
@@ -213,7 +214,7 @@ class SparseDiT(DiT):
             return grid_for_rate(1.0 - keep_ratio, H, W)
         schedule = self.config.schedule
         # r(t) is monotone, so the extreme timesteps decide whether the batch shares one grid.
-        lo, hi = timestep_bounds(t)
+        lo, hi = timestep_bounds(t, schedule.num_timesteps)
         g_lo, g_hi = schedule.grid(lo, dense_grid), schedule.grid(hi, dense_grid)
         if g_lo != g_hi:
             raise SparseditError(
