@@ -13,15 +13,16 @@ from sparsedit.interop import use_in_pipeline
 from sparsedit.sparse_dit import SparseDiT
 
 
-def tiny_vae() -> AutoencoderKL:
+def tiny_vae(blocks: int = 1) -> AutoencoderKL:
+    """A random 4-channel VAE that downsamples by ``2 ** (blocks - 1)`` (1 block: latents are images)."""
     torch.manual_seed(1)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                         up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4,
-                         norm_num_groups=4, layers_per_block=1).eval()
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+                         up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=(8,) * blocks,
+                         latent_channels=4, norm_num_groups=4, layers_per_block=1).eval()
 
 
-@pytest.fixture()
-def diffusers_dit(tmp_path):
+def dit_transformer() -> DiTTransformer2DModel:
+    """A tiny random DiTTransformer2DModel whose blocks share one timestep/label embedder (as released)."""
     torch.manual_seed(0)
     ref = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
                                 num_layers=5, sample_size=8, patch_size=2, num_embeds_ada_norm=1000).eval()
@@ -31,6 +32,12 @@ def diffusers_dit(tmp_path):
         shared = ref.transformer_blocks[0].norm1.emb.state_dict()
         for block in ref.transformer_blocks[1:]:
             block.norm1.emb.load_state_dict(shared)
+    return ref
+
+
+@pytest.fixture()
+def diffusers_dit(tmp_path):
+    ref = dit_transformer()
     ref.save_pretrained(tmp_path / "transformer")
     return ref, tmp_path / "transformer"
 
