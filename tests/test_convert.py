@@ -209,6 +209,43 @@ def test_official_to_diffusers_reports_the_frequency_shift(tmp_path, official_pt
     assert torch.equal(sparsedit.load_model(tmp_path / "sd")(x, t, y), model(x, t, y))
 
 
+def test_convert_cli_exports_pixart_and_latte_to_diffusers(tmp_path, randomize, capsys):
+    """`sparsedit convert --to diffusers` for the text families: overwrite rules, the null caption, sparse refusals."""
+    from diffusers import LatteTransformer3DModel, PixArtTransformer2DModel
+
+    from sparsedit.cli import main
+    from sparsedit.latte import Latte, LatteConfig, sparsify_latte
+    from sparsedit.pixart import PixArt, PixArtConfig, sparsify_pixart
+
+    pixart = randomize(PixArt(PixArtConfig(input_size=8, hidden_size=32, depth=5, num_heads=2, caption_channels=12,
+                                           null_caption_length=5))).eval()
+    latte = randomize(Latte(LatteConfig(input_size=8, num_frames=3, hidden_size=32, depth=4, num_heads=2,
+                                        conditioning="text", caption_channels=12))).eval()
+    text = torch.randn(2, 5, 12)
+    for name, model, theirs_cls, x in (("pixart", pixart, PixArtTransformer2DModel, torch.randn(2, 4, 8, 8)),
+                                       ("latte", latte, LatteTransformer3DModel, torch.randn(2, 4, 3, 8, 8))):
+        src, out = sparsedit.save_pretrained(model, tmp_path / name), tmp_path / f"{name}-diffusers"
+        convert = ["convert", str(src), "--to", "diffusers", str(out)]
+        if name == "pixart":  # the original's null caption has no diffusers slot: dropped only when asked
+            assert main(convert) == 2 and "--drop-null-caption" in capsys.readouterr().err
+            convert.append("--drop-null-caption")
+        assert main(convert) == 0
+        assert "note: diffusers cannot keep this model's numerics exactly: caption padding" in capsys.readouterr().out
+        assert main(convert) == 2 and "--overwrite" in capsys.readouterr().err
+        assert main([*convert, "--overwrite"]) == 0
+        theirs = theirs_cls.from_pretrained(out).eval()
+        t = torch.tensor([999, 10])
+        with torch.no_grad():
+            assert max_err(theirs(x, timestep=t, encoder_hidden_states=text).sample, model(x, t, text)) < TOL
+    sparse = {"SparsePixArt": sparsify_pixart(pixart, "1,1,1,1,1,0,1"), "SparseLatte": sparsify_latte(latte, "0,1,2,0,2,0,0"),
+              "SparseDiT": sparsedit.sparsify(tiny_official_model(randomize, depth=5), layout="1,1,1,1,1,0,1")}
+    for name, model in sparse.items():
+        with pytest.raises(SparseditError) as err:
+            sparsedit.save_model(model, tmp_path / "sparse", fmt="diffusers")
+        one_line(err, f"a {name} has no diffusers class", "--to sparsedit")
+    assert not (tmp_path / "sparse").exists()
+
+
 def test_unknown_export_format(tmp_path, randomize):
     with pytest.raises(SparseditError) as err:
         sparsedit.save_model(tiny_official_model(randomize), tmp_path / "x", fmt="onnx")
