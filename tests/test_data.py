@@ -335,3 +335,86 @@ def test_latents_dataset_errors(tmp_path: Path) -> None:
     (d / "latents.safetensors").unlink()
     with pytest.raises(SparseditError, match=r"latents\.safetensors.*is missing"):
         LatentsDataset(d)
+
+
+# --------------------------------------------------------------------------------------------------
+# Video latents and caption embeddings (PixArt-alpha, Latte)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_video_latents_are_returned_channel_first(tmp_path: Path) -> None:
+    lat = torch.randn(3, 5, 4, 6, 8)  # (N, F, C, h, w): frames encoded one by one
+    save_latents(tmp_path / "v", lat, torch.tensor([0, 1, 2]), META, kind="latents")
+    ds = LatentsDataset(tmp_path / "v")
+    meta = json.loads((tmp_path / "v" / "meta.json").read_text())
+    assert meta["latent_shape"] == [4, 5, 6, 8] and meta["num_frames"] == 5
+    assert ds.num_frames == 5 and ds.latent_shape == (4, 5, 6, 8) and ds.caption_shape is None
+    x, label = ds[1]
+    assert label == 1 and torch.equal(x, lat[1].transpose(0, 1))  # (C, F, h, w), Latte's layout
+    # Moments split along the channel axis of every frame; logvar -30 leaves the mean (std 3e-7).
+    moments = torch.cat([lat, torch.full_like(lat, -30.0)], dim=2)  # (N, F, 2C, h, w)
+    save_latents(tmp_path / "m", moments, torch.tensor([0, 1, 2]), META)
+    sample = LatentsDataset(tmp_path / "m", apply_scale_factor=True)[2][0]
+    torch.testing.assert_close(sample, lat[2].transpose(0, 1) * 0.18215, atol=1e-5, rtol=0)
+    assert not torch.equal(sample, lat[2].transpose(0, 1) * 0.18215)  # noise was drawn
+    assert LatentsDataset(tmp_path / "m").latent_shape == (4, 5, 6, 8)
+    batch_x, batch_y = next(iter(torch.utils.data.DataLoader(ds, batch_size=2)))
+    assert batch_x.shape == (2, 4, 5, 6, 8) and batch_y.tolist() == [0, 1]
+
+
+def test_captions_round_trip_as_model_keyword_arguments(tmp_path: Path) -> None:
+    emb = torch.randn(4, 7, 16).half()  # (N, L, D) T5 embeddings, fp16
+    mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4, [1] * 5 + [0] * 2, [1] * 1 + [0] * 6]).bool()
+    null = torch.randn(7, 16)
+    lat = torch.randn(4, 4, 8, 8)
+    save_latents(tmp_path / "c", lat, None, META, kind="latents", captions=emb, caption_mask=mask, null_caption=null)
+    ds = LatentsDataset(tmp_path / "c")
+    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    assert meta["caption_shape"] == [7, 16] and ds.caption_shape == (7, 16)
+    assert ds.labels is None and ds.num_classes == 0 and torch.equal(ds.null_caption, null)
+    x, cond = ds[1]
+    assert torch.equal(x, lat[1]) and sorted(cond) == ["encoder_attention_mask", "encoder_hidden_states"]
+    assert cond["encoder_hidden_states"].dtype == torch.float32 and torch.equal(cond["encoder_hidden_states"],
+                                                                                emb[1].float())
+    assert cond["encoder_attention_mask"].tolist() == [1, 1, 1, 0, 0, 0, 0]
+    _, batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert batch["encoder_hidden_states"].shape == (4, 7, 16) and torch.equal(batch["encoder_attention_mask"],
+                                                                             mask.long())
+    # With labels as well, "y" joins the dict; without a mask every token is real.
+    save_latents(tmp_path / "cl", lat, torch.tensor([5, 6, 7, 8]), META, kind="latents", captions=emb)
+    labelled = LatentsDataset(tmp_path / "cl")
+    assert labelled.num_classes == 9 and labelled.null_caption is None
+    assert labelled[2][1]["y"] == 7 and labelled[2][1]["encoder_attention_mask"].tolist() == [1] * 7
+
+
+def test_save_latents_caption_validation(tmp_path: Path) -> None:
+    lat, emb = torch.zeros(2, 4, 4, 4), torch.zeros(2, 3, 8)
+    cases = [
+        (dict(labels=None), "labels must be a 1-d integer tensor with 2 entries, got None"),
+        (dict(captions=torch.zeros(3, 3, 8)), "captions hold 3 rows for 2 latents"),
+        (dict(captions=emb.double()), "captions must be a float16/float32 tensor (N=2, L, D)"),
+        (dict(captions=emb, caption_mask=torch.full((2, 3), 2)), "caption_mask must be a 0/1 integer or bool tensor"),
+        (dict(captions=emb, caption_mask=torch.ones(2, 4, dtype=torch.long)), "(2, 3), got torch.int64 (2, 4)"),
+        (dict(captions=emb, null_caption=torch.zeros(4, 8)), "null_caption has shape (4, 8) but captions are (3, 8)"),
+        (dict(null_caption=torch.zeros(3, 8)), "caption_mask / null_caption were given without captions"),
+    ]
+    for kw, message in cases:
+        args = {"labels": torch.zeros(2, dtype=torch.long), **kw}
+        with pytest.raises(SparseditError) as err:
+            save_latents(tmp_path, lat, args.pop("labels"), META, kind="latents", **args)
+        assert message in str(err.value), (kw, str(err.value))
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_latents_dataset_refuses_inconsistent_caption_tensors(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_latents(tmp_path, torch.zeros(2, 4, 4, 4), None, META, kind="latents", captions=torch.zeros(2, 3, 8))
+    tensors = {"latents": torch.zeros(2, 4, 4, 4), "captions": torch.zeros(2, 3, 8),
+               "caption_mask": torch.ones(2, 5, dtype=torch.long)}
+    save_file(tensors, str(tmp_path / "latents.safetensors"))
+    with pytest.raises(SparseditError, match=r"captions in .* do not fit: 'captions' \[2, 3, 8\], 'caption_mask' \[2, 5\]"):
+        LatentsDataset(tmp_path)
+    save_file({"latents": torch.zeros(2, 4, 4, 4)}, str(tmp_path / "latents.safetensors"))
+    with pytest.raises(SparseditError, match="must hold exactly one of 'latents'/'moments' and 'labels' and/or"):
+        LatentsDataset(tmp_path)

@@ -1,4 +1,4 @@
-"""Training and fine-tuning: DiT from scratch, or a SparseDiT initialised from a DiT.
+"""Training and fine-tuning of every family: DiT / SparseDiT, PixArt-alpha / SparsePixArt, Latte / SparseLatte.
 
 One loop serves single-process, DDP and FSDP runs (``torchrun``; gloo on CPU, nccl on GPU). A run
 lives in one directory::
@@ -12,8 +12,14 @@ lives in one directory::
 
 Resuming restores weights, EMA, optimizer, step and every RNG (per rank), and the data order is a
 pure function of (seed, step), so on CPU a killed and resumed run logs the same losses step for
-step as an uninterrupted one. SparseDiT batches draw their timesteps from one schedule piece per
-step and rank (:class:`sparsedit.schedule.PieceSampler`), so each batch shares one token grid.
+step as an uninterrupted one. Sparse batches (SparseDiT, SparsePixArt, SparseLatte) draw their
+timesteps from one schedule piece per step and rank (:class:`sparsedit.schedule.PieceSampler`;
+:class:`VideoPieceSampler` for SparseLatte's token sets), so each batch shares one token set.
+
+What the model is conditioned on follows its family: class labels ``y`` (DiT, class-conditional or
+unconditional Latte), or T5 caption embeddings ``encoder_hidden_states`` with their
+``encoder_attention_mask`` (PixArt-alpha, Latte-T2V), read from the data set's items
+(:class:`sparsedit.data.LatentsDataset`).
 """
 
 from __future__ import annotations
@@ -43,13 +49,19 @@ from sparsedit.checkpoint import (
     write_json,
     write_safetensors,
 )
+from sparsedit.data import LatentsDataset
 from sparsedit.diffusion import create_diffusion
+from sparsedit.dit import DiT
 from sparsedit.errors import SparseditError
-from sparsedit.schedule import PieceSampler
+from sparsedit.latte import LatteConfig, SparseLatte, SparseLatteConfig
+from sparsedit.pixart import PixArtConfig, SparsePixArt
+from sparsedit.schedule import Piece, PieceSampler, pruning_rate
 from sparsedit.sparse_dit import SparseDiT
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
+# Pixels per latent pixel of the SD VAE: PixArt-1024-MS's size conditions are image sizes in pixels.
+VAE_FACTOR = 8
 
 
 @dataclass
@@ -166,6 +178,65 @@ class StepBatchSampler:
 
 
 # --------------------------------------------------------------------------------------------
+# timesteps: one token set per batch
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VideoPiece(Piece):
+    """A run of timesteps sharing one SparseLatte token set: ``grid`` (h, w) per frame and ``frames`` f.
+
+    ``rate`` is r(t) of the whole F x H x W token set at the midpoint; the set splits it between
+    space and time (:func:`sparsedit.latte.split_keep_ratio`), so ``grid`` is not ``grid_for_rate(rate)``.
+    """
+
+    frames: int
+
+
+def video_pieces(config: SparseLatteConfig) -> list[VideoPiece]:
+    """The maximal runs of timesteps over which ``config.tokens_at(t)`` is constant, in increasing t."""
+    T = config.num_timesteps
+    sets = [config.tokens_at(t) for t in range(T)]  # ((h, w), f) per timestep
+    starts = [0] + [t for t in range(1, T) if sets[t] != sets[t - 1]]
+    return [VideoPiece(a, b, sets[a][0], pruning_rate((a + b - 1) / 2, config.r_min, config.r_max, T), sets[a][1])
+            for a, b in zip(starts, [*starts[1:], T], strict=True)]
+
+
+class VideoPieceSampler(PieceSampler):
+    """:class:`PieceSampler` over SparseLatte's token sets: one piece with probability length / T, then
+    every t of the batch uniform inside it, so a batch shares one (grid, frames) and t stays uniform.
+
+    SparseLatte takes its token set from r(t) at every timestep (no grid pieces in its config), so the
+    pieces are the runs of timesteps with one token set (:func:`video_pieces`).
+    """
+
+    def __init__(self, config: SparseLatteConfig, generator: torch.Generator | None = None):
+        super().__init__(config.schedule, config.grid, generator)
+        self.pieces: list[Piece] = list(video_pieces(config))
+        self._starts = [p.t_start for p in self.pieces]
+
+
+def timestep_sampler(model: nn.Module, generator: torch.Generator) -> PieceSampler | None:
+    """The piece sampler of a sparse model (None for a dense one, whose timesteps are plain uniform)."""
+    if isinstance(model, SparseLatte):
+        return VideoPieceSampler(model.config, generator)
+    if isinstance(model, (SparseDiT, SparsePixArt)):
+        return PieceSampler(model.config.schedule, model.config.grid, generator)
+    return None
+
+
+def token_set_label(piece: Piece) -> str:
+    """How the log names a piece's token set: ``5x5`` (grid), ``4x4x2f`` (grid x frames, SparseLatte)."""
+    label = f"{piece.grid[0]}x{piece.grid[1]}"
+    return f"{label}x{piece.frames}f" if isinstance(piece, VideoPiece) else label
+
+
+def text_conditioned(config: Any) -> bool:
+    """PixArt-alpha and Latte-T2V take T5 caption embeddings; DiT and class/unconditional Latte take labels."""
+    return isinstance(config, PixArtConfig) or getattr(config, "conditioning", None) == "text"
+
+
+# --------------------------------------------------------------------------------------------
 # checkpoints
 # --------------------------------------------------------------------------------------------
 
@@ -201,7 +272,12 @@ def _set_rng_state(state: dict[str, Tensor], gen: torch.Generator) -> None:
 
 
 class Trainer:
-    """Trains ``model`` on ``dataset`` (items ``(x, label)``) in ``run_dir`` with ``settings``."""
+    """Trains ``model`` on ``dataset`` in ``run_dir`` with ``settings``.
+
+    Items are ``(x, label)`` for class-conditional models, ``(x, cond)`` with ``cond`` a dict holding
+    ``encoder_hidden_states`` (L, D) and ``encoder_attention_mask`` (L,) for text-conditional ones
+    (what :class:`sparsedit.data.LatentsDataset` returns for a directory with captions).
+    """
 
     def __init__(self, model: nn.Module, dataset: Dataset, run_dir: str | Path, settings: TrainSettings,
                  run_info: dict[str, Any] | None = None, device: str | None = None,
@@ -220,11 +296,14 @@ class Trainer:
         self.raw = model.to(self.dist.device)
         self.config = model.config
         self.run_info = {"settings": asdict(settings), "model": self.config.to_dict(), **(run_info or {})}
+        if isinstance(dataset, LatentsDataset):
+            check_model_fits_data(self.config, describe_latents(dataset))
+        self.text = text_conditioned(self.config)
+        self.null_caption = self._dropout_caption(dataset)
         self.diffusion = create_diffusion(None, learn_sigma=self.config.learn_sigma)
         self.gen = torch.Generator().manual_seed(settings.seed * 1000 + self.dist.rank)
         torch.manual_seed(settings.seed * 1000 + self.dist.rank)  # label dropout uses the global RNG
-        self.pieces = (PieceSampler(self.config.schedule, self.config.grid, self.gen)
-                       if isinstance(model, SparseDiT) else None)
+        self.pieces = timestep_sampler(model, self.gen)
         self.raw.gradient_checkpointing = settings.grad_checkpointing
         self.ema = copy.deepcopy(self.raw).requires_grad_(False).eval()
         self.model, self.ema_wrapped = self._wrap()
@@ -234,6 +313,26 @@ class Trainer:
         self.writer: Any = None
 
     # -- set-up ---------------------------------------------------------------------------------
+
+    def _dropout_caption(self, dataset: Dataset) -> Tensor | None:
+        """The null caption that the trainer drops captions to, or None when it drops none itself.
+
+        A PixArt with a stored null caption drops captions in train mode on its own (its
+        ``CaptionEmbedder``), so the trainer must not drop them again. Latte-T2V and diffusers PixArt
+        checkpoints store none: then the data set's ``null_caption`` (the embedded empty prompt) is used.
+        """
+        if not self.text or self.config.class_dropout_prob == 0:
+            return None
+        if getattr(self.raw.y_embedder, "y_embedding", None) is not None:
+            return None
+        null = getattr(dataset, "null_caption", None)
+        if null is None:
+            raise SparseditError(
+                f"this {type(self.raw).__name__} stores no null caption, so caption dropout (p = "
+                f"{self.config.class_dropout_prob}, for classifier-free guidance) needs one from the data: write the "
+                "T5 embedding of the empty prompt with save_latents(..., null_caption=...)"
+            )
+        return null.float()
 
     def _wrap(self) -> tuple[nn.Module, nn.Module]:
         if self.dist.world == 1 and not self.settings.fsdp:
@@ -366,7 +465,7 @@ class Trainer:
                                                         and self.dist.device.type == "cuda")
         return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    def _loader(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def _loader(self) -> Iterator[tuple[Tensor, Any]]:
         per_rank = self.settings.batch_size // (self.dist.world * self.settings.grad_accum)
         sampler = StepBatchSampler(len(self.dataset), per_rank, self.dist.rank, self.dist.world, self.settings.seed,
                                    self.step * self.settings.grad_accum, self.dataset)
@@ -380,7 +479,39 @@ class Trainer:
         if self.pieces is None:
             return torch.randint(0, self.diffusion.num_timesteps, (n,), generator=self.gen), "dense"
         t, piece = self.pieces.sample(n)
-        return t, f"{piece.grid[0]}x{piece.grid[1]}"
+        return t, token_set_label(piece)
+
+    def _model_kwargs(self, x: Tensor, cond: Any) -> dict[str, Any]:
+        """The conditioning keyword arguments of the model call for one micro-batch ``x``."""
+        dev = self.dist.device
+        if not self.text:
+            labels = cond.get("y") if isinstance(cond, dict) else cond
+            if labels is None:
+                if self.config.num_classes == 0:
+                    return {}  # an unconditional Latte
+                raise SparseditError(f"this {type(self.raw).__name__} is class-conditional but the data items carry no "
+                                     "class labels; write them with save_latents(..., labels=...)")
+            return {"y": labels.to(dev)}
+        if not isinstance(cond, dict) or "encoder_hidden_states" not in cond:
+            raise SparseditError(f"this {type(self.raw).__name__} is text-conditional but the data items carry no caption "
+                                 "embeddings; write them with save_latents(..., captions=...)")
+        caption = cond["encoder_hidden_states"].to(dev)  # (B, L, D)
+        if self.null_caption is not None:
+            # The CaptionEmbedder's rule: each caption becomes the null caption with probability p (the
+            # global RNG, restored on resume); the prompt's mask is kept, as PixArt does.
+            drop = torch.rand(caption.shape[0]) < self.config.class_dropout_prob
+            caption = torch.where(drop.to(dev)[:, None, None], self.null_caption.to(caption), caption)
+        mask = cond.get("encoder_attention_mask")
+        kwargs: dict[str, Any] = {"encoder_hidden_states": caption,
+                                  "encoder_attention_mask": None if mask is None else mask.to(dev)}
+        if getattr(self.config, "use_additional_conditions", False):
+            # PixArt-1024-MS: image height/width in pixels and aspect ratio, as its pipelines pass them.
+            h, w = x.shape[-2] * VAE_FACTOR, x.shape[-1] * VAE_FACTOR
+            kwargs["added_cond_kwargs"] = {
+                "resolution": torch.tensor([[h, w]], dtype=torch.float32, device=dev).repeat(x.shape[0], 1),
+                "aspect_ratio": torch.tensor([[h / w]], dtype=torch.float32, device=dev).repeat(x.shape[0], 1),
+            }
+        return kwargs
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -388,14 +519,15 @@ class Trainer:
         cur = [p.detach() for p in self.model.parameters()]
         torch._foreach_lerp_(ema, cur, 1.0 - self.settings.ema_decay)
 
-    def train_step(self, batches: Iterator[tuple[Tensor, Tensor]]) -> dict[str, float]:
+    def train_step(self, batches: Iterator[tuple[Tensor, Any]]) -> dict[str, float]:
         s = self.settings
         self.model.train()
         totals = torch.zeros(3, dtype=torch.float64)
         grid = ""
         for micro in range(s.grad_accum):
-            x, y = next(batches)
-            x, y = x.to(self.dist.device), y.to(self.dist.device)
+            x, cond = next(batches)
+            x = x.to(self.dist.device)
+            kwargs = self._model_kwargs(x, cond)
             t, grid = self._timesteps(x.shape[0])
             noise = torch.randn(x.shape, generator=self.gen).to(self.dist.device)
             last = micro == s.grad_accum - 1
@@ -405,7 +537,7 @@ class Trainer:
             elif not last and hasattr(self.model, "no_sync"):
                 sync_ctx = self.model.no_sync()
             with sync_ctx, self._autocast():
-                losses = self.diffusion.training_losses(self.model, x, t.to(self.dist.device), {"y": y}, noise)
+                losses = self.diffusion.training_losses(self.model, x, t.to(self.dist.device), kwargs, noise)
                 loss = losses["loss"].mean()
             (loss / s.grad_accum).backward()
             totals += torch.stack([loss.detach().double().cpu(), losses["mse"].mean().detach().double().cpu(),
@@ -433,8 +565,8 @@ class Trainer:
                 self.writer.add_scalar(f"train/{key}", record[key], record["step"])
 
     def _sample_grid(self) -> None:
-        if not self.dist.main or self.settings.fsdp:
-            return  # an FSDP EMA is sharded; sample from a saved checkpoint instead
+        if not self.dist.main or self.settings.fsdp or not isinstance(self.raw, DiT):
+            return  # an FSDP EMA is sharded; PixArt / Latte need captions or videos: sample a checkpoint instead
         from sparsedit.images import save_grid
         from sparsedit.sampling import generate, to_images
         from sparsedit.vae import load_vae
@@ -463,6 +595,9 @@ class Trainer:
             except ImportError:
                 raise SparseditError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if s.sample_every and self.dist.main and not isinstance(self.raw, DiT):
+            print(f"note: --sample-every draws no grids for a {type(self.raw).__name__} (it needs captions or writes "
+                  "videos); sample a checkpoint with `sparsedit sample` instead")
         batches = self._loader()
         bar = None
         if self.dist.main and self.progress:
@@ -519,9 +654,7 @@ def open_dataset(spec: str, image_size: int | None = None, channels: int = 1, se
         info = {"kind": "digits", "resolution": res, "channels": channels, "num_classes": 10, "data_space": "pixel"}
     elif path.is_dir() and (path / D.META_FILE).exists():
         ds = D.LatentsDataset(path, seed=seed, apply_scale_factor=True)
-        c, h, w = ds.latent_shape
-        info = {"kind": "latents", "resolution": int(ds.meta.get("resolution", h * 8)), "latent_size": [h, w],
-                "channels": c, "num_classes": ds.num_classes, "data_space": "latent"}
+        info = describe_latents(ds)
     elif path.is_dir():
         res = image_size or 32
         ds = D.ImageFolderDataset(path, resolution=res, channels=3 if channels == 1 else channels)
@@ -534,15 +667,53 @@ def open_dataset(spec: str, image_size: int | None = None, channels: int = 1, se
     return ds, info
 
 
+def describe_latents(ds: LatentsDataset) -> dict[str, Any]:
+    """What a latents directory holds, as :func:`open_dataset` records it (frames and captions only when present)."""
+    c, *_, h, w = ds.latent_shape
+    info: dict[str, Any] = {"kind": "latents", "resolution": int(ds.meta.get("resolution", h * VAE_FACTOR)),
+                            "latent_size": [h, w], "channels": c, "num_classes": ds.num_classes, "data_space": "latent"}
+    if ds.num_frames is not None:
+        info["num_frames"] = ds.num_frames
+    if ds.caption_shape is not None:
+        info.update(caption_shape=list(ds.caption_shape), labels=ds.labels is not None,
+                    null_caption=ds.null_caption is not None)
+    return info
+
+
+def _conditioning_problems(config: Any, info: dict) -> list[str]:
+    """Why the data cannot condition the model: labels for class models, T5 captions for text models."""
+    caption = info.get("caption_shape")
+    if not text_conditioned(config):
+        if config.num_classes and not info.get("labels", True):
+            return ["a class-conditional model vs data without class labels"]
+        if config.num_classes < info["num_classes"]:
+            return [f"{config.num_classes} classes vs {info['num_classes']} in the data"]
+        return []
+    if caption is None:
+        return ["a text-conditional model vs data without caption embeddings (save_latents(..., captions=...))"]
+    if caption[1] != config.caption_channels:
+        return [f"caption width {config.caption_channels} vs {caption[1]} in the data"]
+    null_length = getattr(config, "null_caption_length", 0)
+    if null_length and config.class_dropout_prob and caption[0] != null_length:
+        # The model drops captions to its stored null caption, which needs captions of the same length.
+        return [f"{null_length} caption tokens (its null caption's length) vs {caption[0]} in the data"]
+    return []
+
+
 def check_model_fits_data(config: Any, info: dict) -> None:
+    """A one-line error listing every way ``config`` does not fit the data described by ``info``."""
     size = info.get("latent_size") or [info["resolution"]] * 2
     problems = []
     if config.in_channels != info["channels"]:
         problems.append(f"{config.in_channels} input channels vs {info['channels']} in the data")
     if list(config.latent_hw) != list(size):
         problems.append(f"input size {config.latent_hw} vs {tuple(size)} in the data")
-    if config.num_classes < info["num_classes"]:
-        problems.append(f"{config.num_classes} classes vs {info['num_classes']} in the data")
+    frames = info.get("num_frames")
+    if isinstance(config, LatteConfig) and frames != config.num_frames:
+        problems.append(f"{config.num_frames} frames vs {frames or 'no frames (images)'} in the data")
+    elif not isinstance(config, LatteConfig) and frames is not None:
+        problems.append(f"an image model vs videos of {frames} frames in the data")
+    problems += _conditioning_problems(config, info)
     if config.data_space != info["data_space"]:
         problems.append(f"a {config.data_space}-space model vs {info['data_space']} data")
     if problems:

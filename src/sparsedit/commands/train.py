@@ -1,4 +1,5 @@
-"""``sparsedit train``: train a DiT from scratch or fine-tune a SparseDiT initialised from a DiT.
+"""``sparsedit train``: train a DiT from scratch, or fine-tune any checkpoint ``load_model`` reads (DiT,
+PixArt-alpha, Latte), optionally sparsified first (SparseDiT, SparsePixArt, SparseLatte).
 
 Single process: ``sparsedit train ...``; several: ``torchrun --nproc_per_node=N -m sparsedit train ...``.
 """
@@ -16,16 +17,19 @@ from sparsedit.train import TrainSettings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a DiT or fine-tune a SparseDiT",
-                       description="Train a DiT from scratch (--model) or fine-tune a SparseDiT initialised from a "
-                       "DiT (--init-from CKPT --layout ...). Re-running the same command in the same --run-dir "
-                       "resumes from its last checkpoint.")
+    p = sub.add_parser("train", help="train a DiT or fine-tune a DiT / PixArt / Latte (sparsified with --layout)",
+                       description="Train a DiT from scratch (--model) or fine-tune a checkpoint (--init-from CKPT): a "
+                       "DiT, PixArt-alpha or Latte, sparsified first with --layout (SparseDiT, SparsePixArt, "
+                       "SparseLatte). PixArt and text Latte train on latents directories with T5 caption embeddings, "
+                       "Latte on video latents. Re-running the same command in the same --run-dir resumes from its "
+                       "last checkpoint.")
     src = p.add_argument_group("model")
     src.add_argument("--init-from", metavar="CKPT", help="start from this checkpoint (any format load_model reads)")
-    src.add_argument("--layout", help=f"sparsify the --init-from DiT first: {LAYOUT_HELP}")
+    src.add_argument("--layout", help="sparsify the --init-from DiT / PixArt / Latte first (as `sparsedit sparsify`): "
+                     f"{LAYOUT_HELP}")
     src.add_argument("--r-min", type=rate, default=0.61)
     src.add_argument("--r-max", type=rate, default=0.86)
-    src.add_argument("--num-pieces", type=positive_int, default=None)
+    src.add_argument("--num-pieces", type=positive_int, default=None, help="not for Latte (continuous schedule)")
     src.add_argument("--upsample", choices=UPSAMPLE_MODES, default="nearest")
     src.add_argument("--model", metavar="PRESET", help="train from scratch: a preset such as DiT-S/2")
     src.add_argument("--hidden-size", type=positive_int, help="override the preset's hidden size")
@@ -34,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--no-learn-sigma", action="store_true", help="fixed variance (the model outputs C channels)")
     data = p.add_argument_group("data")
     data.add_argument("--data", default="digits",
-                      help="'digits' (embedded), an image folder (class = subfolder) or a latents directory")
+                      help="'digits' (embedded), an image folder (class = subfolder) or a latents directory (images or "
+                      "videos, with labels and/or T5 caption embeddings; sparsedit.data.save_latents)")
     data.add_argument("--image-size", type=positive_int, help="pixel resolution for 'digits' / image folders")
     data.add_argument("--channels", type=int, choices=(1, 3), default=1, help="image channels for 'digits'")
     run = p.add_argument_group("run")
@@ -63,19 +68,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def build_model(args: argparse.Namespace, info: dict):  # noqa: ANN201
-    """The model to train, from --init-from (+ --layout) or from a preset."""
+    """The model to train, from --init-from (+ --layout, converted as `sparsedit sparsify` does) or from a preset."""
+    from sparsedit.commands.sparsify import _convert
     from sparsedit.convert import load_model
     from sparsedit.dit import dit_config
     from sparsedit.errors import SparseditError
-    from sparsedit.sparsify import sparsify
 
     if args.init_from and args.model:
         raise SparseditError("give either --init-from (fine-tune) or --model (from scratch), not both")
     if args.init_from:
         model = load_model(args.init_from, image_size=args.image_size if info["data_space"] == "latent" else None)
         if args.layout:
-            model = sparsify(model, layout=args.layout, r_min=args.r_min, r_max=args.r_max,
-                             num_pieces=args.num_pieces, upsample=args.upsample)
+            model = _convert(model, args)  # DiT -> SparseDiT, PixArt -> SparsePixArt, Latte -> SparseLatte
         return model.train()
     if not args.model:
         raise SparseditError("give --model PRESET to train from scratch or --init-from CKPT to fine-tune")
