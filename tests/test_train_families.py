@@ -190,7 +190,7 @@ def test_trainer_loss_equals_a_direct_model_call(name: str, data: dict[str, Path
     model = MODELS[name]()
     twin = copy.deepcopy(model).train()
     ds = data_for(name, data)
-    trainer = Trainer(model, ds, tmp_path / "run", settings(), progress=False)
+    trainer = Trainer(model, ds, tmp_path / "run", settings(), progress=False, device="cpu")
     trainer.fit()
     logged = losses(tmp_path / "run")[0]
 
@@ -217,7 +217,7 @@ def test_pixart_caption_dropout_to_the_stored_null_caption(data: dict[str, Path]
     model = tiny_pixart(class_dropout_prob=1.0)
     twin = copy.deepcopy(model).eval()
     ds = data_for("pixart", data)
-    trainer = Trainer(model, ds, tmp_path / "run", settings(), progress=False)
+    trainer = Trainer(model, ds, tmp_path / "run", settings(), progress=False, device="cpu")
     assert trainer.null_caption is None  # the trainer leaves dropping to the CaptionEmbedder
     trainer.fit()
     x, cond, t, noise = first_step_inputs(twin, ds)
@@ -248,7 +248,7 @@ def test_video_pieces_are_the_runs_of_one_token_set() -> None:
 def test_sparse_batches_share_one_token_set(name: str, data: dict[str, Path], tmp_path: Path) -> None:
     model = MODELS[name]()
     trainer = Trainer(model, data_for(name, data), tmp_path / "run", settings(steps=6, grad_accum=2),
-                      progress=False)
+                      progress=False, device="cpu")
     drawn: list[Any] = []
     sample = trainer.pieces.sample
 
@@ -271,7 +271,7 @@ def test_sparse_batches_share_one_token_set(name: str, data: dict[str, Path], tm
 def test_resume_gives_identical_losses_and_weights(name: str, data: dict[str, Path], tmp_path: Path) -> None:
     def run(run_dir: Path, steps: int) -> Trainer:
         trainer = Trainer(MODELS[name](), data_for(name, data), run_dir, settings(steps=steps, ckpt_every=2),
-                          progress=False)
+                          progress=False, device="cpu")
         trainer.fit()
         return trainer
 
@@ -354,9 +354,9 @@ def test_cli_refuses_data_that_does_not_fit(ckpt: str, dataset: str, message: st
 
 def test_trainer_refuses_mismatched_data_and_items(data: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(SparseditError, match="6 caption tokens .its null caption's length. vs 5 in the data"):
-        Trainer(tiny_pixart(), _short_captions(tmp_path), tmp_path / "a", settings(), progress=False)
+        Trainer(tiny_pixart(), _short_captions(tmp_path), tmp_path / "a", settings(), progress=False, device="cpu")
     labels_only = torch.utils.data.Subset(LatentsDataset(data["image_labels"]), range(N))  # not checked up front
-    trainer = Trainer(tiny_pixart(), labels_only, tmp_path / "b", settings(), progress=False)
+    trainer = Trainer(tiny_pixart(), labels_only, tmp_path / "b", settings(), progress=False, device="cpu")
     with pytest.raises(SparseditError, match="is text-conditional but the data items carry no caption embeddings"):
         trainer.fit()
     assert not list_checkpoints(tmp_path / "b")
