@@ -319,7 +319,7 @@ class Latte(GuidanceMixin, nn.Module):
         frames = h.shape[0] // batch
         c = conds.final(frames)  # (B*F, D)
         out = unpatchify(self.final_layer(h, c), grid, self.config.patch_size, self.config.out_channels)
-        return out.view(batch, frames, *out.shape[1:]).transpose(1, 2)  # (B, C_out, F, H, W)
+        return out.view(batch, frames, *out.shape[1:]).transpose(1, 2).contiguous()  # (B, C_out, F, H, W)
 
     def _inputs(self, x: Tensor, t: Tensor, y: Tensor | None, encoder_hidden_states: Tensor | None,
                 added_cond_kwargs: dict[str, Tensor] | None) -> tuple[Tensor, Tensor | None]:

@@ -15,8 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "poolingformers, W1 = 0, W2 = I, embedders and final layer copied.")
     add_model_args(p, flag="src")
     p.add_argument("--layout", required=True, help=LAYOUT_HELP)
-    p.add_argument("--r-min", type=rate, default=0.61, help="pruning rate in the final quarter of denoising (default 0.61)")
-    p.add_argument("--r-max", type=rate, default=0.86, help="pruning rate at the noisiest step (default 0.86)")
+    add_rate_args(p)
     p.add_argument("--num-pieces", type=positive_int, default=None,
                    help="split [T/4, T) into this many equal pieces (default: one piece per distinct grid)")
     p.add_argument("--upsample", choices=UPSAMPLE_MODES, default="nearest", help="dense-recovery upsampling")
@@ -26,6 +25,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def add_rate_args(p: argparse.ArgumentParser) -> None:
+    """--r-min / --r-max; unset means the paper's range for the family (resolved in :func:`_convert`)."""
+    p.add_argument("--r-min", type=rate, default=None,
+                   help="pruning rate in the final quarter of denoising (default: the paper's, 0.61 for DiT and "
+                   "PixArt, 0.80 for Latte)")
+    p.add_argument("--r-max", type=rate, default=None,
+                   help="pruning rate at the noisiest step (default: the paper's, 0.86 for DiT and PixArt, 0.93 "
+                   "for Latte)")
+
+
+def check_rates(args: argparse.Namespace) -> None:
+    """Refuse --r-min > --r-max early (before any slow load)."""
+    from sparsedit.errors import SparseditError
+
+    if args.r_min is not None and args.r_max is not None and args.r_min > args.r_max:
+        raise SparseditError(f"--r-min {args.r_min} is larger than --r-max {args.r_max}; swap them")
+
+
 def _convert(src, args: argparse.Namespace):  # noqa: ANN001, ANN202
     """Dispatch on the source family: DiT -> SparseDiT, PixArt -> SparsePixArt, Latte -> SparseLatte."""
     from sparsedit.errors import SparseditError
@@ -33,7 +50,10 @@ def _convert(src, args: argparse.Namespace):  # noqa: ANN001, ANN202
     from sparsedit.pixart import PixArt, SparsePixArt, sparsify_pixart
     from sparsedit.sparsify import sparsify_with_rules
 
-    rates = {"r_min": args.r_min, "r_max": args.r_max, "upsample": args.upsample}
+    # Unset rates fall back to each family's own default (the paper's range for that family).
+    check_rates(args)
+    rates = {k: v for k, v in (("r_min", args.r_min), ("r_max", args.r_max)) if v is not None}
+    rates["upsample"] = args.upsample
     if isinstance(src, (SparsePixArt, SparseLatte)):
         raise SparseditError(f"the source is already a {type(src).__name__}; pass the dense model it came from")
     if isinstance(src, PixArt):
@@ -57,11 +77,9 @@ def _token_sets(cfg) -> list[str]:  # noqa: ANN001
 def run(args: argparse.Namespace) -> int:
     from sparsedit.checkpoint import prepare_output_dir, save_pretrained
     from sparsedit.convert import load_model
-    from sparsedit.errors import SparseditError
     from sparsedit.sparsify import init_rules
 
-    if args.r_min > args.r_max:
-        raise SparseditError(f"--r-min {args.r_min} is larger than --r-max {args.r_max}; swap them")
+    check_rates(args)
     prepare_output_dir(args.out, args.overwrite)  # fail before the (slow) load
     src = load_model(args.src, model=args.model, image_size=args.image_size)
     model = _convert(src, args)

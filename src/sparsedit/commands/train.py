@@ -11,7 +11,7 @@ from dataclasses import fields
 
 from sparsedit.blocks import UPSAMPLE_MODES
 from sparsedit.commands.common import positive_int
-from sparsedit.commands.sparsify import rate
+from sparsedit.commands.sparsify import add_rate_args
 from sparsedit.sparse_dit import LAYOUT_HELP
 from sparsedit.train import TrainSettings
 
@@ -27,8 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--init-from", metavar="CKPT", help="start from this checkpoint (any format load_model reads)")
     src.add_argument("--layout", help="sparsify the --init-from DiT / PixArt / Latte first (as `sparsedit sparsify`): "
                      f"{LAYOUT_HELP}")
-    src.add_argument("--r-min", type=rate, default=0.61)
-    src.add_argument("--r-max", type=rate, default=0.86)
+    add_rate_args(src)
     src.add_argument("--num-pieces", type=positive_int, default=None, help="not for Latte (continuous schedule)")
     src.add_argument("--upsample", choices=UPSAMPLE_MODES, default="nearest")
     src.add_argument("--model", metavar="PRESET", help="train from scratch: a preset such as DiT-S/2")
