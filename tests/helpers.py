@@ -16,3 +16,21 @@ def randomize(module: nn.Module, std: float = 0.2) -> nn.Module:
     for p in module.parameters():
         p.normal_(0.0, std)
     return module
+
+
+def tiny_text_encoder(width: int, words: str = "a small cactus with happy face dog on the") -> tuple[nn.Module, object]:
+    """A 1-layer T5 encoder of ``width`` and a T5 tokenizer over a tiny in-memory vocabulary (unknown words -> <unk>).
+
+    Needs transformers and tokenizers; nothing is downloaded.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    vocab = ["<pad>", "</s>", "<unk>"] + [f"\u2581{w}" for w in words.split()]
+    tok = Tokenizer(models.Unigram([(w, -1.0) for w in vocab], unk_id=2))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tokenizer = T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                extra_ids=0)
+    encoder = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=width, d_ff=32, d_kv=8, num_layers=1,
+                                      num_heads=2))
+    return encoder.eval(), tokenizer

@@ -303,21 +303,6 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 SECTION = "## Using a SparseDiT inside a diffusers pipeline"
 
 
-def tiny_text_encoder() -> tuple[nn.Module, object]:
-    """A 1-layer T5 encoder and a T5 tokenizer over a tiny in-memory vocabulary (unknown words -> <unk>)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
-
-    vocab = ["<pad>", "</s>", "<unk>"] + [f"\u2581{w}" for w in "a small cactus with happy face dog on the".split()]
-    tok = Tokenizer(models.Unigram([(w, -1.0) for w in vocab], unk_id=2))
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-    tokenizer = T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                extra_ids=0)
-    encoder = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=CAPTION, d_ff=32, d_kv=8, num_layers=1,
-                                      num_heads=2))
-    return encoder.eval(), tokenizer
-
-
 def build_readme_stand_ins(root: Path) -> None:
     """The pipeline and checkpoint directories the README names, tiny and random.
 
@@ -330,7 +315,7 @@ def build_readme_stand_ins(root: Path) -> None:
     DiTPipeline(transformer=dit_transformer(), vae=tiny_vae(), scheduler=DDIMScheduler()).save_pretrained(root / "DiT-XL-2-256")
     sparsedit.save_pretrained(sparsify(sparsedit.load_model(root / "DiT-XL-2-256"), layout="1,1,1,1,1,0,1", **RATES),
                               root / "sparse-xl")
-    encoder, tokenizer = tiny_text_encoder()
+    encoder, tokenizer = helpers.tiny_text_encoder(CAPTION)
     PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=tiny_vae(4), transformer=pixart_transformer(32),
                         scheduler=DPMSolverMultistepScheduler()).save_pretrained(root / "PixArt-XL-2-512x512")
     sparsedit.save_pretrained(sparsify_pixart(sparsedit.load_model(root / "PixArt-XL-2-512x512"), PIXART_LAYOUT,

@@ -842,15 +842,21 @@ def save_video_strip(videos: Tensor, path: str | Path) -> Path:
     return save_grid(frames, path, nrow=f)
 
 
-def save_video_gif(video: Tensor, path: str | Path, fps: int = 8) -> Path:
-    """Write one (C, F, H, W) video in [-1, 1] as an animated GIF (Pillow), atomically."""
+def save_video_gif(videos: Tensor, path: str | Path, fps: int = 8, nrow: int | None = None) -> Path:
+    """Write a (C, F, H, W) video or (B, C, F, H, W) videos in [-1, 1] as one animated GIF (Pillow), atomically.
+
+    Several videos play side by side: each GIF frame is the grid (``nrow`` per row) of the videos' frame.
+    """
     from PIL import Image
 
     from sparsedit.checkpoint import atomic_write
-    from sparsedit.images import to_uint8
+    from sparsedit.images import make_grid
 
-    arr = to_uint8(video.transpose(0, 1))  # (F, H, W, C)
-    frames = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
+    if videos.ndim == 4:
+        videos = videos[None]
+    padding = 0 if videos.shape[0] == 1 else 2
+    grids = [make_grid(videos[:, :, f], nrow, padding) for f in range(videos.shape[2])]  # F x (H', W', C)
+    frames = [Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g) for g in grids]
     path = Path(path)
     atomic_write(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
                                                   duration=max(1, round(1000 / fps)), loop=0))

@@ -1,4 +1,9 @@
-"""``sparsedit sample``: generate an image grid from any checkpoint."""
+"""``sparsedit sample``: generate an image grid (or videos) from any checkpoint.
+
+Text models take prompts through a local T5 (``--prompt ... --t5 DIR``, :mod:`sparsedit.text`) or
+precomputed embeddings (``--prompt-embeds FILE``). Videos go to a PNG strip, or an animated GIF when
+``--out`` ends in ``.gif``.
+"""
 
 from __future__ import annotations
 
@@ -15,35 +20,69 @@ from sparsedit.commands.common import add_device_arg, add_model_args, add_sampli
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="sample an image grid from a DiT / PixArt / Latte checkpoint (dense or sparse)",
                        description="Sample one image per class label (DiT, class-conditional Latte) or per caption "
-                       "(PixArt, text Latte: --prompt-embeds) and save them as a PNG grid; videos are written as "
-                       "a PNG strip, one row per video.")
+                       "(PixArt, text Latte: --prompt with a local --t5, or --prompt-embeds) and save them as a PNG "
+                       "grid; videos are written as a PNG strip (one row per video) or, with --out *.gif, as an "
+                       "animated GIF playing the videos side by side.")
     add_model_args(p)
     p.add_argument("--class-labels", type=int, nargs="+", default=[207, 360, 387, 974, 88, 979, 417, 279],
                    help="one image per label (default: the 8 classes of the DiT sample grid)")
     add_sampling_args(p, cfg_scale=4.0, cfg_scale_help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--prompt", nargs="+", default=None, metavar="TEXT",
+                   help="text models: one image / video per prompt, encoded with the local T5 given by --t5")
+    p.add_argument("--negative-prompt", default="", metavar="TEXT",
+                   help="with --prompt and guidance: the unconditional caption when the model stores no null "
+                   "caption (default: the empty prompt, as diffusers' PixArtAlphaPipeline)")
+    p.add_argument("--t5", metavar="DIR", default=None,
+                   help="local T5 for --prompt: a diffusers PixArt pipeline directory (text_encoder/ + tokenizer/) "
+                   "or a T5EncoderModel directory with its tokenizer; sparsedit downloads nothing")
     p.add_argument("--prompt-embeds", metavar="FILE", default=None,
-                   help="text models: a safetensors file with 'prompt_embeds' (N, L, C) T5 embeddings and optional "
-                   "'prompt_mask' (N, L); the T5 encoder is not part of sparsedit")
+                   help="text models, instead of --prompt: a safetensors file with 'prompt_embeds' (N, L, C) T5 "
+                   "embeddings, optional 'prompt_mask' (N, L) and, for guidance with a model that stores no null "
+                   "caption, 'negative_embeds' (1 or N, L, C) / 'negative_mask'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", default=None, metavar="PATH", help="local AutoencoderKL directory (latent models only)")
     p.add_argument("--nrow", type=positive_int, default=None, help="images per grid row")
-    p.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
+    p.add_argument("--out", default="samples.png",
+                   help="output PNG (default samples.png); for videos a .gif name writes an animated GIF")
+    p.add_argument("--fps", type=positive_int, default=8, help="frames per second of a GIF (default 8)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_device_arg(p)
     p.set_defaults(func=run)
 
 
-def _prompt_embeds(path: str | None) -> tuple[Any, Any]:
+Captions = tuple[Any, Any, Any, Any]  # (embeds, mask, negative embeds or None, negative mask or None)
+
+
+def _captions(args: argparse.Namespace, model: Any, device: Any) -> Captions:
+    """The text conditioning of a text model, from --prompt + --t5 or from --prompt-embeds."""
     from sparsedit.checkpoint import read_safetensors
     from sparsedit.errors import SparseditError
 
-    if path is None:
-        raise SparseditError("this is a text-conditional model: pass --prompt-embeds FILE.safetensors holding "
-                             "'prompt_embeds' (N, L, C) from its T5 encoder (and optionally 'prompt_mask')")
-    tensors = read_safetensors(Path(path))
+    if args.prompt is not None and args.prompt_embeds is not None:
+        raise SparseditError("give --prompt (with --t5) or --prompt-embeds, not both")
+    if args.prompt is not None:
+        from sparsedit.text import T5Encoder
+
+        if args.t5 is None:
+            raise SparseditError("--prompt needs a local T5 encoder: add --t5 DIR (a diffusers PixArt pipeline "
+                                 "directory or a T5 model directory), or pass --prompt-embeds")
+        t5 = T5Encoder(args.t5, device)
+        if t5.channels != model.config.caption_channels:
+            raise SparseditError(f"the T5 at {args.t5} gives {t5.channels}-wide embeddings but the model takes "
+                                 f"{model.config.caption_channels}; use the T5 the model was trained with")
+        embeds, mask = t5(args.prompt)
+        neg, neg_mask = None, None
+        if args.cfg_scale != 1.0 and getattr(model.y_embedder, "y_embedding", None) is None:
+            neg, neg_mask = t5([args.negative_prompt], embeds.shape[1])
+        return embeds, mask, neg, neg_mask
+    if args.prompt_embeds is None:
+        raise SparseditError("this is a text-conditional model: pass --prompt TEXT ... with --t5 DIR, or "
+                             "--prompt-embeds FILE.safetensors holding 'prompt_embeds' (N, L, C)")
+    tensors = read_safetensors(Path(args.prompt_embeds))
     if "prompt_embeds" not in tensors:
-        raise SparseditError(f"{path} has no 'prompt_embeds' tensor (found {', '.join(sorted(tensors))})")
-    return tensors["prompt_embeds"], tensors.get("prompt_mask")
+        raise SparseditError(f"{args.prompt_embeds} has no 'prompt_embeds' tensor (found {', '.join(sorted(tensors))})")
+    return (tensors["prompt_embeds"], tensors.get("prompt_mask"), tensors.get("negative_embeds"),
+            tensors.get("negative_mask"))
 
 
 def _decode(model: Any, samples: Any, vae: Any) -> Any:
@@ -59,8 +98,9 @@ def _decode(model: Any, samples: Any, vae: Any) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from sparsedit.convert import load_model
+    from sparsedit.errors import SparseditError
     from sparsedit.images import save_grid
-    from sparsedit.latte import Latte, generate_latte, save_video_strip
+    from sparsedit.latte import Latte, generate_latte, save_video_gif, save_video_strip
     from sparsedit.pixart import PixArt, generate_pixart
     from sparsedit.sampling import generate
     from sparsedit.vae import load_vae
@@ -72,20 +112,26 @@ def run(args: argparse.Namespace) -> int:
     common = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, cfg_scale=args.cfg_scale, cfg_mode=args.cfg_mode,
                   seed=args.seed, device=device, progress=not args.no_progress)
     start = time.perf_counter()
+    text = isinstance(model, PixArt) or (isinstance(model, Latte) and model.config.text)
+    if not text and (args.prompt is not None or args.prompt_embeds is not None):
+        raise SparseditError(f"this {type(model).__name__} is class-conditional: drop --prompt / --prompt-embeds "
+                             "and pass --class-labels")
+    if text:
+        embeds, mask, neg, neg_mask = (None if v is None else v.to(device) for v in _captions(args, model, device))
     if isinstance(model, PixArt):
-        embeds, mask = _prompt_embeds(args.prompt_embeds)
-        samples = generate_pixart(model, embeds.to(device), None if mask is None else mask.to(device), **common)
+        samples = generate_pixart(model, embeds, mask, neg, null_mask=neg_mask, **common)
+    elif isinstance(model, Latte) and text:
+        samples = generate_latte(model, embeds, text_mask=mask, null_embeds=neg, **common)
     elif isinstance(model, Latte):
-        if model.config.conditioning == "text":
-            embeds, mask = _prompt_embeds(args.prompt_embeds)
-            samples = generate_latte(model, embeds.to(device), text_mask=None if mask is None else mask.to(device),
-                                     **common)
-        else:
-            samples = generate_latte(model, torch.tensor(args.class_labels, device=device), **common)
+        samples = generate_latte(model, torch.tensor(args.class_labels, device=device), **common)
     else:
         samples = generate(model, args.class_labels, **common)
     images = _decode(model, samples, vae)
-    path = save_video_strip(images, args.out) if images.ndim == 5 else save_grid(images, args.out, nrow=args.nrow)
+    if images.ndim == 5:
+        gif = Path(args.out).suffix.lower() == ".gif"
+        path = save_video_gif(images, args.out, args.fps, args.nrow) if gif else save_video_strip(images, args.out)
+    else:
+        path = save_grid(images, args.out, nrow=args.nrow)
     print(f"wrote {path} ({len(images)} {'videos' if images.ndim == 5 else 'images'}, {args.sampler} {args.steps} "
           f"steps, cfg {args.cfg_scale:g}, seed {args.seed}, {time.perf_counter() - start:.1f}s)")
     return 0
