@@ -23,11 +23,10 @@ import torch
 from torch import Tensor
 
 from sparsedit.errors import SparseditError
+from sparsedit.pixart import CAPTION_TOKENS  # 120, diffusers' max_sequence_length default
 
-__all__ = ["CAPTION_TOKENS", "T5Encoder", "encode_prompts"]
+__all__ = ["T5Encoder", "encode_prompts"]
 
-#: Caption length of the released PixArt-alpha (diffusers' ``max_sequence_length`` default).
-CAPTION_TOKENS = 120
 WHERE = ("a local copy of huggingface.co/PixArt-alpha/PixArt-XL-2-512x512 (its text_encoder/ and tokenizer/ "
          "folders) or of huggingface.co/google/t5-v1_1-xxl")
 
