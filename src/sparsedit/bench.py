@@ -41,7 +41,7 @@ from sparsedit.errors import SparseditError
 from sparsedit.latte import LatteConfig, temporal_pos_embed
 from sparsedit.layers import sincos_pos_embed_2d
 from sparsedit.pixart import CAPTION_TOKENS, PixArtConfig
-from sparsedit.presets import is_sparse, preset_config
+from sparsedit.presets import is_sparse, preset_config, with_sparsity
 
 __all__ = [
     "DTYPES",
@@ -227,11 +227,8 @@ def cheap_init_(model: nn.Module, std: float = 0.02, seed: int = 0) -> nn.Module
 
 
 def _with_rates(config: Any, r_min: float | None, r_max: float | None) -> Any:
-    """A sparse config with the given rates; a dense config unchanged (the rates do not apply)."""
-    if not is_sparse(config) or (r_min is None and r_max is None):
-        return config
-    return dataclasses.replace(config, r_min=config.r_min if r_min is None else r_min,
-                               r_max=config.r_max if r_max is None else r_max)
+    """A sparse config with the given rates (None keeps the model's); a dense config unchanged (they do not apply)."""
+    return with_sparsity(config, None, {"r_min": r_min, "r_max": r_max}) if is_sparse(config) else config
 
 
 def build_bench_model(
@@ -251,19 +248,14 @@ def build_bench_model(
     a config (built like a preset) or a ready model. ``r_min`` / ``r_max`` replace a sparse model's
     pruning-rate range and are ignored for a dense one (so one pair of flags serves both sides).
     """
-    if isinstance(spec, nn.Module):
-        model = spec
-        config = getattr(model, "config", None)
-        if is_sparse(config):
-            model.config = _with_rates(config, r_min, r_max)
-        return model.to(device=device, dtype=dtype).eval()
     if isinstance(spec, (str, Path)) and Path(spec).exists():
         from sparsedit.convert import load_model
 
-        model = load_model(spec, image_size=image_size, device=device, dtype=dtype)
-        if is_sparse(model.config):
-            model.config = _with_rates(model.config, r_min, r_max)
-        return model.eval()
+        spec = load_model(spec, image_size=image_size, device=device, dtype=dtype)
+    if isinstance(spec, nn.Module):
+        if is_sparse(getattr(spec, "config", None)):
+            spec.config = _with_rates(spec.config, r_min, r_max)
+        return spec.to(device=device, dtype=dtype).eval()
     if isinstance(spec, (str, Path)):
         config = preset_config(str(spec), image_size, r_min=r_min, r_max=r_max)
     else:
@@ -433,11 +425,6 @@ class LatteFamily(Family):
         from sparsedit.flops import latte_macs, sparse_latte_macs
 
         return (latte_macs(self.config) if tokens is None else sparse_latte_macs(self.config, *tokens)).gmacs
-
-    def run_cost(self, timesteps: Sequence[int]) -> dict[str, Any]:
-        cost = super().run_cost(timesteps)
-        cost["grids"] = cost.pop("tokens")  # entries carry "frames" too
-        return cost
 
     def describe(self, tokens: Tokens) -> dict[str, Any]:
         grid, frames = (self.config.grid, self.config.num_frames) if tokens is None else tokens

@@ -617,7 +617,7 @@ def sparse_latte_macs(config: SparseLatteConfig, sparse_grid: Grid, sparse_frame
 def latte_schedule_macs(config: LatteConfig, timesteps: Iterable[int], text_len: int = CAPTION_TOKENS) -> dict[str, Any]:
     """:func:`schedule_macs` for Latte / SparseLatte: mean GMACs over the steps, per video, per forward.
 
-    ``tokens`` lists each distinct sparse token set (``grid``, ``frames``, ``steps``, ``gmacs``).
+    ``grids`` lists each distinct sparse token set as in :func:`schedule_macs`, with ``frames`` added.
     """
     steps = [int(t) for t in timesteps]
     if not steps:
@@ -634,7 +634,7 @@ def latte_schedule_macs(config: LatteConfig, timesteps: Iterable[int], text_len:
         "gmacs": sum(c * reports[s].total for s, c in counts.items()) / len(steps) / G,
         "gmacs_min": min(per_step),
         "gmacs_max": max(per_step),
-        "tokens": [
+        "grids": [
             {"grid": list(s[0]), "frames": s[1], "tokens": s[0][0] * s[0][1] * s[1], "steps": counts[s],
              "gmacs": reports[s].total / G}
             for s in sorted(reports, key=lambda s: (s[0][0] * s[0][1] * s[1], s))

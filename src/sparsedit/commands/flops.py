@@ -107,8 +107,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     timesteps = space_timesteps(T, spec)
     result = schedule_macs(config, timesteps)
     dense = schedule_macs(dense_config(config), timesteps)["gmacs"]
-    if "tokens" in result:  # video: a sparse token set is a (grid, frames) pair
-        result["grids"] = result.pop("tokens")
     factor = VAE_DOWNSAMPLE if config.data_space == "latent" else 1
     H, W = config.latent_hw
     out: dict[str, Any] = {
