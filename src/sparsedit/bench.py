@@ -40,8 +40,9 @@ from sparsedit.dit import CFG_MODES, DiTConfig
 from sparsedit.errors import SparseditError
 from sparsedit.latte import LatteConfig, temporal_pos_embed
 from sparsedit.layers import sincos_pos_embed_2d
-from sparsedit.pixart import CAPTION_TOKENS, PixArtConfig
+from sparsedit.pixart import CAPTION_TOKENS, PixArtConfig, size_conditions
 from sparsedit.presets import is_sparse, preset_config, with_sparsity
+from sparsedit.vae import VAE_DOWNSAMPLE
 
 __all__ = [
     "DTYPES",
@@ -69,7 +70,6 @@ Clock = Callable[[], float]
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLERS = ("ddpm", "ddim")
 SCHEMA = "sparsedit.bench/1"
-VAE_DOWNSAMPLE = 8
 
 
 # ------------------------------------------------------------------------------------------------
@@ -363,9 +363,7 @@ def _caption_conditioning(model: nn.Module, config: Any, settings: BenchSettings
         text = torch.cat([text, null])
     cond = {"encoder_hidden_states": text, "encoder_attention_mask": mask}
     if getattr(config, "use_additional_conditions", False):
-        h, w = config.latent_hw
-        cond["resolution"] = torch.tensor([[h * VAE_DOWNSAMPLE, w * VAE_DOWNSAMPLE]], dtype=torch.float).expand(rows, 2)
-        cond["aspect_ratio"] = torch.tensor([[h / w]]).expand(rows, 1)
+        cond.update(size_conditions(config.latent_hw, rows))
     return cond
 
 

@@ -22,6 +22,7 @@ schedule-driven block loop) run unchanged. Shapes: B batch, N image tokens, L te
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,7 @@ from sparsedit.layers import (
 )
 from sparsedit.sparse_dit import Layout, SparseDiT, SparseLayoutConfig, block_kinds, layout_fields, parse_layout
 from sparsedit.sparsify import apply_init_rules, init_rules, pooled_qkv_keys
+from sparsedit.vae import VAE_DOWNSAMPLE
 
 Grid = tuple[int, int]
 
@@ -131,6 +133,15 @@ def pixart_config(image_size: int = 512, vae_downsample: int = 8, **overrides: A
     )
     kwargs.update(overrides)
     return PixArtConfig(**kwargs)
+
+
+def size_conditions(latent_hw: Sequence[int], batch: int, device: str | torch.device = "cpu",
+                    vae_downsample: int = VAE_DOWNSAMPLE) -> dict[str, Tensor]:
+    """PixArt-1024-MS's ``added_cond_kwargs`` for latents of ``latent_hw``: the image height / width in
+    pixels (B, 2) and the aspect ratio h / w (B, 1), as its pipelines pass them."""
+    h, w = (int(s) * vae_downsample for s in latent_hw)
+    return {"resolution": torch.tensor([[h, w]], dtype=torch.float32, device=device).repeat(batch, 1),
+            "aspect_ratio": torch.tensor([[h / w]], dtype=torch.float32, device=device).repeat(batch, 1)}
 
 
 def pixart_pos_embed(dim: int, grid: Grid, base_size: int, interpolation_scale: float) -> Tensor:
@@ -648,13 +659,16 @@ def generate_pixart(
 
     ``prompt_embeds`` (B, L, 4096) and ``prompt_mask`` (B, L) come from the T5 encoder (not part of
     sparsedit). Guidance (``cfg_scale != 1``) uses ``null_embeds`` or the model's stored null
-    caption (:meth:`PixArt.forward_with_cfg`). Sampling runs :func:`sparsedit.samplers.sample`, whose
+    caption (:meth:`PixArt.forward_with_cfg`). A 1024-MS model without ``added_cond_kwargs`` gets the
+    size conditions of its own latent size (:func:`size_conditions`). Sampling runs :func:`sparsedit.samplers.sample`, whose
     model calls receive the original timesteps, so a SparsePixArt picks its sparse grid per step.
     All noise comes from a CPU generator seeded with ``seed``.
     """
     from sparsedit.sampling import sample_batch
 
     cfg = model.config
+    if cfg.use_additional_conditions and added_cond_kwargs is None:
+        added_cond_kwargs = size_conditions(cfg.latent_hw, prompt_embeds.shape[0], device)
     kwargs: dict[str, Any] = {
         "encoder_hidden_states": prompt_embeds.to(device),
         "encoder_attention_mask": None if prompt_mask is None else prompt_mask.to(device),

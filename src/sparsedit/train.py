@@ -54,14 +54,13 @@ from sparsedit.diffusion import create_diffusion
 from sparsedit.dit import DiT
 from sparsedit.errors import SparseditError
 from sparsedit.latte import LatteConfig, SparseLatte, SparseLatteConfig
-from sparsedit.pixart import PixArtConfig, SparsePixArt
+from sparsedit.pixart import PixArtConfig, SparsePixArt, size_conditions
 from sparsedit.schedule import Piece, PieceSampler, pruning_rate
 from sparsedit.sparse_dit import SparseDiT
+from sparsedit.vae import VAE_DOWNSAMPLE
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
-# Pixels per latent pixel of the SD VAE: PixArt-1024-MS's size conditions are image sizes in pixels.
-VAE_FACTOR = 8
 
 
 @dataclass
@@ -504,13 +503,8 @@ class Trainer:
         mask = cond.get("encoder_attention_mask")
         kwargs: dict[str, Any] = {"encoder_hidden_states": caption,
                                   "encoder_attention_mask": None if mask is None else mask.to(dev)}
-        if getattr(self.config, "use_additional_conditions", False):
-            # PixArt-1024-MS: image height/width in pixels and aspect ratio, as its pipelines pass them.
-            h, w = x.shape[-2] * VAE_FACTOR, x.shape[-1] * VAE_FACTOR
-            kwargs["added_cond_kwargs"] = {
-                "resolution": torch.tensor([[h, w]], dtype=torch.float32, device=dev).repeat(x.shape[0], 1),
-                "aspect_ratio": torch.tensor([[h / w]], dtype=torch.float32, device=dev).repeat(x.shape[0], 1),
-            }
+        if getattr(self.config, "use_additional_conditions", False):  # PixArt-1024-MS
+            kwargs["added_cond_kwargs"] = size_conditions(x.shape[-2:], x.shape[0], dev)
         return kwargs
 
     @torch.no_grad()
@@ -670,7 +664,7 @@ def open_dataset(spec: str, image_size: int | None = None, channels: int = 1, se
 def describe_latents(ds: LatentsDataset) -> dict[str, Any]:
     """What a latents directory holds, as :func:`open_dataset` records it (frames and captions only when present)."""
     c, *_, h, w = ds.latent_shape
-    info: dict[str, Any] = {"kind": "latents", "resolution": int(ds.meta.get("resolution", h * VAE_FACTOR)),
+    info: dict[str, Any] = {"kind": "latents", "resolution": int(ds.meta.get("resolution", h * VAE_DOWNSAMPLE)),
                             "latent_size": [h, w], "channels": c, "num_classes": ds.num_classes, "data_space": "latent"}
     if ds.num_frames is not None:
         info["num_frames"] = ds.num_frames

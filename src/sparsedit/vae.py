@@ -14,6 +14,8 @@ from torch import Tensor, nn
 from sparsedit.errors import SparseditError
 
 LATENT_SCALE = 0.18215
+#: Image pixels per latent pixel of the SD VAE (also PixArt's and Latte's): 256 px <-> 32 latent px.
+VAE_DOWNSAMPLE = 8
 VAE_HELP = (
     "download stabilityai/sd-vae-ft-ema (or sd-vae-ft-mse) once, e.g. "
     "`huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir sd-vae-ft-ema`, then pass --vae sd-vae-ft-ema"

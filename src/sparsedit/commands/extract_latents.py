@@ -21,9 +21,7 @@ from torch import Tensor, nn
 
 from sparsedit.commands.common import add_device_arg, check_device, positive_int
 from sparsedit.errors import SparseditError
-
-#: The VAE down-sampling factor that ``sparsedit train`` (``dit_config(..., vae_downsample=8)``) assumes.
-TRAIN_VAE_FACTOR = 8
+from sparsedit.vae import VAE_DOWNSAMPLE as TRAIN_VAE_FACTOR  # what ``sparsedit train --model PRESET`` assumes
 
 
 def register(sub: argparse._SubParsersAction) -> None:

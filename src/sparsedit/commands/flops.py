@@ -17,9 +17,9 @@ from typing import Any
 from sparsedit.commands.common import positive_int, rate
 from sparsedit.presets import dense_config, is_sparse, resolve_preset, with_sparsity
 from sparsedit.sparse_dit import LAYOUT_HELP
+from sparsedit.vae import VAE_DOWNSAMPLE
 
 SAMPLERS = ("ddpm", "ddim")
-VAE_DOWNSAMPLE = 8
 
 
 def register(sub: argparse._SubParsersAction) -> None:

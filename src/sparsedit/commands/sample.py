@@ -103,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from sparsedit.latte import Latte, generate_latte, save_video_gif, save_video_strip
     from sparsedit.pixart import PixArt, generate_pixart
     from sparsedit.sampling import generate
+    from sparsedit.train import text_conditioned
     from sparsedit.vae import load_vae
 
     device = check_device(args.device)
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     common = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, cfg_scale=args.cfg_scale, cfg_mode=args.cfg_mode,
                   seed=args.seed, device=device, progress=not args.no_progress)
     start = time.perf_counter()
-    text = isinstance(model, PixArt) or (isinstance(model, Latte) and model.config.text)
+    text = text_conditioned(model.config)
     if not text and (args.prompt is not None or args.prompt_embeds is not None):
         raise SparseditError(f"this {type(model).__name__} is class-conditional: drop --prompt / --prompt-embeds "
                              "and pass --class-labels")
