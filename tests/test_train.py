@@ -340,7 +340,8 @@ def test_keep_last_and_the_final_model_is_the_latest_ema(tmp_path: Path) -> None
 def test_ema_follows_the_decay(tmp_path: Path) -> None:
     torch.manual_seed(0)
     init = {k: v.clone() for k, v in tiny_dit().state_dict().items()}
-    trainer = Trainer(tiny_dit(), digits(), tmp_path / "run", settings(steps=1, ema_decay=0.75), progress=False)
+    trainer = Trainer(tiny_dit(), digits(), tmp_path / "run", settings(steps=1, ema_decay=0.75, ema_warmup=False),
+                      progress=False)
     trainer.fit()
     model, ema = trainer.raw.state_dict(), trainer.ema.state_dict()
     for k, v in init.items():

@@ -401,14 +401,16 @@ class GaussianDiffusion:
         t: torch.Tensor,
         model_kwargs: dict | None = None,
         noise: torch.Tensor | None = None,
+        mse_weight: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Per-sample training losses: ``{"loss", "mse", "vb"}`` (each of shape ``(B,)``).
+        """Per-sample training losses ``{"loss", "mse", "vb"}`` (each ``(B,)``) and the model ``output``.
 
         ``mse`` is the epsilon MSE averaged over the non-batch dimensions. With a learned variance,
         ``vb`` is the variational bound term (bits per dim) evaluated with the epsilon half detached,
         so it only trains the variance; it is multiplied by ``num_timesteps / 1000`` (improved-DDPM's
         RESCALED_MSE; a factor of 1 for the usual 1000-step training schedule). Without a learned
-        variance ``vb`` is zero. ``loss = mse + vb``.
+        variance ``vb`` is zero. ``loss = mse_weight * mse + vb``, with ``mse_weight`` a per-sample
+        weight such as :meth:`min_snr_weight` (1 when None); ``mse`` itself is reported unweighted.
 
         ``t`` holds indices into this schedule; the model receives ``timestep_map[t]``.
         """
@@ -425,7 +427,21 @@ class GaussianDiffusion:
             vb = self.vb_terms_bpd(frozen, x0, xt, t) * (self.num_timesteps / 1000.0)
         else:
             vb = torch.zeros_like(mse)
-        return {"loss": mse + vb, "mse": mse, "vb": vb}
+        weighted = mse if mse_weight is None else mse_weight.to(mse) * mse
+        return {"loss": weighted + vb, "mse": mse, "vb": vb, "output": model_output}
+
+    def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma weight of the epsilon MSE at indices ``t``: ``min(SNR_t, gamma) / SNR_t``, (B,).
+
+        ``SNR_t = acp_t / (1 - acp_t)``. For epsilon prediction this caps the effective x0-space weight
+        at ``gamma`` (Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy"): noisy
+        steps keep weight 1, nearly clean steps, whose SNR exceeds gamma, are down-weighted.
+        """
+        if gamma <= 0:
+            raise SparseditError(f"the Min-SNR gamma must be > 0, got {gamma}; the authors' training uses 5")
+        acp = self.alphas_cumprod[t.detach().cpu().long()]
+        snr = acp / (1.0 - acp)
+        return (snr.clamp(max=gamma) / snr).float().to(t.device)
 
     # -- respacing ----------------------------------------------------------------------------------
 

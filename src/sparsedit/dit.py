@@ -253,6 +253,10 @@ class DiT(GuidanceMixin, nn.Module):
             return checkpoint(block, *args, use_reentrant=False, **kwargs)
         return block(*args, **kwargs)
 
+    def block_tokens(self, layer: int, output: Tensor, batch: int) -> Tensor:
+        """Block ``layer``'s output as (B, tokens, D); a DiT's hidden states already are."""
+        return output
+
     def head(self, h: Tensor, c: Tensor, grid: tuple[int, int]) -> Tensor:
         """Final adaLN layer and unpatchify: (B, N, D) -> (B, C_out, H, W)."""
         h = self.final_layer(h, c)  # (B, N, p*p*C_out)

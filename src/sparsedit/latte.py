@@ -353,6 +353,15 @@ class Latte(GuidanceMixin, nn.Module):
             h = swap_layout(ht, batch)  # (B*F, N, D)
         return self.head(h, conds, grid, batch)
 
+    def block_axis(self, layer: int) -> str:
+        """The row layout of block ``layer``'s output: "s" (B*F, N, D) on spatial layers, "t" (B*N, F, D)."""
+        return "s" if layer % 2 == 0 else "t"
+
+    def block_tokens(self, layer: int, output: Tensor, batch: int) -> Tensor:
+        """Block ``layer``'s output as (B, F*N, D), frame-major, whatever its row layout."""
+        h = output if self.block_axis(layer) == "s" else swap_layout(output, batch)  # (B*F, N, D)
+        return h.reshape(batch, -1, h.shape[-1])
+
     def null_caption(self, batch: int) -> Tensor:
         raise SparseditError(
             "Latte-T2V (diffusers) stores no null caption; pass null_embeds (the T5 embedding of the negative prompt)"
@@ -546,6 +555,10 @@ class SparseLatte(Latte):
         self.kinds = latte_block_kinds(config.layout)
         self.axes = latte_block_axes(self.kinds)
         return nn.ModuleList(self.make_block(kind, i % 2 == 0) for i, kind in enumerate(self.kinds))
+
+    def block_axis(self, layer: int) -> str:
+        # Dense-token layers keep the source's parity; recover_s ends in the spatial layout (latte_block_axes).
+        return self.axes[layer]
 
     def sparse_tokens(self, t: Tensor, dense_grid: Grid, frames: int, grid: Grid | None = None,
                       sparse_frames: int | None = None, keep_ratio: float | None = None) -> tuple[Grid, int]:

@@ -458,6 +458,8 @@ class PixArt(nn.Module):
         cond = PixArtCond(t0=self.t_block(emb), emb=emb, text=text, mask=mask)
         return [cond] * len(self.blocks)
 
+    block_tokens = DiT.block_tokens  # hidden states are (B, N, D) as in DiT
+
     def head(self, h: Tensor, c: PixArtCond, grid: Grid) -> Tensor:
         h = self.final_layer(h, c.emb)  # (B, N, p*p*C_out)
         return unpatchify(h, grid, self.config.patch_size, self.config.out_channels)  # (B, C_out, H, W)

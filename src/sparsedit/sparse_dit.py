@@ -47,6 +47,12 @@ class Layout:
     def depth(self) -> int:
         return self.pool + self.sdtm * (self.gen + self.sparse + self.recovery + self.dense) + self.top
 
+    def feature_layers(self) -> list[int]:
+        """Layers whose output is the whole dense token set, as in the source's same layer: the last block
+        of every SDTM and the last block (the input of the final layer). Feature distillation taps these."""
+        ends = [self.pool + k * (self.gen + self.sparse + self.recovery + self.dense) - 1 for k in range(1, self.sdtm + 1)]
+        return sorted({*ends, self.depth - 1})
+
     def as_string(self) -> str:
         return ",".join(str(v) for v in (self.pool, self.sdtm, self.gen, self.sparse, self.recovery, self.dense, self.top))
 

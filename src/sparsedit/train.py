@@ -51,6 +51,15 @@ from sparsedit.checkpoint import (
 )
 from sparsedit.data import LatentsDataset
 from sparsedit.diffusion import create_diffusion
+from sparsedit.distill import (
+    capture_block_outputs,
+    check_samplable,
+    check_teacher,
+    feature_layers,
+    feature_loss,
+    output_loss,
+    teacher_samples,
+)
 from sparsedit.dit import DiT
 from sparsedit.errors import SparseditError
 from sparsedit.latte import LatteConfig, SparseLatte, SparseLatteConfig
@@ -61,6 +70,8 @@ from sparsedit.vae import VAE_DOWNSAMPLE
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
+# What a step logs: the total loss, the epsilon MSE (unweighted), the VLB term, the distillation terms.
+LOSS_NAMES = ("loss", "mse", "vb", "distill", "feature")
 
 
 @dataclass
@@ -72,6 +83,13 @@ class TrainSettings:
     lr: float = 1e-4
     weight_decay: float = 0.0
     ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay at update n = min(ema_decay, (1 + n) / (10 + n)): short runs get a usable EMA
+    min_snr_gamma: float = 0.0  # > 0: weight the epsilon MSE by min(SNR, gamma) / SNR (Min-SNR; the authors use 5)
+    diffusion_weight: float = 1.0  # weight of the diffusion loss (MSE + VLB)
+    distill_weight: float = 0.0  # > 0: output distillation from a teacher (MSE to its prediction)
+    feature_weight: float = 0.0  # > 0: feature distillation on the dense tokens after every SDTM and the last block
+    merge_lr_scale: float = 1.0  # learning-rate multiplier of the recovery merge layers (W1, W2), new in a SparseDiT
+    data_free: int = 0  # > 0: train on this many samples of the teacher instead of the data (cached in the run dir)
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     grad_accum: int = 1
     grad_checkpointing: bool = False
@@ -92,6 +110,12 @@ class TrainSettings:
                 raise SparseditError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.lr <= 0 or not 0 <= self.ema_decay < 1 or self.grad_clip < 0:
             raise SparseditError("need --lr > 0, 0 <= --ema-decay < 1 and --grad-clip >= 0")
+        weights = ("min_snr_gamma", "diffusion_weight", "distill_weight", "feature_weight", "data_free")
+        negative = [f"--{name.replace('_', '-')}" for name in weights if getattr(self, name) < 0]
+        if negative or self.merge_lr_scale <= 0:
+            raise SparseditError(f"{', '.join(negative) or '--merge-lr-scale'} must be >= 0 (--merge-lr-scale > 0)")
+        if self.diffusion_weight + self.distill_weight + self.feature_weight == 0:
+            raise SparseditError("every loss weight is 0; keep --diffusion-weight > 0 or add --distill-weight")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise SparseditError(f"--precision must be auto, fp32 or bf16, not {self.precision!r}")
         if self.batch_size % (world_size * self.grad_accum):
@@ -99,6 +123,36 @@ class TrainSettings:
                 f"--batch-size {self.batch_size} is not divisible by world size {world_size} x --grad-accum "
                 f"{self.grad_accum}; pick a multiple of {world_size * self.grad_accum}"
             )
+
+    @property
+    def distills(self) -> bool:
+        return self.distill_weight > 0 or self.feature_weight > 0
+
+    def ema_decay_at(self, n: int) -> float:
+        """The EMA decay of update ``n`` (0-based): with warm-up, ``min(ema_decay, (1 + n) / (10 + n))``."""
+        return min(self.ema_decay, (1 + n) / (10 + n)) if self.ema_warmup else self.ema_decay
+
+
+# Named recovery recipes for fine-tuning a freshly sparsified model (values of TrainSettings fields);
+# docs/quality.md measures each on the embedded benchmark and explains the default.
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {},  # the diffusion loss only, as in the paper
+    "min-snr": {"min_snr_gamma": 5.0},  # + Min-SNR-5 weighting of the MSE, as in the authors' training code
+    "distill": {"distill_weight": 1.0},  # + output distillation from the dense source
+    "distill-feature": {"distill_weight": 1.0, "feature_weight": 1.0},  # + feature distillation
+    "data-free": {"distill_weight": 1.0, "data_free": 2000},  # output distillation on 2,000 teacher samples
+}
+DEFAULT_RECIPE = "distill"  # what `sparsedit train --init-from DENSE --layout ...` uses
+
+
+def describe_recipe(name: str) -> str:
+    """``distill_weight=1.0, ...`` (or ``diffusion loss only``) for help texts and reports."""
+    return ", ".join(f"{k}={v}" for k, v in RECIPES[name].items()) or "diffusion loss only"
+
+
+# Settings added after runs were first written: a run.json without them was made with these values.
+LEGACY_SETTINGS = {"ema_warmup": False, "min_snr_gamma": 0.0, "diffusion_weight": 1.0, "distill_weight": 0.0,
+                   "feature_weight": 0.0, "merge_lr_scale": 1.0, "data_free": 0}
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,11 +330,16 @@ class Trainer:
     Items are ``(x, label)`` for class-conditional models, ``(x, cond)`` with ``cond`` a dict holding
     ``encoder_hidden_states`` (L, D) and ``encoder_attention_mask`` (L,) for text-conditional ones
     (what :class:`sparsedit.data.LatentsDataset` returns for a directory with captions).
+
+    ``teacher``: the dense model ``model`` was sparsified from, for distillation
+    (``settings.distill_weight`` / ``feature_weight``; :mod:`sparsedit.distill`). It is frozen, sees
+    the same ``(x_t, t, conditions)`` as the student (its condition dropout replays the student's
+    random draws, so a dropped label is dropped for both) and is never saved with the student.
     """
 
     def __init__(self, model: nn.Module, dataset: Dataset, run_dir: str | Path, settings: TrainSettings,
                  run_info: dict[str, Any] | None = None, device: str | None = None,
-                 vae_path: str | None = None, progress: bool = True):
+                 vae_path: str | None = None, progress: bool = True, teacher: nn.Module | None = None):
         self.dist = init_distributed(device)
         settings.validate(self.dist.world)
         if self.dist.device.type == "cpu":
@@ -295,7 +354,9 @@ class Trainer:
         self.raw = model.to(self.dist.device)
         self.config = model.config
         self.run_info = {"settings": asdict(settings), "model": self.config.to_dict(), **(run_info or {})}
-        if isinstance(dataset, LatentsDataset):
+        if teacher is not None:
+            self.run_info["teacher"] = {**self.run_info.get("teacher", {}), "model": teacher.config.to_dict()}
+        if isinstance(dataset, LatentsDataset) and not settings.data_free:
             check_model_fits_data(self.config, describe_latents(dataset))
         self.text = text_conditioned(self.config)
         self.null_caption = self._dropout_caption(dataset)
@@ -303,15 +364,56 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(settings.seed * 1000 + self.dist.rank)
         torch.manual_seed(settings.seed * 1000 + self.dist.rank)  # label dropout uses the global RNG
         self.pieces = timestep_sampler(model, self.gen)
+        self.teacher, self.taps = self._set_up_teacher(teacher)
         self.raw.gradient_checkpointing = settings.grad_checkpointing
         self.ema = copy.deepcopy(self.raw).requires_grad_(False).eval()
         self.model, self.ema_wrapped = self._wrap()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        self.opt = torch.optim.AdamW(self._param_groups(), lr=settings.lr, weight_decay=settings.weight_decay)
         self.step = 0
         self.last_ckpt: Path | None = None
         self.writer: Any = None
 
     # -- set-up ---------------------------------------------------------------------------------
+
+    def _set_up_teacher(self, teacher: nn.Module | None) -> tuple[nn.Module | None, list[int]]:
+        """The frozen teacher on this rank's device, and the layers whose features are distilled."""
+        s = self.settings
+        if teacher is None:
+            if s.distills or s.data_free:
+                raise SparseditError("--distill-weight / --feature-weight / --data-free need a teacher: the dense model "
+                                     "the student was sparsified from (--teacher PATH; default with --layout: --init-from)")
+            return None, []
+        if not (s.distills or s.data_free):
+            raise SparseditError("a teacher was given but --distill-weight, --feature-weight and --data-free are 0; "
+                                 "set one of them")
+        check_teacher(self.raw, teacher)
+        if s.data_free:
+            check_samplable(teacher)
+        # Train mode only switches on condition dropout (no dropout layers in these models); the
+        # teacher needs it to drop the same labels as the student (see train_step).
+        teacher = teacher.to(self.dist.device).requires_grad_(False).train()
+        return teacher, feature_layers(self.raw) if s.feature_weight > 0 else []
+
+    def _teacher_dataset(self) -> Dataset:
+        """``settings.data_free`` teacher samples: drawn by rank 0 into the run dir once, read by every rank."""
+        cache = self.run_dir / "teacher_samples"
+        if self.dist.main:
+            teacher_samples(self.teacher, self.settings.data_free, cache, seed=self.settings.seed,
+                            device=self.dist.device, progress=self.progress)
+        self.dist.barrier()
+        return teacher_samples(self.teacher, self.settings.data_free, cache, seed=self.settings.seed, progress=False)
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """All parameters at --lr, the recovery merges (W1, W2) at --lr x --merge-lr-scale."""
+        merge, rest = [], []
+        for name, p in self.raw.named_parameters():
+            (merge if ".merge_" in name else rest).append(p)
+        groups = [{"params": rest}]
+        if merge and self.settings.merge_lr_scale != 1.0:
+            groups.append({"params": merge, "lr": self.settings.lr * self.settings.merge_lr_scale})
+        else:
+            rest.extend(merge)
+        return groups
 
     def _dropout_caption(self, dataset: Dataset) -> Tensor | None:
         """The null caption that the trainer drops captions to, or None when it drops none itself.
@@ -359,6 +461,7 @@ class Trainer:
         run_file = self.run_dir / RUN_FILE
         if run_file.exists():
             saved = read_json(run_file)
+            saved["settings"] = {**LEGACY_SETTINGS, **saved.get("settings", {})}
             mine = json.loads(json.dumps(self.run_info))
             ignore = {"steps", "ckpt_every", "keep_last", "log_every", "sample_every", "num_workers", "tensorboard"}
             diff = sorted(
@@ -369,6 +472,8 @@ class Trainer:
                 diff.append("model config")
             if saved.get("data") != mine.get("data"):
                 diff.append("data")
+            if saved.get("teacher") != mine.get("teacher"):
+                diff.append("teacher")
             if diff:
                 raise SparseditError(f"{self.run_dir} holds a different run (differs in {', '.join(diff)}); use a new "
                                      "--run-dir, or repeat the original command to resume it")
@@ -511,19 +616,34 @@ class Trainer:
     def _update_ema(self) -> None:
         ema = list(self.ema_wrapped.parameters())
         cur = [p.detach() for p in self.model.parameters()]
-        torch._foreach_lerp_(ema, cur, 1.0 - self.settings.ema_decay)
+        torch._foreach_lerp_(ema, cur, 1.0 - self.settings.ema_decay_at(self.step))
+
+    def _teacher_forward(self, x: Tensor, t: Tensor, noise: Tensor, kwargs: dict[str, Any]) -> tuple[Tensor, dict]:
+        """The teacher's prediction (and tapped tokens) on the student's x_t, t and conditions.
+
+        Run inside a forked RNG so that its label / caption dropout draws exactly what the student's
+        forward then draws from the same state: a condition dropped for one is dropped for both.
+        """
+        devices = [self.dist.device] if self.dist.device.type == "cuda" else []
+        xt = self.diffusion.q_sample(x, t, noise)
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), \
+                capture_block_outputs(self.teacher, self.taps, x.shape[0]) as feats:
+            out = self.teacher(xt, self.diffusion.original_timesteps(t), **kwargs)
+        return out, feats
 
     def train_step(self, batches: Iterator[tuple[Tensor, Any]]) -> dict[str, float]:
         s = self.settings
         self.model.train()
-        totals = torch.zeros(3, dtype=torch.float64)
+        totals = torch.zeros(len(LOSS_NAMES), dtype=torch.float64)
         grid = ""
         for micro in range(s.grad_accum):
             x, cond = next(batches)
             x = x.to(self.dist.device)
             kwargs = self._model_kwargs(x, cond)
             t, grid = self._timesteps(x.shape[0])
+            t = t.to(self.dist.device)
             noise = torch.randn(x.shape, generator=self.gen).to(self.dist.device)
+            weight = self.diffusion.min_snr_weight(t, s.min_snr_gamma) if s.min_snr_gamma > 0 else None
             last = micro == s.grad_accum - 1
             sync_ctx = contextlib.nullcontext()
             if self.settings.fsdp:
@@ -531,11 +651,18 @@ class Trainer:
             elif not last and hasattr(self.model, "no_sync"):
                 sync_ctx = self.model.no_sync()
             with sync_ctx, self._autocast():
-                losses = self.diffusion.training_losses(self.model, x, t.to(self.dist.device), kwargs, noise)
-                loss = losses["loss"].mean()
+                if self.teacher is not None:
+                    teacher_out, teacher_feats = self._teacher_forward(x, t, noise, kwargs)
+                with capture_block_outputs(self.raw, self.taps, x.shape[0]) as feats:
+                    losses = self.diffusion.training_losses(self.model, x, t, kwargs, noise, mse_weight=weight)
+                zero = torch.zeros_like(losses["mse"])
+                losses["distill"] = output_loss(losses["output"], teacher_out) if s.distill_weight > 0 else zero
+                losses["feature"] = feature_loss(feats, teacher_feats) if self.taps else zero
+                loss = (s.diffusion_weight * losses["loss"] + s.distill_weight * losses["distill"]
+                        + s.feature_weight * losses["feature"]).mean()
             (loss / s.grad_accum).backward()
-            totals += torch.stack([loss.detach().double().cpu(), losses["mse"].mean().detach().double().cpu(),
-                                   losses["vb"].mean().detach().double().cpu()]) / s.grad_accum
+            parts = [loss] + [losses[name].mean() for name in LOSS_NAMES[1:]]
+            totals += torch.stack([v.detach().double().cpu() for v in parts]) / s.grad_accum
         totals = self.dist.mean(totals.to(self.dist.device) if self.dist.device.type == "cuda" else totals).cpu()
         if not torch.isfinite(totals).all():
             last = self.last_ckpt or "none (no checkpoint yet)"
@@ -547,7 +674,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self._update_ema()
         self.step += 1
-        return {"loss": totals[0].item(), "mse": totals[1].item(), "vb": totals[2].item(), "grid": grid}
+        return {**{name: v.item() for name, v in zip(LOSS_NAMES, totals, strict=True)}, "grid": grid}
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.dist.main:
@@ -555,7 +682,7 @@ class Trainer:
         with open(self.run_dir / METRICS_FILE, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.writer is not None:
-            for key in ("loss", "mse", "vb", "steps_per_sec"):
+            for key in (*LOSS_NAMES, "steps_per_sec"):
                 self.writer.add_scalar(f"train/{key}", record[key], record["step"])
 
     def _sample_grid(self) -> None:
@@ -592,6 +719,8 @@ class Trainer:
         if s.sample_every and self.dist.main and not isinstance(self.raw, DiT):
             print(f"note: --sample-every draws no grids for a {type(self.raw).__name__} (it needs captions or writes "
                   "videos); sample a checkpoint with `sparsedit sample` instead")
+        if s.data_free:
+            self.dataset = self._teacher_dataset()
         batches = self._loader()
         bar = None
         if self.dist.main and self.progress:

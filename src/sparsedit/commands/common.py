@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,21 @@ def add_model_args(parser: argparse.ArgumentParser, flag: str = "--ckpt") -> Non
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda if available, else cpu)")
+
+
+def default_threads() -> int:
+    """Torch intra-op threads for a CPU run: every CPU only when the machine is idle.
+
+    ``max(1, min(cpus, cpus - round(load)))`` with ``load`` the 1-minute load average. Threads beyond the
+    idle cores wait for cores other processes hold, and torch's pool then stalls: on a loaded 2-core
+    machine two threads can run 10x slower than one. Where there is no load average (Windows): every CPU.
+    """
+    cpus = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return cpus
+    return max(1, min(cpus, cpus - round(load)))
 
 
 def check_device(name: str) -> torch.device:
@@ -58,6 +74,10 @@ def non_negative_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     return _number(text, float, lambda v: v > 0, "must be > 0")
+
+
+def non_negative_float(text: str) -> float:
+    return _number(text, float, lambda v: v >= 0, "must be >= 0")
 
 
 def rate(text: str) -> float:

@@ -10,10 +10,10 @@ import argparse
 from dataclasses import fields
 
 from sparsedit.blocks import UPSAMPLE_MODES
-from sparsedit.commands.common import positive_int
+from sparsedit.commands.common import non_negative_float, non_negative_int, positive_float, positive_int
 from sparsedit.commands.sparsify import add_rate_args
 from sparsedit.sparse_dit import LAYOUT_HELP
-from sparsedit.train import TrainSettings
+from sparsedit.train import DEFAULT_RECIPE, RECIPES, TrainSettings, describe_recipe
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +35,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--depth", type=positive_int, help="override the preset's depth")
     src.add_argument("--num-heads", type=positive_int, help="override the preset's number of heads")
     src.add_argument("--no-learn-sigma", action="store_true", help="fixed variance (the model outputs C channels)")
+    rec = p.add_argument_group("recovery recipe (docs/quality.md compares them)")
+    rec.add_argument("--recipe", choices=tuple(RECIPES), default=None,
+                     help=f"a named set of the options below; default with --layout: {DEFAULT_RECIPE}, else paper. "
+                     "Options given explicitly override the recipe's values. "
+                     + "; ".join(f"{name}: {describe_recipe(name)}" for name in RECIPES))
+    rec.add_argument("--teacher", metavar="CKPT", default=None,
+                     help="the dense model to distil from (default with --layout: the --init-from model)")
+    rec.add_argument("--distill-weight", type=non_negative_float, default=None,
+                     help="weight of the output distillation loss (MSE to the teacher's prediction)")
+    rec.add_argument("--feature-weight", type=non_negative_float, default=None,
+                     help="weight of the feature distillation loss (dense tokens after every SDTM and the last block)")
+    rec.add_argument("--diffusion-weight", type=non_negative_float, default=None,
+                     help="weight of the diffusion loss (default 1)")
+    rec.add_argument("--min-snr-gamma", type=non_negative_float, default=None,
+                     help="Min-SNR-gamma weighting of the epsilon MSE (0 = off; the authors' code uses 5)")
+    rec.add_argument("--merge-lr-scale", type=positive_float, default=None,
+                     help="learning-rate multiplier of the recovery merge layers W1, W2 (default 1)")
+    rec.add_argument("--data-free", type=non_negative_int, default=None, metavar="N",
+                     help="train on N samples of the teacher instead of --data (cached in the run directory)")
     data = p.add_argument_group("data")
     data.add_argument("--data", default="digits",
                       help="'digits' (embedded), an image folder (class = subfolder) or a latents directory (images or "
@@ -48,6 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--lr", type=float, default=TrainSettings.lr)
     run.add_argument("--weight-decay", type=float, default=TrainSettings.weight_decay)
     run.add_argument("--ema-decay", type=float, default=TrainSettings.ema_decay)
+    run.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=TrainSettings.ema_warmup,
+                     help="EMA decay min(--ema-decay, (1+n)/(10+n)) at update n, so short runs get a usable EMA "
+                     "(default: on)")
     run.add_argument("--grad-clip", type=float, default=TrainSettings.grad_clip, help="max grad norm (0 = off)")
     run.add_argument("--grad-accum", type=positive_int, default=TrainSettings.grad_accum)
     run.add_argument("--grad-checkpointing", action="store_true")
@@ -95,6 +117,29 @@ def build_model(args: argparse.Namespace, info: dict):  # noqa: ANN201
     return DiT(cfg).train()
 
 
+def recipe_settings(args: argparse.Namespace) -> TrainSettings:
+    """The run's settings: the defaults, then the recipe's values, then every option given explicitly."""
+    recipe = args.recipe or (DEFAULT_RECIPE if args.init_from and args.layout else "paper")
+    values = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if getattr(args, f.name, None) is not None}
+    return TrainSettings(**{**RECIPES[recipe], **values})
+
+
+def load_teacher(args: argparse.Namespace, info: dict, settings: TrainSettings):  # noqa: ANN201
+    """The dense teacher for distillation: --teacher, else the --init-from model (the student's source)."""
+    from sparsedit.convert import load_model
+    from sparsedit.errors import SparseditError
+
+    if not settings.distills:
+        if args.teacher:
+            raise SparseditError("--teacher needs --distill-weight or --feature-weight > 0 (or a distilling --recipe)")
+        return None
+    path = args.teacher or (args.init_from if args.layout else None)
+    if path is None:
+        raise SparseditError("distillation needs the dense source model: pass --teacher CKPT (or fine-tune with "
+                             "--init-from DENSE --layout ..., whose --init-from is the teacher)")
+    return load_model(path, image_size=args.image_size if info["data_space"] == "latent" else None).eval()
+
+
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -104,10 +149,14 @@ def run_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # the initialisation of a from-scratch model is part of the run
     model = build_model(args, info)
     check_model_fits_data(model.config, info)
-    settings = TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings)})
+    settings = recipe_settings(args)
+    teacher = load_teacher(args, info, settings)
     source = {"init_from": args.init_from, "layout": args.layout} if args.init_from else {"preset": args.model}
-    trainer = Trainer(model, dataset, args.run_dir, settings, run_info={"data": info, "source": source},
-                      device=args.device, vae_path=args.vae, progress=not args.no_progress)
+    run_info = {"data": info, "source": source}
+    if teacher is not None:
+        run_info["teacher"] = {"path": args.teacher or args.init_from}
+    trainer = Trainer(model, dataset, args.run_dir, settings, run_info=run_info, device=args.device,
+                      vae_path=args.vae, progress=not args.no_progress, teacher=teacher)
     out = trainer.fit()
     if trainer.dist.main:
         print(f"done: {trainer.step} steps; final EMA model in {out}")
