@@ -215,6 +215,25 @@ coverage = [sample(1)[1].t_start for _ in range(60)]
 pieces = [[p.t_start, p.t_end, list(p.grid)] for p in sparse.pieces.pieces]
 (OUT / f"sparse_rank{RANK}.json").write_text(json.dumps(
     {"draws": draws, "used": used, "coverage": coverage, "pieces": pieces}))
+
+# 4. distillation through the CLI: output + feature distillation under FSDP, data-free under DDP
+if RANK == 0:
+    from sparsedit import save_model
+
+    save_model(source, OUT / "source")
+dist.barrier()
+base = ["train", "--init-from", str(OUT / "source"), "--layout", "1,1,1,0,1,0,1", "--batch-size", "8", "--steps", "2",
+        "--ckpt-every", "2", "--log-every", "1", "--no-progress", "--device", "cpu", "--min-snr-gamma", "5"]
+assert main([*base, "--recipe", "distill-feature", "--fsdp", "--run-dir", str(OUT / "distill_fsdp")]) == 0
+fsdp_distill = TRAINERS[-1]
+assert fsdp_distill.settings.fsdp and fsdp_distill.teacher is not None
+teacher_unchanged = all(torch.equal(a, b) for a, b in zip(fsdp_distill.teacher.state_dict().values(),
+                                                             source.state_dict().values(), strict=True))
+torch.save({"model": full(fsdp_distill.raw), "ema": full(fsdp_distill.ema), "teacher_unchanged": teacher_unchanged},
+           OUT / f"distill_fsdp_rank{RANK}.pt")
+assert main([*base, "--recipe", "data-free", "--data-free", "32", "--run-dir", str(OUT / "data_free_ddp")]) == 0
+free = TRAINERS[-1]
+torch.save({"model": full(free.raw), "samples": free.dataset.samples}, OUT / f"data_free_rank{RANK}.pt")
 dist.barrier()
 dist.destroy_process_group()
 '''
@@ -270,6 +289,22 @@ def test_sparsedit_ranks_use_one_grid_per_step_and_cover_all_pieces(worker_out: 
     drawn = set(ranks[0]["coverage"]) | set(ranks[1]["coverage"])
     assert drawn == {p[0] for p in pieces}  # every piece gets trained
     assert ranks[0]["coverage"] != ranks[1]["coverage"]
+
+
+def test_distillation_under_fsdp_and_data_free_under_ddp(worker_out: Path) -> None:
+    ranks = [torch.load(worker_out / f"distill_fsdp_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["teacher_unchanged"] and ranks[1]["teacher_unchanged"]
+    for name in ("model", "ema"):
+        assert_states_equal(ranks[0][name], ranks[1][name])
+        assert_states_equal(load_model(worker_out / "distill_fsdp" / "checkpoints" / "step_0000002" / name).state_dict(),
+                            ranks[0][name])
+    log = [json.loads(line) for line in (worker_out / "distill_fsdp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(r["distill"] > 0 and r["feature"] > 0 for r in log)
+    free = [torch.load(worker_out / f"data_free_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert_states_equal(free[0]["model"], free[1]["model"])  # DDP replicas in sync
+    assert torch.equal(free[0]["samples"], free[1]["samples"]) and free[0]["samples"].shape == (32, 1, 16, 16)
+    cached = read_safetensors(worker_out / "data_free_ddp" / "teacher_samples" / "teacher_samples.safetensors")
+    assert torch.equal(cached["samples"], free[0]["samples"])  # drawn once by rank 0, read by both
 
 
 # ------------------------------------------------------------------------------------------------
