@@ -16,8 +16,8 @@ from sparsedit.commands.common import run_command
 
 # Sub-command modules, in the order `sparsedit --help` lists them.
 COMMANDS = (
-    "demo", "train", "sparsify", "sample", "sample-fid", "flops", "bench", "analyze", "convert", "extract-latents",
-    "eval",
+    "demo", "compare", "train", "sparsify", "sample", "sample-fid", "flops", "bench", "analyze", "convert",
+    "extract-latents", "eval",
 )
 
 

@@ -8,7 +8,6 @@ image grid). Everything runs on CPU in minutes; every setting is written into th
 from __future__ import annotations
 
 import platform
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -191,8 +190,4 @@ Environment: Python {env['python']}, torch {env['torch']}, {env['platform']}, {e
 {r['command']}
 ```
 """
-
-
-def command_line(argv: list[str]) -> str:
-    return "sparsedit " + " ".join(shlex.quote(a) for a in argv)
 

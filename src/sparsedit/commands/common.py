@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +41,11 @@ def default_threads() -> int:
     except (AttributeError, OSError):
         return cpus
     return max(1, min(cpus, cpus - round(load)))
+
+
+def command_line(argv: list[str]) -> str:
+    """The command as a user would type it again (for reports): ``sparsedit demo --out x``."""
+    return "sparsedit " + " ".join(shlex.quote(a) for a in argv)
 
 
 def check_device(name: str) -> torch.device:

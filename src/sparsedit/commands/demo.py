@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     import shutil
     from pathlib import Path
 
-    from sparsedit.demo import command_line, run_demo
+    from sparsedit.commands.common import command_line
+    from sparsedit.demo import run_demo
     from sparsedit.errors import SparseditError
 
     settings = DemoSettings(**{f.name: getattr(args, f.name) for f in fields(DemoSettings)})

@@ -41,6 +41,7 @@ from sparsedit.metrics.stats import feature_stats, frechet_distance
 __all__ = [
     "DigitsClassifier",
     "digits_score",
+    "features_and_logits",
     "load_digits_classifier",
     "train_digits_classifier",
 ]
@@ -208,7 +209,7 @@ def load_digits_classifier(path: str | os.PathLike[str] | None = None) -> Digits
 
 
 @torch.inference_mode()
-def _features_and_logits(
+def features_and_logits(
     classifier: DigitsClassifier, x: torch.Tensor, batch_size: int
 ) -> tuple[np.ndarray, torch.Tensor]:
     feats, logits = [], []
@@ -270,8 +271,8 @@ def digits_score(
     was_training = classifier.training
     classifier.eval()
     try:
-        feats, logits = _features_and_logits(classifier, samples, batch_size)
-        ref_feats, _ = _features_and_logits(classifier, reference, batch_size)
+        feats, logits = features_and_logits(classifier, samples, batch_size)
+        ref_feats, _ = features_and_logits(classifier, reference, batch_size)
     finally:
         classifier.train(was_training)
     if not (np.isfinite(feats).all() and np.isfinite(ref_feats).all()):
