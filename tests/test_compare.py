@@ -138,6 +138,22 @@ def test_both_models_get_the_same_noise_and_labels(dit: DiT, sparse: nn.Module) 
     assert guided[0].shape[0] == 20 and torch.equal(guided[1][10:], torch.full((10,), 10))
 
 
+def test_b_can_sample_with_its_own_sampler(dit: DiT, sparse: nn.Module) -> None:
+    """The paper's Table 5 question: the DiT at many DDPM steps vs the SparseDiT at few DDIM steps."""
+    a, b = Recorder(dit), Recorder(sparse)
+    settings = CompareSettings(cfg_scales=(1.0,), seeds=(0, 1), num_samples=20, batch_size=10, sampler="ddpm",
+                               steps=6, sampler_b="ddim", steps_b=3, per_class=1, scale=1)
+    report = run(a, b, settings)
+    assert len(a.calls) == 2 * 2 * 6 and len(b.calls) == 2 * 2 * 3
+    for (xa, ya), (xb, yb) in zip(a.calls[::6], b.calls[::3], strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)  # same x_T and labels per chunk
+    cost = report["cost"]
+    assert cost["timesteps"] == "A: 6 ddpm steps of 1000; B: 3 ddim steps of 1000"
+    assert cost["run_flops_ratio_a_over_b"] == pytest.approx(
+        6 * cost["gmacs_per_forward"]["a"] / (3 * cost["gmacs_per_forward"]["b"]))
+    assert "A samples with ddpm 6 steps, B with ddim 3 steps" in render_markdown(report)
+
+
 def test_a_worse_model_b_gives_ratio_above_one() -> None:
     a = sparsedit.load_model(Path(sparsedit.__file__).parent / "assets" / "digits_dit")
     b = copy.deepcopy(a)

@@ -91,6 +91,8 @@ class CompareSettings:
     batch_size: int = 250
     per_class: int = 4  # pairs per class in the paired image
     scale: int = 4  # integer (nearest-neighbour) upscaling of the paired image
+    sampler_b: str | None = None  # B's own sampler and steps (None: A's), e.g. DiT at 250 DDPM vs SparseDiT at 25 DDIM
+    steps_b: int | None = None
 
     def __post_init__(self) -> None:
         from sparsedit.dit import CFG_MODES
@@ -106,19 +108,35 @@ class CompareSettings:
             raise SparseditError(f"--seeds must be distinct integers >= 0, got {list(self.seeds)}; e.g. 0 1 2")
         if self.num_samples < 2:
             raise SparseditError(f"--num-samples must be >= 2 (FID needs a covariance), got {self.num_samples}")
-        for flag, value in (("--steps", self.steps), ("--batch-size", self.batch_size),
+        for flag, value in (("--steps", self.steps), ("--steps-b", self.steps_b or 1), ("--batch-size", self.batch_size),
                             ("--per-class", self.per_class), ("--scale", self.scale)):
             if value < 1:
                 raise SparseditError(f"{flag} must be >= 1, got {value}")
-        if self.sampler not in SAMPLERS:
-            raise SparseditError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        for sampler in (self.sampler, self.sampler_b or self.sampler):
+            if sampler not in SAMPLERS:
+                raise SparseditError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if self.cfg_mode not in CFG_MODES:
             raise SparseditError(f"unknown cfg mode {self.cfg_mode!r}; choose one of {', '.join(CFG_MODES)}")
 
-    def spec(self, cfg_scale: float, seed: int) -> FidSampling:
-        """The chunk layout, labels and noise seeds of one (scale, seed) set: sample-fid's shards."""
-        return FidSampling(num_samples=self.num_samples, batch_size=self.batch_size, steps=self.steps,
-                           sampler=self.sampler, cfg_scale=cfg_scale, cfg_mode=self.cfg_mode, seed=seed)
+    def sampling(self, model: str) -> tuple[str, int]:
+        """(sampler, steps) of model ``"a"`` or ``"b"``."""
+        if model == "b":
+            return self.sampler_b or self.sampler, self.steps_b or self.steps
+        return self.sampler, self.steps
+
+    @property
+    def same_sampling(self) -> bool:
+        return self.sampling("a") == self.sampling("b")
+
+    def spec(self, cfg_scale: float, seed: int, model: str = "a") -> FidSampling:
+        """The chunk layout, labels and noise seeds of one (scale, seed) set of ``model``: sample-fid's shards.
+
+        Both models share the layout, labels and seeds; with different samplers they still start from the
+        same x_T, but a stochastic sampler's later draws (DDPM) no longer line up step for step.
+        """
+        sampler, steps = self.sampling(model)
+        return FidSampling(num_samples=self.num_samples, batch_size=self.batch_size, steps=steps,
+                           sampler=sampler, cfg_scale=cfg_scale, cfg_mode=self.cfg_mode, seed=seed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,8 +212,8 @@ def load_cached(path: Path, key: dict[str, Any]) -> torch.Tensor | None:
     return samples if samples.shape[0] == key["num_samples"] else None
 
 
-def _sample_sets(models: dict[str, nn.Module], spec: FidSampling, device: torch.device, cache: dict[str, Any],
-                 bar: Any) -> tuple[dict[str, torch.Tensor], dict[str, float | None]]:
+def _sample_sets(models: dict[str, nn.Module], specs: dict[str, FidSampling], device: torch.device,
+                 cache: dict[str, Any], bar: Any) -> tuple[dict[str, torch.Tensor], dict[str, float | None]]:
     """One (scale, seed) set of both models; the chunks of A and B alternate, so a machine whose speed
     drifts slows both alike. Returns the samples and the sampling seconds (None for a cached set)."""
     samples: dict[str, torch.Tensor] = {}
@@ -203,19 +221,19 @@ def _sample_sets(models: dict[str, nn.Module], spec: FidSampling, device: torch.
     paths: dict[str, tuple[Path, dict[str, Any]]] = {}
     for m, model in models.items():
         if cache["dir"] is not None:
-            key = cache_key(model, spec, cache["sha"][m], device)
+            key = cache_key(model, specs[m], cache["sha"][m], device)
             paths[m] = (cache_path(cache["dir"], key), key)
             hit = load_cached(*paths[m])
             if hit is not None:
                 samples[m], seconds[m] = hit, None
-                bar.update(spec.num_shards)
+                bar.update(specs[m].num_shards)
     pending = [m for m in models if m not in samples]
     chunks: dict[str, list[torch.Tensor]] = {m: [] for m in pending}
     spent = dict.fromkeys(pending, 0.0)
-    for k in range(spec.num_shards):
+    for k in range(specs["a"].num_shards):
         for m in pending:
             start = time.perf_counter()
-            chunks[m].append(_sample_chunk(models[m], spec, k, device))
+            chunks[m].append(_sample_chunk(models[m], specs[m], k, device))
             spent[m] += time.perf_counter() - start
             bar.update(1)
     for m in pending:
@@ -517,14 +535,22 @@ def blas_threads(threads: int) -> contextlib.AbstractContextManager[Any]:
 
 
 def _macs(models: dict[str, nn.Module], s: CompareSettings) -> dict[str, Any]:
-    timesteps = space_timesteps(1000, f"ddim{s.steps}" if s.sampler == "ddim" else s.steps)
-    report = {m: schedule_macs(model.config, timesteps) for m, model in models.items()}
+    """GMACs per forward (mean under each model's own sampling timesteps) and per sampling run."""
+    report, runs, steps_text = {}, {}, {}
+    for m, model in models.items():
+        sampler, steps = s.sampling(m)
+        timesteps = space_timesteps(1000, f"ddim{steps}" if sampler == "ddim" else steps)
+        report[m] = schedule_macs(model.config, timesteps)
+        runs[m] = report[m]["gmacs"] * len(timesteps)
+        steps_text[m] = f"{len(timesteps)} {sampler} steps of 1000"
     return {
         "gmacs_per_forward": {m: r["gmacs"] for m, r in report.items()},
         "gmacs_min_max": {m: [r["gmacs_min"], r["gmacs_max"]] for m, r in report.items()},
+        "gmacs_per_sample": runs,  # one unguided sampling run; guidance doubles both
         "params": {m: r["params"] for m, r in report.items()},
         "flops_ratio_a_over_b": report["a"]["gmacs"] / report["b"]["gmacs"],
-        "timesteps": f"{len(timesteps)} {s.sampler} steps of 1000",
+        "run_flops_ratio_a_over_b": runs["a"] / runs["b"],
+        "timesteps": steps_text["a"] if s.same_sampling else f"A: {steps_text['a']}; B: {steps_text['b']}",
     }
 
 
@@ -655,7 +681,8 @@ def _run_sets(models: dict[str, nn.Module], scorer: Any, decoder: nn.Module | No
             rows: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}
             for seed in s.seeds:
                 bar.set_postfix_str(f"cfg {cfg_scale:g} seed {seed}: sampling")
-                samples, secs = _sample_sets(models, s.spec(cfg_scale, seed), dev, cache, bar)
+                specs = {m: s.spec(cfg_scale, seed, m) for m in ("a", "b")}
+                samples, secs = _sample_sets(models, specs, dev, cache, bar)
                 bar.set_postfix_str(f"cfg {cfg_scale:g} seed {seed}: scoring")
                 for m in ("a", "b"):
                     if secs[m] is None:
@@ -735,6 +762,15 @@ def results_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _sampling_text(s: dict[str, Any]) -> str:
+    a = f"{s['sampler']} {s['steps']} steps"
+    b = f"{s.get('sampler_b') or s['sampler']} {s.get('steps_b') or s['steps']} steps"
+    if a == b:
+        return a
+    return (f"A samples with {a}, B with {b} (same x_T per sample; the samplers' later steps differ, so the pairs "
+            "match in noise only at the start)")
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The readable report: settings in words, the table, the floor, per-class accuracy, cost."""
     s, names, f = report["settings"], report["names"], report["floor"]
@@ -747,7 +783,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"A: {report['models']['a']['class']}, B: {report['models']['b']['class']}. Both models sample the **same "
         "noise and labels** (sample i has class i % num_classes; chunk k of seed s is drawn from a seed derived from "
         f"(s, k)). N = **{s['num_samples']} samples per model, per CFG scale, per seed**; seeds {seeds}; "
-        f"{s['sampler']} {s['steps']} steps, cfg mode {s['cfg_mode']}, batch {s['batch_size']}. Every value is the "
+        f"{_sampling_text(s)}, cfg mode {s['cfg_mode']}, batch {s['batch_size']}. Every value is the "
         "mean ± sample std over the seeds; the FID ratio and the accuracy gap are taken per seed (A and B share "
         "that seed's noise), then averaged. All scales are shown side by side: guidance trades distribution match "
         "for class fidelity, and no single scale stands for a model.",
@@ -806,9 +842,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{t['sampling_seconds']['b']:.1f} |",
         f"| sets taken from the cache (not timed) | {cached['a']} | {cached['b']} |",
         "",
-        f"FLOPs ratio A/B: **{c['flops_ratio_a_over_b']:.2f}x** (per forward; with guidance both models run each "
-        "forward on a doubled batch). Wall seconds were measured in this one process with the chunks of A and B "
-        "alternating; they depend on the machine and its load.",
+        f"FLOPs ratio A/B: **{c['flops_ratio_a_over_b']:.2f}x** per forward, **{c['run_flops_ratio_a_over_b']:.2f}x** "
+        "per sampling run (with guidance both models run each forward on a doubled batch). Wall seconds were "
+        "measured in this one process with the chunks of A and B alternating; they depend on the machine and its "
+        "load.",
     ]
     images = [paired_name(r["cfg_scale"]) for r in report["results"]]
     env = report["environment"]

@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help=f"samples per model, per scale, per seed (default {DEFAULTS.num_samples})")
     p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULTS.sampler)
     p.add_argument("--steps", type=positive_int, default=DEFAULTS.steps, help=f"(default {DEFAULTS.steps})")
+    p.add_argument("--sampler-b", choices=SAMPLERS, default=None,
+                   help="B's own sampler (default: --sampler), e.g. a SparseDiT at 25 DDIM steps vs the DiT at 250 DDPM")
+    p.add_argument("--steps-b", type=positive_int, default=None, help="B's own step count (default: --steps)")
     p.add_argument("--cfg-mode", choices=CFG_MODES, default=DEFAULTS.cfg_mode,
                    help="guide the first 3 latent channels (official DiT) or all channels")
     p.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size,
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     settings = CompareSettings(
         cfg_scales=tuple(args.cfg_scales), seeds=tuple(args.seeds), num_samples=args.num_samples,
         sampler=args.sampler, steps=args.steps, cfg_mode=args.cfg_mode, batch_size=args.batch_size,
-        per_class=args.per_class, scale=args.scale,
+        per_class=args.per_class, scale=args.scale, sampler_b=args.sampler_b, steps_b=args.steps_b,
     )
     device = check_device(args.device)
     prepare_out(args.out, args.overwrite)  # refuse a non-empty --out before loading anything
