@@ -21,7 +21,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 demo: setup
-	$(BIN)/sparsedit demo
+	$(BIN)/sparsedit demo --overwrite
 
 lint: setup
 	$(BIN)/ruff check .

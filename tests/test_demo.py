@@ -12,6 +12,9 @@ import sparsedit
 from sparsedit.cli import main
 from sparsedit.demo import DemoSettings, run_demo
 from sparsedit.dit import DiT, DiTConfig
+from sparsedit.train import DEFAULT_RECIPE
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture()
@@ -25,41 +28,61 @@ def tiny_digits_dit(tmp_path):
     return sparsedit.save_pretrained(model, tmp_path / "dit")
 
 
-def small_settings(out) -> DemoSettings:
-    return DemoSettings(out=str(out), finetune_steps=3, batch_size=8, samples_per_class=2, sample_steps=5,
-                        timing_repeats=1)
+def small_settings(out, **kw) -> DemoSettings:
+    base = dict(out=str(out), finetune_steps=3, batch_size=8, num_samples=20, seeds=(0, 1), sample_steps=3,
+                per_class=1, image_scale=1, threads=1)
+    return DemoSettings(**{**base, **kw})
 
 
 def test_demo_writes_complete_report(tmp_path, tiny_digits_dit):
     report = run_demo(small_settings(tmp_path / "demo"), dit_path=tiny_digits_dit, progress=False)
     out = tmp_path / "demo"
     saved = json.loads((out / "report.json").read_text())
-    assert saved["sparse_layout"] == "1,2,1,2,1,1,1"
-    for model in ("dit", "sparsedit"):
-        assert saved["gmacs_per_forward"][model] > 0
-        assert 0 <= saved["quality"][model]["class_accuracy"] <= 1
-        assert saved["quality"][model]["num_samples"] == 20
-        assert saved["quality"][model]["fid_digits_cnn"] >= 0
-    # r in [0.44, 0.75] on an 8x8 token grid: 6x6 .. 4x4, cheaper than the dense model.
-    assert saved["gmacs_per_forward"]["sparsedit"] < saved["gmacs_per_forward"]["dit"]
-    assert saved["flops_ratio"] == pytest.approx(
-        saved["gmacs_per_forward"]["dit"] / saved["gmacs_per_forward"]["sparsedit"])
-    assert {tuple(g) for g in saved["grids"]} <= {(6, 6), (5, 5), (4, 4)}
-    assert saved["throughput"]["speedup"] > 0 and len(saved["throughput"]["seconds"]["dit"]) == 1
-    assert report["settings"] == saved["settings"]
+    assert json.loads(json.dumps(report["settings"])) == saved["settings"] and saved["recipe"]["name"] == DEFAULT_RECIPE
+    c = saved["comparison"]
+    assert c["names"] == {"a": "DiT", "b": "SparseDiT"} and c["models"]["b"]["class"] == "SparseDiT"
+    assert [r["cfg_scale"] for r in c["results"]] == [1.0, 1.5, 4.0]
+    for r in c["results"]:
+        assert len(r["per_seed"]["a"]) == len(r["per_seed"]["b"]) == 2  # two seeds
+        assert r["fid_ratio"]["std"] is not None and len(r["a"]["per_class"]) == 10
+    assert c["floor"]["available"] and c["floor"]["num_images"] == 20
+    # r in [0.44, 0.75] on an 8x8 token grid: the SparseDiT is cheaper than its DiT
+    assert c["cost"]["flops_ratio_a_over_b"] > 1.3
+    run = json.loads((out / "finetune" / "run.json").read_text())
+    assert run["settings"]["distill_weight"] == 1.0 and run["recipe"] == DEFAULT_RECIPE
     md = (out / "report.md").read_text()
-    assert "FID (digits-CNN features)" in md and "sparsedit demo" in md and "finetune_steps" in md
-    grid = Image.open(out / "grid.png")
-    assert grid.size == (2 + 10 * 18, 2 + 2 * 18)  # 10 classes x (DiT row, SparseDiT row), 16 px + 2 px padding
-    # The fine-tuned SparseDiT is a loadable checkpoint.
+    for text in ("FID (digits-CNN features)", "real floor", "distill", "sparsedit demo report", "FLOPs ratio",
+                 "finetune_steps"):
+        assert text in md, text
+    assert "quality" not in md.lower().replace("docs/quality.md", "")
+    for scale in ("1", "1.5", "4"):
+        assert Image.open(out / f"paired_cfg{scale}.png").size[0] > 2 * 16
     assert type(sparsedit.load_model(out / "finetune" / "model")).__name__ == "SparseDiT"
 
 
-def test_demo_cli_refuses_to_clobber(tmp_path, tiny_digits_dit, capsys):
+def test_demo_paper_recipe_trains_without_a_teacher(tmp_path, tiny_digits_dit):
+    run_demo(small_settings(tmp_path / "demo", recipe="paper", cfg_scales=(1.0,)), dit_path=tiny_digits_dit,
+             progress=False)
+    run = json.loads((tmp_path / "demo" / "finetune" / "run.json").read_text())
+    assert run["settings"]["distill_weight"] == 0.0 and "teacher" not in run
+
+
+def test_demo_cli_twice_and_never_clobbers_other_files(tmp_path, tiny_digits_dit, capsys):
     out = tmp_path / "demo"
-    out.mkdir()
-    (out / "mine.txt").write_text("keep")
-    args = ["demo", "--out", str(out), "--dit", str(tiny_digits_dit), "--finetune-steps", "2", "--no-progress"]
-    assert main(args) == 2
-    assert "not empty" in capsys.readouterr().err
-    assert (out / "mine.txt").read_text() == "keep"
+    args = ["demo", "--out", str(out), "--dit", str(tiny_digits_dit), "--finetune-steps", "2", "--batch-size", "8",
+            "--num-samples", "10", "--seeds", "0", "1", "--cfg-scales", "1", "--sample-steps", "2", "--per-class", "1",
+            "--no-progress", "--overwrite"]
+    assert main(args) == 0
+    assert main(args) == 0  # `make demo` twice in a row
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["seeds"] == [0, 1] and report["settings"]["threads"] >= 1
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep")
+    assert main([*args[:2], str(other), *args[3:]]) == 2
+    assert "not empty and holds no demo report" in capsys.readouterr().err
+    assert (other / "mine.txt").read_text() == "keep"
+    assert main([*args[:-1]]) == 2  # a report is there, and no --overwrite
+    assert "already holds a demo report" in capsys.readouterr().err
+    assert main([*args, "--recipe", "nope"]) == 2
+    assert "unknown --recipe 'nope'" in capsys.readouterr().err
