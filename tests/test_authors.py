@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import sparsedit
+from helpers import Exploit, one_line, run_doc_snippets
 from sparsedit.authors import authors_state_dict, save_authors, sparse_dit_from_authors
 from sparsedit.cli import main
 from sparsedit.dit import DiT, DiTConfig
@@ -248,14 +249,6 @@ def inputs(grid: tuple[int, int], batch: int = 4, patch: int = 2, classes: int =
 def max_rel(a: Tensor, b: Tensor) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def one_line(err: pytest.ExceptionInfo, *words: str) -> str:
-    msg = str(err.value)
-    assert "\n" not in msg and msg.strip() == msg, msg
-    for word in words:
-        assert word in msg, (word, msg)
-    return msg
 
 
 # ------------------------------------------------------------------------------------------------
@@ -521,16 +514,6 @@ def test_foreign_checkpoints_name_what_they_hold(tmp_path: Path) -> None:
     one_line(err, "semantic_size", "authors'")
 
 
-class Exploit:
-    """Unpickling this would create ``marker``: the loader must refuse instead of running it."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 class NamespaceLike(argparse.Namespace):
     """Not a plain argparse.Namespace: refused like any other class."""
 
@@ -588,11 +571,6 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "official.md"
 
 def test_doc_snippets_run_and_print_what_they_say(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
-    assert blocks
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {"__name__": "doc"}
-    for code in blocks:
-        exec(compile(code, str(DOC), "exec"), namespace)
-    expected = [m.group(1) for b in blocks for m in re.finditer(r"^print\(.*\)  # (.*)$", b, flags=re.M)]
-    assert expected and capsys.readouterr().out.splitlines() == expected
+    count, expected = run_doc_snippets(DOC)
+    assert count and expected and capsys.readouterr().out.splitlines() == expected
