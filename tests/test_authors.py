@@ -349,10 +349,17 @@ def test_bare_state_dict_uses_semantic_size_8_unless_told(tmp_path: Path) -> Non
     assert model.config.schedule.grid(500, (16, 16)) == (4, 4) and model.config.num_heads == 6
 
 
-def test_export_writes_their_exact_state_dict_and_round_trips_bit_exactly(tmp_path: Path) -> None:
-    layout = (1, 2, (2, 1, 2, 1), 1)
-    state = their_state(*layout, grid=(8, 8))
-    model = sparse_dit_from_authors(dict(state), "theirs", num_heads=2, semantic_size=3)
+@pytest.mark.parametrize(("layout", "grid", "sparse"), CASES)
+def test_export_writes_their_exact_state_dict_and_round_trips_bit_exactly(layout: tuple, grid: tuple[int, int],
+                                                                         sparse: tuple[int, int],
+                                                                         tmp_path: Path) -> None:
+    state = their_state(*layout, grid=grid, d=16)
+    model = sparse_dit_from_authors(dict(state), "theirs", num_heads=2, semantic_size=sparse)
+    if grid[0] != grid[1]:  # their code reshapes tokens by sqrt(N): a non-square model has no export
+        with pytest.raises(SparseditError) as err:
+            save_authors(model, tmp_path / "x.pt")
+        one_line(err, "square", f"{grid[0]}x{grid[1]}")
+        return
     exported = authors_state_dict(model)
     assert sorted(exported) == sorted(state)
     assert all(torch.equal(exported[k], state[k]) for k in state)
@@ -360,13 +367,22 @@ def test_export_writes_their_exact_state_dict_and_round_trips_bit_exactly(tmp_pa
     ckpt = read(path)
     assert set(ckpt) == {"ema", "args"}
     args = ckpt["args"]
-    assert (args.semantic_size, args.dumbbell_group, args.num_poolingformer, args.num_heads) == (3, [2, 1, 2, 1], 1, 2)
+    group = list(layout[2]) if layout[1] else [0, 0, 0, 0]
+    assert (args.semantic_size, args.dumbbell_group, args.num_poolingformer, args.num_heads) == (
+        sparse[0], group, layout[0], 2)
     again = sparsedit.load_model(path)
     assert again.config == model.config
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values(), strict=True))
+
+
+def test_export_needs_a_new_file_path(tmp_path: Path) -> None:
+    model = sparse_dit_from_authors(their_state(1, 1, (1, 1, 1, 1), 1, grid=(4, 4), d=16), "theirs", num_heads=2,
+                                    semantic_size=2)
+    path = save_authors(model, tmp_path / "sparsedit.pt")
     with pytest.raises(SparseditError) as err:
         save_authors(model, path)
     one_line(err, "exists", "--overwrite")
+    save_authors(model, path, overwrite=True)
     with pytest.raises(SparseditError) as err:
         save_authors(model, tmp_path)
     one_line(err, "directory", ".pt")
@@ -476,7 +492,8 @@ def test_malformed_state_dicts_fail_in_one_line(tmp_path: Path, edit, words: tup
 def test_args_that_contradict_the_weights_or_need_missing_code_fail(tmp_path: Path, args: dict, words) -> None:
     base = dict(model="DiT-S/2", image_size=64, num_classes=10, num_poolingformer=1, num_dumbbell=1,
                 num_normal_block=1, dumbbell_group=[1, 1, 1, 1], semantic_size=2)
-    path = save(tmp_path, {"model": small_state(), "ema": small_state(), "opt": {}, "args": train_py_args(**{**base, **args})})
+    state = small_state()
+    path = save(tmp_path, {"model": state, "ema": state, "opt": {}, "args": train_py_args(**{**base, **args})})
     with pytest.raises(CheckpointError) as err:
         sparsedit.load_model(path)
     one_line(err, *words)
