@@ -374,13 +374,13 @@ def save_authors(model: SparseDiT, out: str | Path, overwrite: bool = False) -> 
     Their ``sample_ddp.py`` / ``sample.py`` read ``ckpt["ema"]``; ``args`` lets ``load_model`` rebuild
     the model with no flags. An existing file is only replaced with ``overwrite``.
     """
-    ckpt = {"ema": authors_state_dict(model), "args": authors_args(model)}
     out = Path(out)
     if out.is_dir():
         raise SparseditError(f"{out} is a directory; the authors' format is one .pt file: give a file path such as "
                              f"{out / 'sparsedit.pt'}")
     if out.exists() and not overwrite:
         raise SparseditError(f"{out} exists; pass --overwrite or choose a new path")
+    ckpt = {"ema": authors_state_dict(model), "args": authors_args(model)}
     atomic_write(out, lambda tmp: torch.save(ckpt, tmp))
     return out
 

@@ -58,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {args.fmt} checkpoint {out} ({type(model).__name__}, {n_params / 1e6:.2f}M parameters)")
     for note in notes:
         print(f"note: diffusers cannot keep this model's numerics exactly: {note}")
-    if hasattr(model, "kinds"):  # a sparse model: what it runs
+    from sparsedit.presets import is_sparse
+
+    if is_sparse(model.config):  # what it runs
         from sparsedit.commands.sparsify import _token_sets
 
         cfg = model.config
