@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+import pytest
 import torch
 from torch import nn
 
@@ -34,3 +38,35 @@ def tiny_text_encoder(width: int, words: str = "a small cactus with happy face d
     encoder = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=width, d_ff=32, d_kv=8, num_layers=1,
                                       num_heads=2))
     return encoder.eval(), tokenizer
+
+
+def one_line(err: pytest.ExceptionInfo, *words: str) -> str:
+    """The error is a single line naming every word in ``words``; returns it."""
+    msg = str(err.value)
+    assert "\n" not in msg and msg.strip() == msg, msg
+    for word in words:
+        assert word in msg, (word, msg)
+    return msg
+
+
+class Exploit:
+    """Unpickling this would create ``marker``: a loader must refuse instead of running it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (Path.touch, (self.marker,))
+
+
+def run_doc_snippets(doc: Path) -> tuple[int, list[str]]:
+    """Run every python block of ``doc`` in order, in one namespace, in the current directory.
+
+    Returns how many blocks ran and the lines their ``print(...)  # expected`` comments promise, in order.
+    """
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    namespace: dict = {"__name__": "doc"}
+    for block in blocks:
+        exec(compile(block, str(doc), "exec"), namespace)
+    expected = [m.group(1) for b in blocks for m in re.finditer(r"^print\(.*\)  # (.*)$", b, flags=re.M)]
+    return len(blocks), expected

@@ -7,7 +7,6 @@ parameter is re-randomised so that zero-initialised layers (adaLN-Zero, output) 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 from diffusers import DiTTransformer2DModel
 
 import sparsedit
+from helpers import Exploit, one_line, run_doc_snippets
 from sparsedit.convert import export_differences, official_state_dict
 from sparsedit.dit import DiT, DiTConfig
 from sparsedit.errors import CheckpointError, SparseditError
@@ -26,15 +26,6 @@ DIFFUSERS_TINY = dict(
     num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
     patch_size=2, num_embeds_ada_norm=10,
 )
-
-
-def one_line(err: pytest.ExceptionInfo, *words: str) -> str:
-    """The error is a single line naming every word in ``words``."""
-    msg = str(err.value)
-    assert "\n" not in msg and msg.strip() == msg, msg
-    for word in words:
-        assert word in msg, (word, msg)
-    return msg
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -289,16 +280,6 @@ def test_random_file_is_not_a_checkpoint(tmp_path, content):
     one_line(err, "notes.pt")
 
 
-class Exploit:
-    """Unpickling this would create ``marker``: the loader must refuse instead of running it."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def test_pickled_code_is_refused_not_executed(tmp_path, official_pt):
     marker = tmp_path / "pwned"
     state = torch.load(official_pt, weights_only=True)
@@ -433,11 +414,6 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "checkpoints.md"
 
 
 def test_doc_snippets_run_and_print_what_they_say(tmp_path, monkeypatch, capsys):
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
-    assert len(blocks) >= 3
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {"__name__": "doc"}
-    for block in blocks:
-        exec(compile(block, str(DOC), "exec"), namespace)
-    expected = [m.group(1) for b in blocks for m in re.finditer(r"^print\(.*\)  # (.*)$", b, flags=re.M)]
-    assert expected and capsys.readouterr().out.splitlines() == expected
+    count, expected = run_doc_snippets(DOC)
+    assert count >= 3 and expected and capsys.readouterr().out.splitlines() == expected

@@ -182,5 +182,5 @@ def test_train_on_latents_of_a_factor_2_vae(workspace: dict[str, Path], tmp_path
     _, info = open_dataset(str(out))
     assert info["latent_size"] == [8, 8] and info["resolution"] == 16
     args = argparse.Namespace(init_from=None, model="DiT-S/2", layout=None, hidden_size=32, depth=2, num_heads=2,
-                              no_learn_sigma=False, image_size=None)
+                              no_learn_sigma=False, image_size=None, init_gain=None)
     check_model_fits_data(build_model(args, info).config, info)  # raises: input size (2, 2) vs (8, 8)

@@ -17,6 +17,9 @@ from sparsedit.layers import DiTBlock, Mlp, adaln_modulation, modulate
 
 Grid = tuple[int, int]
 UPSAMPLE_MODES = ("nearest", "bilinear", "bicubic")
+# How the 2nd.. recovery blocks of an SDTM (r > 1) work: "cross" (ours) cross-attend to the sparse tokens
+# without a merge; "repeat" (the authors' code) repeats the whole recovery block, merging again.
+EXTRA_RECOVERY_MODES = ("cross", "repeat")
 
 
 def tokens_to_map(x: Tensor, grid: Grid) -> Tensor:
@@ -45,10 +48,12 @@ def upsample_tokens(sparse: Tensor, sparse_grid: Grid, dense_grid: Grid, mode: s
 
 
 class RecoveryMerge:
-    """Mixin for the recovery blocks of every model family: ``Xm = up(Xs) W1 + X W2 + pos``.
+    """Mixin for the recovery blocks of every model family: ``Xm = up(Xs) W1 + X W2 (+ pos)``.
 
     The linears live on the block itself (``merge_sparse`` = W1, ``merge_dense`` = W2) so checkpoint
     keys stay ``blocks.{i}.merge_*``. Call :meth:`add_merge` in ``__init__`` after the block's layers.
+    The position table is added when the model passes one: the paper re-adds it, the authors' code does
+    not (the config's ``recovery_pos_embed`` decides; docs/official.md).
     """
 
     merge_sparse: nn.Linear
@@ -71,10 +76,12 @@ class RecoveryMerge:
             self.merge_dense.weight.copy_(torch.eye(self.merge_dense.weight.shape[0]))
         nn.init.zeros_(self.merge_dense.bias)
 
-    def merge(self, x: Tensor, sparse: Tensor, dense_grid: Grid, sparse_grid: Grid, pos_embed: Tensor) -> Tensor:
-        """x: (B, N, D) dense tokens, sparse: (B, M, D) -> merged (B, N, D)."""
+    def merge(self, x: Tensor, sparse: Tensor, dense_grid: Grid, sparse_grid: Grid,
+              pos_embed: Tensor | None) -> Tensor:
+        """x: (B, N, D) dense tokens, sparse: (B, M, D) -> merged (B, N, D); ``pos_embed`` None adds no table."""
         up = upsample_tokens(sparse, sparse_grid, dense_grid, self.upsample)  # (B, N, D)
-        return self.merge_sparse(up) + self.merge_dense(x) + pos_embed  # (B, N, D)
+        merged = self.merge_sparse(up) + self.merge_dense(x)  # (B, N, D)
+        return merged if pos_embed is None else merged + pos_embed
 
 
 def reset_merges(blocks: Iterable[nn.Module]) -> None:
@@ -137,7 +144,10 @@ class DenseRecoveryBlock(RecoveryMerge, DiTBlock):
 
     ``Xm = up(Xs) W1 + X W2 + pos``; ``X = Xm + gate * MHA(q=Xm, k=v=Xs)``; then the MLP. W1 starts
     at 0 and W2 at the identity (Sec. 3.3) so a converted model starts from the dense path. The
-    sine-cosine position embedding is re-added because pooling and the sparse blocks blur positions.
+    sine-cosine position embedding is re-added because pooling and the sparse blocks blur positions
+    (``pos_embed=None`` leaves it out, as the authors' code does). In the authors' variant of r > 1
+    ("repeat") the 2nd.. recovery blocks are this block again, with the previous recovery block's dense
+    output in place of ``Xs`` (then ``sparse_grid`` is the dense grid and nothing is resampled).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6,
@@ -145,7 +155,8 @@ class DenseRecoveryBlock(RecoveryMerge, DiTBlock):
         super().__init__(hidden_size, num_heads, mlp_ratio, norm_eps, mlp_norm_eps)
         self.add_merge(hidden_size, upsample)
 
-    def forward(self, x: Tensor, c: Tensor, sparse: Tensor, dense_grid: Grid, sparse_grid: Grid, pos_embed: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, c: Tensor, sparse: Tensor, dense_grid: Grid, sparse_grid: Grid,  # type: ignore[override]
+                pos_embed: Tensor | None) -> Tensor:
         merged = self.merge(x, sparse, dense_grid, sparse_grid, pos_embed)  # (B, N, D)
         return super().forward(merged, c, context=sparse)  # (B, N, D)
 

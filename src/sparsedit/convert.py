@@ -5,6 +5,7 @@
 * diffusers ``DiTTransformer2DModel`` directories (``config.json`` +
   ``diffusion_pytorch_model.safetensors``), key names from diffusers'
   ``scripts/convert_dit_to_diffusers.py`` and ``models/transformers/dit_transformer_2d.py``;
+* the SparseDiT authors' ``.pt`` files (https://github.com/changsn/SparseDiT; :mod:`sparsedit.authors`);
 * sparsedit directories (:mod:`sparsedit.checkpoint`).
 
 Every converter pops each source key it uses and fails, naming the keys, if anything is left over
@@ -37,6 +38,8 @@ from sparsedit.dit import DIT_SIZES, DiT, DiTConfig, dit_config
 from sparsedit.errors import CheckpointError, SparseditError
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+# save_model's formats: sparsedit directories, diffusers directories, the SparseDiT authors' .pt files.
+EXPORT_FORMATS = ("sparsedit", "diffusers", "official-sparsedit")
 DIFFUSERS_CLASS = "DiTTransformer2DModel"
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -96,9 +99,21 @@ def _pick_state_dict(obj: Any, path: Path, use_ema: bool) -> dict[str, Tensor]:
     if isinstance(obj, dict) and ("ema" in obj or "model" in obj):
         key = "ema" if use_ema and "ema" in obj else "model"
         obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} does not hold a state dict (nor a training dict with 'model'/'ema')")
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict (nor a training dict with "
+                              "'model'/'ema')")
+    odd = next((k for k, v in obj.items() if not isinstance(v, Tensor)), None)
+    if odd is not None:
+        raise CheckpointError(f"{path} does not hold a state dict: {odd!r} is a {type(obj[odd]).__name__}, not a "
+                              "tensor (nor is it a training dict with 'model'/'ema')")
     return obj
+
+
+def _found(state: dict[str, Tensor]) -> str:
+    """The top-level module names of a state dict, for errors that say what a file holds."""
+    names = sorted({str(k).split(".")[0] for k in state})
+    more = f" (+{len(names) - 8} more)" if len(names) > 8 else ""
+    return ", ".join(names[:8]) + more if names else "nothing"
 
 
 def infer_dit_config(
@@ -112,8 +127,9 @@ def infer_dit_config(
         table_rows = state["y_embedder.embedding_table.weight"].shape[0]
     except (KeyError, ValueError):
         raise CheckpointError(
-            f"{name} is not an official DiT state dict (no x_embedder/blocks/final_layer keys); "
-            "pass a DiT .pt file, a diffusers DiTTransformer2DModel directory or a sparsedit directory"
+            f"{name} is not a checkpoint sparsedit reads: its {len(state)} tensors are under {_found(state)}, not an "
+            "official DiT's x_embedder/blocks/final_layer, the SparseDiT authors' poolingformer_blocks/dumbbell_blocks/"
+            "normal_blocks or PixArt-alpha's; pass one of those, a diffusers directory or a sparsedit directory"
         ) from None
     out_ch = n_out // (p * p)
     if out_ch not in (in_ch, 2 * in_ch):
@@ -241,17 +257,21 @@ def _diffusers_model_dir(path: Path) -> Path:
     return path
 
 
-def _load_diffusers_mapped(model: ModelT, path: Path, key_map: dict[str, list[str]]) -> ModelT:
-    """Fill ``model`` from the diffusers weights in ``path``: ours <- theirs (several: concatenated on dim 0).
+def load_mapped(model: ModelT, src: _Source, key_map: dict[str, list[str]]) -> ModelT:
+    """Fill ``model`` from ``src``: ours <- theirs (several: concatenated on dim 0).
 
-    Strict both ways: every model tensor is loaded and every file tensor is used. Returns the model in eval mode.
+    Strict both ways: every model tensor is loaded and every source tensor is used. Returns the model in eval mode.
     """
-    src = _Source(_read_diffusers_weights(path), str(path))
     state = {ours: torch.cat([src.take(k) for k in theirs]) if len(theirs) > 1 else src.take(theirs[0])
              for ours, theirs in key_map.items()}
-    load_state_strict(model, state, str(path))
+    load_state_strict(model, state, src.name)
     src.finish()
     return model.eval()
+
+
+def _load_diffusers_mapped(model: ModelT, path: Path, key_map: dict[str, list[str]]) -> ModelT:
+    """:func:`load_mapped` from the diffusers weights in ``path``."""
+    return load_mapped(model, _Source(_read_diffusers_weights(path), str(path)), key_map)
 
 
 def check_exportable(model: nn.Module, dense_cls: type[nn.Module], diffusers_class: str) -> None:
@@ -439,6 +459,25 @@ def detect_format(path: str | Path) -> str:
     return "official"
 
 
+def _load_single_file(path: Path, preset: str | None, image_size: int | None, use_ema: bool,
+                      semantic_size: int | tuple[int, int] | None) -> nn.Module:
+    """An official DiT, SparseDiT authors' or original PixArt-alpha file, told apart by its keys."""
+    from sparsedit.authors import is_authors_checkpoint, sparse_dit_from_authors
+    from sparsedit.pixart_convert import is_pixart_state, pick_pixart_state, pixart_from_original_state
+
+    obj = read_safetensors(path) if path.suffix == ".safetensors" else read_torch_file(path)
+    if is_authors_checkpoint(obj):
+        return sparse_dit_from_authors(obj, str(path), use_ema=use_ema, preset=preset, image_size=image_size,
+                                       semantic_size=semantic_size)
+    if semantic_size is not None:
+        raise SparseditError(f"semantic_size (--semantic-size) applies to the SparseDiT authors' .pt files only, and "
+                             f"{path} is not one; drop it")
+    if is_pixart_state(obj):  # original PixArt-alpha: {"state_dict": ...} with t_block / y_embedder keys
+        return pixart_from_original_state(pick_pixart_state(obj, str(path), use_ema), image_size, name=str(path))
+    state = obj if path.suffix == ".safetensors" else _pick_state_dict(obj, path, use_ema)
+    return dit_from_official_state(state, preset, image_size, str(path))
+
+
 def load_model(
     path: str | Path,
     model: str | None = None,
@@ -446,18 +485,27 @@ def load_model(
     use_ema: bool = True,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    semantic_size: int | tuple[int, int] | None = None,
 ) -> nn.Module:
     """Load any supported checkpoint and return the model in eval mode.
 
     ``path``: an official DiT ``.pt`` (bare state dict or training dict, EMA weights by default), a
-    diffusers ``DiTTransformer2DModel`` directory, an original PixArt-alpha ``.pth``, a diffusers
+    SparseDiT authors' ``.pt`` (https://github.com/changsn/SparseDiT: their ``train.py``'s training
+    dict or a bare state dict; a :class:`SparseDiT` at their fixed grid, see :mod:`sparsedit.authors`),
+    a diffusers ``DiTTransformer2DModel`` directory, an original PixArt-alpha ``.pth``, a diffusers
     ``PixArtTransformer2DModel`` (or PixArt pipeline) directory, a diffusers ``LatteTransformer3DModel``
     (or Latte pipeline) directory, or a sparsedit directory. ``model`` (a preset such
-    as ``"DiT-XL/2"``) and ``image_size`` are only needed when the file cannot tell.
+    as ``"DiT-XL/2"``) and ``image_size`` are only needed when the file cannot tell; ``semantic_size``
+    sets the SparseDiT authors' sparse grid side (default: their file's ``args``, else 8, their training default).
     """
     path = Path(path)
     kind = detect_format(path)
-    if kind == "sparsedit":
+    if kind == "official":
+        net = _load_single_file(path, model, image_size, use_ema, semantic_size)
+    elif semantic_size is not None:
+        raise SparseditError(f"semantic_size (--semantic-size) applies to the SparseDiT authors' .pt files only, not "
+                             f"to the {kind} directory {path}; drop it")
+    elif kind == "sparsedit":
         net = load_pretrained(path)
     elif kind == "diffusers":
         net = dit_from_diffusers(path)
@@ -465,19 +513,10 @@ def load_model(
         from sparsedit.pixart_convert import pixart_from_diffusers
 
         net = pixart_from_diffusers(path)
-    elif kind == "latte-diffusers":
+    else:
         from sparsedit.latte import latte_from_diffusers
 
         net = latte_from_diffusers(path)
-    else:
-        from sparsedit.pixart_convert import is_pixart_state, pick_pixart_state, pixart_from_original_state
-
-        obj = read_safetensors(path) if path.suffix == ".safetensors" else read_torch_file(path)
-        if is_pixart_state(obj):  # original PixArt-alpha: {"state_dict": ...} with t_block / y_embedder keys
-            net = pixart_from_original_state(pick_pixart_state(obj, str(path), use_ema), image_size, name=str(path))
-        else:
-            state = obj if path.suffix == ".safetensors" else _pick_state_dict(obj, path, use_ema)
-            net = dit_from_official_state(state, model, image_size, str(path))
     if device is not None or dtype is not None:
         net = net.to(device=device, dtype=dtype)
     return net.eval()
@@ -485,16 +524,21 @@ def load_model(
 
 def save_model(model: nn.Module, out: str | Path, fmt: str = "sparsedit", overwrite: bool = False,
                drop_null_caption: bool = False) -> Path:
-    """Export ``model`` as ``fmt`` ("sparsedit" or "diffusers").
+    """Export ``model`` as ``fmt`` ("sparsedit", "diffusers" or "official-sparsedit").
 
     diffusers holds dense models only: a DiT (``DiTTransformer2DModel``), a PixArt
     (``PixArtTransformer2DModel``; ``drop_null_caption`` allows dropping an original checkpoint's null
     caption, which diffusers has no slot for) or a text-conditional Latte (``LatteTransformer3DModel``).
+    "official-sparsedit" writes a SparseDiT as the authors' ``.pt`` file ``out`` (:func:`sparsedit.authors.save_authors`).
     """
     if fmt == "sparsedit":
         return save_pretrained(model, out, overwrite)
+    if fmt == "official-sparsedit":
+        from sparsedit.authors import save_authors
+
+        return save_authors(model, out, overwrite)  # type: ignore[arg-type]  # refuses anything but a SparseDiT
     if fmt != "diffusers":
-        raise SparseditError(f"unknown export format {fmt!r}; choose 'sparsedit' or 'diffusers'")
+        raise SparseditError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     from sparsedit.latte import Latte, save_latte_diffusers
     from sparsedit.pixart import PixArt
     from sparsedit.pixart_convert import save_pixart_diffusers

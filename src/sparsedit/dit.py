@@ -176,9 +176,12 @@ class GuidanceMixin:
 
 
 class DiT(GuidanceMixin, nn.Module):
-    """Diffusion Transformer: patchify -> N x DiTBlock (adaLN-Zero) -> final layer -> unpatchify."""
+    """Diffusion Transformer: patchify -> N x DiTBlock (adaLN-Zero) -> final layer -> unpatchify.
 
-    def __init__(self, config: DiTConfig):
+    ``init_gain`` is the xavier gain of the from-scratch initialisation's linears (:meth:`initialize_weights`).
+    """
+
+    def __init__(self, config: DiTConfig, init_gain: float = 1.0):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = False  # trade compute for memory in training (see run_block)
@@ -194,7 +197,7 @@ class DiT(GuidanceMixin, nn.Module):
         self.final_layer = FinalLayer(d, config.patch_size, config.out_channels, config.norm_eps)
         # Fixed sin-cos table, recomputed from the config rather than stored (non-persistent).
         self.register_buffer("pos_embed", sincos_pos_embed_2d(d, *config.grid)[None], persistent=False)
-        self.initialize_weights()
+        self.initialize_weights(init_gain)
 
     def build_blocks(self, config: DiTConfig) -> nn.ModuleList:
         """One :class:`DiTBlock` per layer (SparseDiT overrides this with its own layout)."""
@@ -203,9 +206,15 @@ class DiT(GuidanceMixin, nn.Module):
             for _ in range(config.depth)
         )
 
-    def initialize_weights(self) -> None:
-        """DiT's initialisation: xavier linears, zeroed adaLN and output ("adaLN-Zero")."""
-        init_linears_and_patch_embed(self, self.x_embedder)
+    def initialize_weights(self, gain: float = 1.0) -> None:
+        """DiT's initialisation: xavier linears, zeroed adaLN and output ("adaLN-Zero").
+
+        ``gain`` scales the linears' xavier bound: 1 is DiT's, 0.5 the SparseDiT authors' ``train.py``
+        (the layers zeroed or re-drawn below are unaffected). Every gain draws the same random numbers.
+        """
+        if not gain > 0:
+            raise SparseditError(f"the initialisation gain must be > 0, got {gain}; DiT uses 1, the SparseDiT authors 0.5")
+        init_linears_and_patch_embed(self, self.x_embedder, gain)
         for emb in [self, *self.block_cond]:
             nn.init.normal_(emb.y_embedder.embedding_table.weight, std=0.02)
             nn.init.normal_(emb.t_embedder.mlp[0].weight, std=0.02)

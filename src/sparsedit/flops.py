@@ -59,7 +59,7 @@ KINDS = ("linear", "attention", "other")
 T_FREQ = 256
 # SDTM block kind -> the part of the SDTM it belongs to (by_part in MacReport).
 _SDTM_PART = {"gen": "gen", "gen+": "gen", "sparse": "sparse", "recover": "recover", "recover+": "recover",
-              "dense": "dense"}
+              "recover*": "recover", "dense": "dense"}
 _SEGMENT = {"pool": "pool", "top": "top", **{k: "sdtm" for k in _SDTM_PART}}
 G = 1e9
 
@@ -185,8 +185,9 @@ def _add(a: Cost, b: Cost) -> Cost:
     return a[0] + b[0], a[1] + b[1], a[2] + b[2]
 
 
-def _block_cost(kind: str, n: int, mtok: int, upsample: bool, m: _Dims) -> Cost:
-    """Cost of one SparseDiT block of ``kind`` with n dense and mtok sparse tokens."""
+def _block_cost(kind: str, n: int, mtok: int, upsample: bool, m: _Dims, pos: bool = True) -> Cost:
+    """Cost of one SparseDiT block of ``kind`` with n dense and mtok sparse tokens; ``pos``: the recovery
+    merges add the position table (the config's ``recovery_pos_embed``)."""
     if kind == "pool":
         return _poolingformer(n, m)
     if kind in ("gen", "gen+"):
@@ -198,9 +199,11 @@ def _block_cost(kind: str, n: int, mtok: int, upsample: bool, m: _Dims) -> Cost:
         cost = _dit_block(n, m, nk=mtok)  # q from the N dense tokens, k/v from the M sparse ones
         if kind == "recover":
             # merge W1 on the N upsampled tokens, W2 on the N dense tokens; upsample writes N*D
-            # (skipped by the code when the grids are equal); two adds (merge, + position embedding).
-            cost = _add(cost, (2 * n * m.d * m.d, 0, (n * m.d if upsample else 0) + 2 * n * m.d))
+            # (skipped by the code when the grids are equal); adds: the merge (+ the position table).
+            cost = _add(cost, (2 * n * m.d * m.d, 0, (n * m.d if upsample else 0) + (2 if pos else 1) * n * m.d))
         return cost
+    if kind == "recover*":  # the authors' repeated recovery: merge and attention on the N dense tokens only
+        return _add(_dit_block(n, m), (2 * n * m.d * m.d, 0, (2 if pos else 1) * n * m.d))
     return _dit_block(n, m)  # dense, top
 
 
@@ -237,8 +240,10 @@ def model_params(config: DiTConfig) -> int:
     final = 2 * d * d + 2 * d + d * m.patch_out + m.patch_out
     if not isinstance(config, SparseDiTConfig):
         return embed + config.depth * dit_block + final
-    per_kind = {"pool": 8 * d * d + 2 * d * f + 9 * d + f, "recover": dit_block + 2 * d * d + 2 * d}
-    return embed + final + sum(per_kind.get(kind, dit_block) for kind in block_kinds(config.layout))
+    merged = dit_block + 2 * d * d + 2 * d  # a block with W1, W2
+    per_kind = {"pool": 8 * d * d + 2 * d * f + 9 * d + f, "recover": merged, "recover*": merged}
+    kinds = block_kinds(config.layout, config.extra_recovery)
+    return embed + final + sum(per_kind.get(kind, dit_block) for kind in kinds)
 
 
 def dit_macs(config: DiTConfig, grid: Grid | None = None) -> MacReport:
@@ -294,8 +299,9 @@ def sparse_dit_macs(config: SparseDiTConfig, sparse_grid: Grid, dense_grid: Grid
     (H, W), (h, w) = _sparse_grids(config.grid if dense_grid is None else dense_grid, sparse_grid)
     n, mtok, m = H * W, h * w, _Dims.of(config)
     resized = (h, w) != (H, W)
-    table, parts = _sparse_table(block_kinds(config.layout), lambda kind: _block_cost(kind, n, mtok, resized, m),
-                                 _embed(n, m), _final(n, m))
+    pos = config.recovery_pos_embed
+    table, parts = _sparse_table(block_kinds(config.layout, config.extra_recovery),
+                                 lambda kind: _block_cost(kind, n, mtok, resized, m, pos), _embed(n, m), _final(n, m))
     return MacReport("SparseDiT", (H, W), (h, w), table, by_part=parts, params=model_params(config))
 
 
@@ -408,11 +414,11 @@ def _text_cross(nq: int, text_len: int, m: _Dims) -> Cost:
     return 2 * nq * d * d + 2 * text_len * d * d, 2 * nq * text_len * d, nq * d + m.heads * nq * text_len
 
 
-def _pixart_block(kind: str, n: int, mtok: int, text_len: int, upsample: bool, m: _Dims) -> Cost:
+def _pixart_block(kind: str, n: int, mtok: int, text_len: int, upsample: bool, m: _Dims, pos: bool = True) -> Cost:
     """A PixArt block of ``kind`` (``block_kinds``; "top" for a dense PixArt): the DiT block of that kind
     without the per-block adaLN regressor, plus the text cross-attention on the tokens it holds."""
     nq = mtok if kind in ("gen", "gen+", "sparse") else n
-    dit = _block_cost(kind, n, mtok, upsample, m)
+    dit = _block_cost(kind, n, mtok, upsample, m, pos)
     return _add((dit[0] - 6 * m.d * m.d, dit[1], dit[2]), _text_cross(nq, text_len, m))
 
 
@@ -434,8 +440,10 @@ def pixart_params(config: PixArtConfig) -> int:
     final = d * m.patch_out + m.patch_out + 2 * d
     if not isinstance(config, SparsePixArtConfig):
         return embed + config.depth * block + final
-    per_kind = {"pool": block - 2 * d * d - 2 * d, "recover": block + 2 * d * d + 2 * d}
-    return embed + final + sum(per_kind.get(kind, block) for kind in block_kinds(config.layout))
+    merged = block + 2 * d * d + 2 * d  # a block with W1, W2
+    per_kind = {"pool": block - 2 * d * d - 2 * d, "recover": merged, "recover*": merged}
+    kinds = block_kinds(config.layout, config.extra_recovery)
+    return embed + final + sum(per_kind.get(kind, block) for kind in kinds)
 
 
 def pixart_macs(config: PixArtConfig, grid: Grid | None = None, text_len: int = CAPTION_TOKENS) -> MacReport:
@@ -464,8 +472,9 @@ def sparse_pixart_macs(config: SparsePixArtConfig, sparse_grid: Grid, dense_grid
     (H, W), (h, w) = _sparse_grids(config.grid if dense_grid is None else dense_grid, sparse_grid)
     n, mtok, m = H * W, h * w, _pixart_dims(config)
     resized = (h, w) != (H, W)
-    table, parts = _sparse_table(block_kinds(config.layout),
-                                 lambda kind: _pixart_block(kind, n, mtok, text_len, resized, m),
+    table, parts = _sparse_table(block_kinds(config.layout, config.extra_recovery),
+                                 lambda kind: _pixart_block(kind, n, mtok, text_len, resized, m,
+                                                            config.recovery_pos_embed),
                                  _pixart_embed(n, text_len, config, m), _pixart_final(n, m))
     return MacReport("SparsePixArt", (H, W), (h, w), table, by_part=parts, params=pixart_params(config))
 
@@ -534,14 +543,15 @@ def _latte_block(kind: str, axis: str, spatial_source: bool, dims: tuple[int, in
         seq_kind, seq_n, seq_m, rows, up = "recover", frames, sf, mtok, upsample[1]
     else:  # recover_s
         seq_kind, seq_n, seq_m, rows, up = "recover", n, mtok, frames, upsample[0]
+    pos = getattr(config, "recovery_pos_embed", True)  # a dense Latte has no recovery blocks
     if config.text:
         if spatial_source:
-            seq = _pixart_block(seq_kind, seq_n, seq_m, text_len, up, m)
+            seq = _pixart_block(seq_kind, seq_n, seq_m, text_len, up, m, pos)
         else:
-            dit = _block_cost(seq_kind, seq_n, seq_m, up, m)
+            dit = _block_cost(seq_kind, seq_n, seq_m, up, m, pos)
             seq = (dit[0] - 6 * m.d * m.d, dit[1], dit[2])
     else:
-        seq = _block_cost(seq_kind, seq_n, seq_m, up, m)
+        seq = _block_cost(seq_kind, seq_n, seq_m, up, m, pos)
     return rows * seq[0], rows * seq[1], rows * seq[2]
 
 

@@ -481,7 +481,10 @@ class SparseLatteConfig(LatteConfig):
 
     The pruning rate r of SPEC section 1 applies to the whole F x N token set; ``temporal_share``
     splits it (:func:`split_keep_ratio`). Rates come from the formula at every timestep (no training
-    pieces: video piece sampling is not implemented).
+    pieces: video piece sampling is not implemented). ``recovery_pos_embed`` (as in SparseDiT,
+    docs/official.md): the recovery merges re-add the temporal / spatial table (True, the paper) or not.
+    A video SDTM's two recovery blocks restore time, then space, so SparseDiT's ``extra_recovery``
+    (what a 2nd.. recovery block of the same axis does) has no counterpart here.
     """
 
     pool_blocks: int = 2
@@ -496,6 +499,7 @@ class SparseLatteConfig(LatteConfig):
     temporal_share: float = 1.0 / 3.0
     num_timesteps: int = 1000
     upsample: str = "nearest"
+    recovery_pos_embed: bool = True
     model_type: str = field(default="SparseLatte", init=False)
 
     layout = SparseLayoutConfig.layout
@@ -511,6 +515,8 @@ class SparseLatteConfig(LatteConfig):
             raise SparseditError(f"temporal_share must be in [0, 1], got {self.temporal_share}")
         if self.upsample not in UPSAMPLE_MODES:
             raise SparseditError(f"upsample must be one of {', '.join(UPSAMPLE_MODES)}, not {self.upsample!r}")
+        if not isinstance(self.recovery_pos_embed, bool):
+            raise SparseditError(f"recovery_pos_embed must be true or false, not {self.recovery_pos_embed!r}")
         self.schedule  # validates the rates  # noqa: B018
 
     @property
@@ -594,6 +600,10 @@ class SparseLatte(Latte):
         b, n, m = x.shape[0], dense_grid[0] * dense_grid[1], sgrid[0] * sgrid[1]
         conds = self.conditions(t, y, encoder_attention_mask)
         tpos = self.temporal_embedding(nf)  # (1, F, D)
+        # The tables the recovery merges re-add (None: off, as in the SparseDiT authors' code).
+        readd = self.config.recovery_pos_embed
+        recovery_tpos = tpos if readd else None
+        recovery_spos = self.position_embedding(dense_grid) if readd else None
         run = self.run_block
 
         def to(z: Tensor, axis: str, want: str) -> Tensor:
@@ -619,12 +629,11 @@ class SparseLatte(Latte):
                 xs = run(block, xs, conds.rows(sf if axis == "s" else m, text))
             elif kind == "recover_t":
                 sparse = to(xs, xs_axis, "t")  # (B*M, f, D)
-                xs = run(block, dense_t, conds.rows(m, text), sparse, (nf, 1), (sf, 1), tpos)  # (B*M, F, D)
+                xs = run(block, dense_t, conds.rows(m, text), sparse, (nf, 1), (sf, 1), recovery_tpos)  # (B*M, F, D)
                 xs_axis = "t"
             elif kind == "recover_s":
                 sparse = to(xs, xs_axis, "s")  # (B*F, M, D)
-                h = run(block, dense_s, conds.rows(nf, text), sparse, dense_grid, sgrid,
-                        self.position_embedding(dense_grid))  # (B*F, N, D)
+                h = run(block, dense_s, conds.rows(nf, text), sparse, dense_grid, sgrid, recovery_spos)  # (B*F, N, D)
                 h_axis = "s"
             else:  # pool, dense, top: dense tokens
                 h, h_axis = to(h, h_axis, axis), axis

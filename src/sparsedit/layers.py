@@ -156,15 +156,17 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def init_linears_and_patch_embed(model: nn.Module, patch_embed: PatchEmbed) -> None:
+def init_linears_and_patch_embed(model: nn.Module, patch_embed: PatchEmbed, linear_gain: float = 1.0) -> None:
     """The DiT family's base initialisation: every linear xavier-uniform with zero bias, and the patch
     embedding's conv initialised like a linear (xavier on its weight flattened to (D, C*p*p)), zero bias.
 
-    Models then re-initialise their embedders and zero their adaLN / output layers on top of this.
+    ``linear_gain`` scales the linears' xavier bound (1 in DiT; the SparseDiT authors' training code
+    uses 0.5); the patch embedding keeps gain 1 in both. Models then re-initialise their embedders and
+    zero their adaLN / output layers on top of this.
     """
     for m in model.modules():
         if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
+            nn.init.xavier_uniform_(m.weight, gain=linear_gain)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
     w = patch_embed.proj.weight

@@ -550,6 +550,8 @@ class PixArtRecoveryBlock(RecoveryMerge, PixArtBlock):
     """First dense block after the sparse ones: ``Xm = up(Xs) W1 + X W2 + pos``; ``MHA(q=Xm, k=v=Xs)``.
 
     Then the text cross-attention (on the N dense tokens) and the MLP. W1 = 0, W2 = I at init.
+    ``pos_embed=None`` leaves the table out; ``extra_recovery="repeat"`` repeats this block (as
+    :class:`sparsedit.blocks.DenseRecoveryBlock`).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6,
@@ -558,7 +560,7 @@ class PixArtRecoveryBlock(RecoveryMerge, PixArtBlock):
         self.add_merge(hidden_size, upsample)
 
     def forward(self, x: Tensor, c: PixArtCond, sparse: Tensor, dense_grid: Grid,  # type: ignore[override]
-                sparse_grid: Grid, pos_embed: Tensor) -> Tensor:
+                sparse_grid: Grid, pos_embed: Tensor | None) -> Tensor:
         merged = self.merge(x, sparse, dense_grid, sparse_grid, pos_embed)  # (B, N, D)
         return super().forward(merged, c, context=sparse)  # (B, N, D)
 
@@ -599,7 +601,7 @@ class SparsePixArt(PixArt):
 
     def build_blocks(self, config: PixArtConfig) -> nn.ModuleList:
         assert isinstance(config, SparsePixArtConfig)
-        self.kinds = block_kinds(config.layout)
+        self.kinds = block_kinds(config.layout, config.extra_recovery)
         args = (config.hidden_size, config.num_heads, config.mlp_ratio, config.norm_eps)
         make = {
             "pool": lambda: PixArtPoolingformer(*args),
@@ -607,6 +609,7 @@ class SparsePixArt(PixArt):
             "gen+": lambda: PixArtGenerationBlock(*args),
             "recover": lambda: PixArtRecoveryBlock(*args, upsample=config.upsample),
             "recover+": lambda: PixArtCrossDenseBlock(*args),
+            "recover*": lambda: PixArtRecoveryBlock(*args, upsample=config.upsample),
         }
         return nn.ModuleList(make.get(kind, lambda: PixArtBlock(*args))() for kind in self.kinds)
 

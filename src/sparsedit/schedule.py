@@ -43,6 +43,7 @@ __all__ = [
     "discrete_timestep",
     "grid_for_rate",
     "pruning_rate",
+    "rate_for_grid",
 ]
 
 Grid = tuple[int, int]
@@ -195,6 +196,38 @@ def grid_for_rate(r: float, H: int, W: int) -> Grid:
     H, W = _check_dense_grid((H, W))
     scale = math.sqrt(1.0 - r)
     return max(1, _round_half_up(H * scale)), max(1, _round_half_up(W * scale))
+
+
+def rate_for_grid(grid: Grid, dense_grid: Grid) -> float:
+    """A pruning rate ``r`` with ``grid_for_rate(r, H, W) == grid``: the constant rate that runs a model at ``grid``.
+
+    ``round_half_up(H * k) == h`` holds for ``k = sqrt(1 - r)`` in ``[(h - 0.5)/H, (h + 0.5)/H)``; the
+    rate takes the middle of that interval intersected with ``w``'s, far from either rounding edge
+    (``8`` of ``16`` gives ``k = 0.5``, ``r = 0.75``; ``6`` of ``16`` gives ``r = 1 - (6/16)^2``).
+
+    Raises:
+        SparseditError: if no rate gives ``grid``: it is larger than the dense grid, or its sides do
+            not shrink by one common factor (rate grids keep the dense grid's aspect ratio).
+    """
+    H, W = _check_dense_grid(dense_grid)
+    try:
+        h, w = (operator.index(v) for v in grid)
+    except (TypeError, ValueError):
+        raise SparseditError(f"sparse grid must be a pair of integers (h, w), got {grid!r}") from None
+    if (h, w) == (H, W):
+        return 0.0
+    lo = max((h - 0.5) / H, (w - 0.5) / W)
+    hi = min((h + 0.5) / H, (w + 0.5) / W, 1.0)
+    if not (1 <= h <= H and 1 <= w <= W) or lo >= hi:
+        raise SparseditError(
+            f"no pruning rate gives the sparse grid {h}x{w} on the dense grid {H}x{W}: sparsedit's grids keep the "
+            "dense grid's aspect ratio and lie within it; pick such a grid"
+        )
+    k = (lo + hi) / 2
+    rate = 1.0 - k * k
+    if grid_for_rate(rate, H, W) != (h, w):  # cannot happen away from the edges; guards float surprises
+        raise SparseditError(f"no pruning rate reproduces the sparse grid {h}x{w} on {H}x{W} exactly")
+    return rate
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsedit.blocks import (
+    EXTRA_RECOVERY_MODES,
     UPSAMPLE_MODES,
     CrossDenseBlock,
     DenseRecoveryBlock,
@@ -98,6 +99,12 @@ class SparseLayoutConfig:
     Put it before a dense config class (``class SparseXConfig(SparseLayoutConfig, XConfig)``): its
     fields then follow the dense ones and ``__post_init__`` validates the dense fields first. Shared by
     SparseDiT and SparsePixArt, whose sparse fields mean the same.
+
+    Variant switches (docs/official.md): ``recovery_pos_embed`` re-adds the position table in every
+    recovery merge (the paper; False = the authors' code); ``extra_recovery`` says what the 2nd..
+    recovery blocks of an SDTM are: "cross" (ours: cross-attention to the sparse tokens, no merge) or
+    "repeat" (the authors' code: the recovery block again, merging its own W1/W2 and attending to the
+    dense tokens). Their defaults are what sparsedit computed before the switches existed.
     """
 
     if TYPE_CHECKING:  # provided by the dense config (not fields of the mixin)
@@ -115,6 +122,8 @@ class SparseLayoutConfig:
     num_pieces: int | None = None
     num_timesteps: int = 1000
     upsample: str = "nearest"
+    recovery_pos_embed: bool = True
+    extra_recovery: str = "cross"
 
     def __post_init__(self) -> None:
         super().__post_init__()  # type: ignore[misc]  # the dense config's checks
@@ -128,6 +137,11 @@ class SparseLayoutConfig:
             )
         if self.upsample not in UPSAMPLE_MODES:
             raise SparseditError(f"upsample must be one of {', '.join(UPSAMPLE_MODES)}, not {self.upsample!r}")
+        if self.extra_recovery not in EXTRA_RECOVERY_MODES:
+            raise SparseditError(f"extra_recovery must be one of {', '.join(EXTRA_RECOVERY_MODES)}, "
+                                 f"not {self.extra_recovery!r}")
+        if not isinstance(self.recovery_pos_embed, bool):
+            raise SparseditError(f"recovery_pos_embed must be true or false, not {self.recovery_pos_embed!r}")
         self.schedule  # validates the rates  # noqa: B018
 
     @property
@@ -164,14 +178,17 @@ def timestep_bounds(t: Tensor, num_timesteps: int) -> tuple[int, int]:
     return discrete_timestep(lo, num_timesteps), discrete_timestep(hi, num_timesteps)
 
 
-def block_kinds(layout: Layout) -> list[str]:
-    """Kind of every layer, in order: pool, gen, gen+, sparse, recover, recover+, dense, top.
+def block_kinds(layout: Layout, extra_recovery: str = "cross") -> list[str]:
+    """Kind of every layer, in order: pool, gen, gen+, sparse, recover, recover+ / recover*, dense, top.
 
-    ``gen+``/``recover+`` are the 2nd.. generation/recovery blocks of an SDTM: they cross-attend
-    without pooling/merging again.
+    ``gen+`` is a 2nd.. generation block of an SDTM: it cross-attends without pooling again. The
+    2nd.. recovery blocks are ``recover+`` (``extra_recovery="cross"``: cross-attention to the sparse
+    tokens, no merge) or ``recover*`` (``"repeat"``: a full recovery block whose "sparse" input is the
+    previous recovery block's dense output).
     """
+    extra = "recover+" if extra_recovery == "cross" else "recover*"
     sdtm = (["gen"] + ["gen+"] * (layout.gen - 1) + ["sparse"] * layout.sparse
-            + ["recover"] + ["recover+"] * (layout.recovery - 1) + ["dense"] * layout.dense)
+            + ["recover"] + [extra] * (layout.recovery - 1) + ["dense"] * layout.dense)
     return ["pool"] * layout.pool + sdtm * layout.sdtm + ["top"] * layout.top
 
 
@@ -186,7 +203,7 @@ class SparseDiT(DiT):
 
     def build_blocks(self, config: DiTConfig) -> nn.ModuleList:
         assert isinstance(config, SparseDiTConfig)
-        self.kinds = block_kinds(config.layout)
+        self.kinds = block_kinds(config.layout, config.extra_recovery)
         args = (config.hidden_size, config.num_heads, config.mlp_ratio, config.norm_eps, config.mlp_norm_eps)
         make = {
             "pool": lambda: Poolingformer(config.hidden_size, config.mlp_ratio, config.norm_eps, config.mlp_norm_eps),
@@ -195,13 +212,14 @@ class SparseDiT(DiT):
             "sparse": lambda: DiTBlock(*args),
             "recover": lambda: DenseRecoveryBlock(*args, upsample=config.upsample),
             "recover+": lambda: CrossDenseBlock(*args),
+            "recover*": lambda: DenseRecoveryBlock(*args, upsample=config.upsample),
             "dense": lambda: DiTBlock(*args),
             "top": lambda: DiTBlock(*args),
         }
         return nn.ModuleList(make[kind]() for kind in self.kinds)
 
-    def initialize_weights(self) -> None:
-        super().initialize_weights()
+    def initialize_weights(self, gain: float = 1.0) -> None:
+        super().initialize_weights(gain)
         reset_merges(self.blocks)
 
     def sparse_grid(
@@ -238,6 +256,7 @@ class SparseDiT(DiT):
         sparse_grid = self.sparse_grid(t, dense_grid, grid, keep_ratio)
         pos = self.position_embedding(dense_grid)  # (1, N, D)
         h = self.x_embedder(x) + pos  # (B, N, D)
+        recovery_pos = pos if self.config.recovery_pos_embed else None  # off: the authors' code
         cs = self.conditions(t, y)
         dense_in = xs = h
         run = self.run_block
@@ -250,7 +269,9 @@ class SparseDiT(DiT):
             elif kind == "sparse":
                 xs = run(block, xs, c)  # (B, M, D)
             elif kind == "recover":
-                h = run(block, dense_in, c, xs, dense_grid, sparse_grid, pos)  # (B, N, D)
+                h = run(block, dense_in, c, xs, dense_grid, sparse_grid, recovery_pos)  # (B, N, D)
+            elif kind == "recover*":  # merges the SDTM input with the previous recovery output, attends to it
+                h = run(block, dense_in, c, h, dense_grid, dense_grid, recovery_pos)  # (B, N, D)
             elif kind == "recover+":
                 h = run(block, h, c, xs)  # (B, N, D)
             else:  # pool, dense, top

@@ -17,7 +17,8 @@ from sparsedit.errors import SparseditError
 def add_model_args(parser: argparse.ArgumentParser, flag: str = "--ckpt") -> None:
     kw = {"required": True} if flag.startswith("-") else {}
     parser.add_argument(flag, **kw, metavar="PATH",
-                        help="official DiT .pt, diffusers DiTTransformer2DModel directory, or sparsedit directory")
+                        help="official DiT .pt, SparseDiT authors' .pt, diffusers DiTTransformer2DModel directory, or "
+                        "sparsedit directory")
     parser.add_argument("--model", default=None, metavar="PRESET",
                         help="preset such as DiT-XL/2, only when the checkpoint cannot tell")
     parser.add_argument("--image-size", type=int, default=None, help="image size in pixels, only when the checkpoint cannot tell")

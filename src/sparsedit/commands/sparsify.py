@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sparsedit.blocks import UPSAMPLE_MODES
+from sparsedit.blocks import EXTRA_RECOVERY_MODES, UPSAMPLE_MODES
 from sparsedit.commands.common import add_model_args, positive_int, rate
 from sparsedit.sparse_dit import LAYOUT_HELP
 
@@ -19,6 +19,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-pieces", type=positive_int, default=None,
                    help="split [T/4, T) into this many equal pieces (default: one piece per distinct grid)")
     p.add_argument("--upsample", choices=UPSAMPLE_MODES, default="nearest", help="dense-recovery upsampling")
+    p.add_argument("--recovery-pos-embed", action=argparse.BooleanOptionalAction, default=True,
+                   help="re-add the position table in the recovery merge (default: on, as the paper; off: the "
+                   "authors' code, docs/official.md)")
+    p.add_argument("--extra-recovery", choices=EXTRA_RECOVERY_MODES, default="cross",
+                   help="the 2nd.. recovery blocks of an SDTM (r > 1): cross-attention to the sparse tokens (cross, "
+                   "ours) or the recovery block repeated (repeat, the authors' code); DiT and PixArt only")
     p.add_argument("--out", required=True, help="output directory for the SparseDiT checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
     p.add_argument("--verbose", action="store_true", help="print the parameter-by-parameter initialisation map")
@@ -43,8 +49,11 @@ def check_rates(args: argparse.Namespace) -> None:
         raise SparseditError(f"--r-min {args.r_min} is larger than --r-max {args.r_max}; swap them")
 
 
-def _convert(src, args: argparse.Namespace):  # noqa: ANN001, ANN202
-    """Dispatch on the source family: DiT -> SparseDiT, PixArt -> SparsePixArt, Latte -> SparseLatte."""
+def _convert(src, args: argparse.Namespace, variant: dict | None = None):  # noqa: ANN001, ANN202
+    """Dispatch on the source family: DiT -> SparseDiT, PixArt -> SparsePixArt, Latte -> SparseLatte.
+
+    ``variant``: the config's variant switches (``recovery_pos_embed``, ``extra_recovery``); None keeps the defaults.
+    """
     from sparsedit.errors import SparseditError
     from sparsedit.latte import Latte, SparseLatte, sparsify_latte
     from sparsedit.pixart import PixArt, SparsePixArt, sparsify_pixart
@@ -54,6 +63,7 @@ def _convert(src, args: argparse.Namespace):  # noqa: ANN001, ANN202
     check_rates(args)
     rates = {k: v for k, v in (("r_min", args.r_min), ("r_max", args.r_max)) if v is not None}
     rates["upsample"] = args.upsample
+    rates.update(variant or {})
     if isinstance(src, (SparsePixArt, SparseLatte)):
         raise SparseditError(f"the source is already a {type(src).__name__}; pass the dense model it came from")
     if isinstance(src, PixArt):
@@ -61,6 +71,9 @@ def _convert(src, args: argparse.Namespace):  # noqa: ANN001, ANN202
     if isinstance(src, Latte):
         if args.num_pieces is not None:
             raise SparseditError("--num-pieces is not supported for Latte (its schedule is continuous); drop it")
+        if rates.pop("extra_recovery", "cross") != "cross":
+            raise SparseditError("--extra-recovery does not apply to Latte: a video SDTM's two recovery blocks restore "
+                                 "time, then space; drop it")
         return sparsify_latte(src, args.layout, **rates)
     return sparsify_with_rules(src, layout=args.layout, num_pieces=args.num_pieces, **rates)[0]
 
@@ -82,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     check_rates(args)
     prepare_output_dir(args.out, args.overwrite)  # fail before the (slow) load
     src = load_model(args.src, model=args.model, image_size=args.image_size)
-    model = _convert(src, args)
+    model = _convert(src, args, {"recovery_pos_embed": args.recovery_pos_embed, "extra_recovery": args.extra_recovery})
     if args.verbose:
         for rule in init_rules(model.config, list(model.state_dict())):
             print(rule.describe())

@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--depth", type=positive_int, help="override the preset's depth")
     src.add_argument("--num-heads", type=positive_int, help="override the preset's number of heads")
     src.add_argument("--no-learn-sigma", action="store_true", help="fixed variance (the model outputs C channels)")
+    src.add_argument("--init-gain", type=positive_float, default=None,
+                     help="from scratch: xavier gain of the linear layers (default 1, DiT's; the SparseDiT authors' "
+                     "train.py uses 0.5)")
     rec = p.add_argument_group("recovery recipe (docs/quality.md compares them)")
     rec.add_argument("--recipe", choices=tuple(RECIPES), default=None,
                      help=f"a named set of the options below; default with --layout: {DEFAULT_RECIPE}, else paper. "
@@ -98,6 +101,8 @@ def build_model(args: argparse.Namespace, info: dict):  # noqa: ANN201
     if args.init_from and args.model:
         raise SparseditError("give either --init-from (fine-tune) or --model (from scratch), not both")
     if args.init_from:
+        if args.init_gain is not None:
+            raise SparseditError("--init-gain sets a from-scratch initialisation; drop it with --init-from")
         model = load_model(args.init_from, image_size=args.image_size if info["data_space"] == "latent" else None)
         if args.layout:
             model = _convert(model, args)  # DiT -> SparseDiT, PixArt -> SparsePixArt, Latte -> SparseLatte
@@ -114,7 +119,7 @@ def build_model(args: argparse.Namespace, info: dict):  # noqa: ANN201
     cfg = dit_config(args.model, size, vae_downsample=1, in_channels=info["channels"],
                      num_classes=info["num_classes"], learn_sigma=not args.no_learn_sigma,
                      data_space=info["data_space"], **overrides)
-    return DiT(cfg).train()
+    return DiT(cfg, init_gain=args.init_gain or 1.0).train()
 
 
 def recipe_settings(args: argparse.Namespace) -> TrainSettings:
@@ -151,7 +156,8 @@ def run_train(args: argparse.Namespace) -> int:
     check_model_fits_data(model.config, info)
     settings = recipe_settings(args)
     teacher = load_teacher(args, info, settings)
-    source = {"init_from": args.init_from, "layout": args.layout} if args.init_from else {"preset": args.model}
+    source = ({"init_from": args.init_from, "layout": args.layout} if args.init_from
+              else {"preset": args.model, "init_gain": args.init_gain or 1.0})
     run_info = {"data": info, "source": source}
     if teacher is not None:
         run_info["teacher"] = {"path": args.teacher or args.init_from}
