@@ -395,7 +395,7 @@ def test_cli_refusals(tmp_path: Path, source_ckpt: Path, capsys: pytest.CaptureF
 
 
 def test_a_run_without_the_new_settings_still_resumes(tmp_path: Path, source_ckpt: Path) -> None:
-    """A run.json written before the recipes existed resumes (its settings read as the old behaviour)."""
+    """A run.json written before the recipes and the recovery switches existed resumes (read as the old behaviour)."""
     args = cli_args(tmp_path / "run", source_ckpt, 2, "--recipe", "paper", "--no-ema-warmup")
     assert main(args) == 0
     run_file = tmp_path / "run" / "run.json"
@@ -403,6 +403,8 @@ def test_a_run_without_the_new_settings_still_resumes(tmp_path: Path, source_ckp
     for key in ("ema_warmup", "min_snr_gamma", "diffusion_weight", "distill_weight", "feature_weight",
                 "merge_lr_scale", "data_free"):
         del run["settings"][key]
+    for key in ("recovery_pos_embed", "extra_recovery"):  # SparseDiT config fields added later
+        del run["model"][key]
     run_file.write_text(json.dumps(run))
     assert main(cli_args(tmp_path / "run", source_ckpt, 4, "--recipe", "paper", "--no-ema-warmup")) == 0
     assert [r["step"] for r in records(tmp_path / "run")] == [1, 2, 3, 4]

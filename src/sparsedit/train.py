@@ -44,6 +44,7 @@ from sparsedit.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     atomic_write,
+    config_from_dict,
     read_json,
     read_safetensors,
     write_json,
@@ -148,6 +149,17 @@ DEFAULT_RECIPE = "distill"  # what `sparsedit train --init-from DENSE --layout .
 def describe_recipe(name: str) -> str:
     """``distill_weight=1.0, ...`` (or ``diffusion loss only``) for help texts and reports."""
     return ", ".join(f"{k}={v}" for k, v in RECIPES[name].items()) or "diffusion loss only"
+
+
+def _config_fields(saved: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A model config saved in run.json, rebuilt so that fields added since (with defaults equal to the old
+    behaviour, e.g. the SparseDiT recovery switches) compare equal to a fresh config's."""
+    if saved is None:
+        return None
+    try:
+        return json.loads(json.dumps(config_from_dict(saved).to_dict()))
+    except SparseditError:
+        return saved
 
 
 # Settings added after runs were first written: a run.json without them was made with these values.
@@ -468,7 +480,7 @@ class Trainer:
                 k for k in set(saved.get("settings", {})) | set(mine["settings"])
                 if k not in ignore and saved.get("settings", {}).get(k) != mine["settings"].get(k)
             )
-            if saved.get("model") != mine["model"]:
+            if _config_fields(saved.get("model")) != mine["model"]:
                 diff.append("model config")
             if saved.get("data") != mine.get("data"):
                 diff.append("data")
