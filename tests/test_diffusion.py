@@ -242,7 +242,7 @@ def test_training_losses_random_outputs_finite_nonnegative() -> None:
     eps = torch.randn(b, 3, 4, 4, generator=gen)
     v = torch.rand(b, 3, 4, 4, generator=gen) * 2 - 1
     losses = d.training_losses(_constant_model(torch.cat([eps, v], 1)), x0, t, noise=noise)
-    assert set(losses) == {"loss", "mse", "vb"}
+    assert set(losses) == {"loss", "mse", "vb", "output"}
     for value in losses.values():
         assert value.shape == (b,)
         assert torch.isfinite(value).all()
