@@ -243,6 +243,7 @@ def test_training_losses_random_outputs_finite_nonnegative() -> None:
     v = torch.rand(b, 3, 4, 4, generator=gen) * 2 - 1
     losses = d.training_losses(_constant_model(torch.cat([eps, v], 1)), x0, t, noise=noise)
     assert set(losses) == {"loss", "mse", "vb", "output"}
+    assert torch.equal(losses.pop("output"), torch.cat([eps, v], 1))  # the model's prediction, as given
     for value in losses.values():
         assert value.shape == (b,)
         assert torch.isfinite(value).all()
