@@ -28,6 +28,7 @@ from sparsedit.compare import (
     floor_indices,
     paired_image,
     paired_image_size,
+    paired_rmse,
     render_markdown,
     spread,
 )
@@ -115,11 +116,19 @@ def test_identical_models_tie_exactly_and_runs_repeat(dit: DiT, sparse: nn.Modul
         assert r["accuracy_gap_points"]["per_seed"] == [0.0, 0.0]
         assert r["a"]["per_class"] == r["b"]["per_class"] and len(r["a"]["per_class"]) == 10
         assert r["verdict"] == "same FID on every seed; same accuracy"
+        assert r["paired_rmse"]["per_seed"] == [0.0, 0.0]  # B reproduces A's samples exactly
     assert [r["cfg_scale"] for r in report["results"]] == [1.0, 3.0]
     json.dumps(report)  # JSON-able as returned
     first, second = run(dit, sparse), run(dit, sparse)
     assert numbers(first) == numbers(second)
     assert first["results"][0]["fid_ratio"]["per_seed"] != [1.0, 1.0]
+    assert all(v > 0 for r in first["results"] for v in r["paired_rmse"]["per_seed"])
+
+
+def test_paired_rmse_by_hand(dit: DiT) -> None:
+    a, b = torch.randn(6, 1, 16, 16) * 2, torch.randn(6, 1, 16, 16)
+    by_hand = ((a.clamp(-1, 1) - b.clamp(-1, 1)) ** 2).mean().sqrt().item()  # pixels are clamped to [-1, 1]
+    assert paired_rmse(dit, a, b) == pytest.approx(by_hand, rel=1e-6)
 
 
 def test_both_models_get_the_same_noise_and_labels(dit: DiT, sparse: nn.Module) -> None:

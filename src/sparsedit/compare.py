@@ -59,6 +59,7 @@ __all__ = [
     "is_digits_model",
     "paired_image",
     "paired_image_size",
+    "paired_rmse",
     "prepare_out",
     "render_markdown",
     "results_table",
@@ -554,6 +555,15 @@ def _macs(models: dict[str, nn.Module], s: CompareSettings) -> dict[str, Any]:
     }
 
 
+def paired_rmse(model: nn.Module, a: torch.Tensor, b: torch.Tensor) -> float:
+    """Root mean square difference between A's and B's samples of the same noise and label, in the models'
+    data space (pixels clamped to [-1, 1], or latents): 0 when B reproduces A's samples exactly. How far B
+    has drifted from A, whatever their FIDs: a drop-in replacement keeps it small."""
+    if model.config.data_space == "pixel":
+        a, b = a.clamp(-1, 1), b.clamp(-1, 1)
+    return float((a.double() - b.double()).pow(2).mean().sqrt())
+
+
 def _set_features(scorer: Any, model: nn.Module, samples: torch.Tensor, decoder: nn.Module | None, chunk: int,
                   device: torch.device) -> Features:
     """Features of one sampled set, decoded and featurised chunk by chunk (bounded memory for 256 px images)."""
@@ -679,11 +689,13 @@ def _run_sets(models: dict[str, nn.Module], scorer: Any, decoder: nn.Module | No
     try:
         for cfg_scale in s.cfg_scales:
             rows: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}
+            distances = []
             for seed in s.seeds:
                 bar.set_postfix_str(f"cfg {cfg_scale:g} seed {seed}: sampling")
                 specs = {m: s.spec(cfg_scale, seed, m) for m in ("a", "b")}
                 samples, secs = _sample_sets(models, specs, dev, cache, bar)
                 bar.set_postfix_str(f"cfg {cfg_scale:g} seed {seed}: scoring")
+                distances.append(paired_rmse(models["a"], samples["a"], samples["b"]))
                 for m in ("a", "b"):
                     if secs[m] is None:
                         cached_sets[m] += 1
@@ -695,7 +707,8 @@ def _run_sets(models: dict[str, nn.Module], scorer: Any, decoder: nn.Module | No
                 if seed == s.seeds[0]:  # the paired image uses the first seed's samples (no extra sampling)
                     pairs[cfg_scale] = (*(to_images(models[m], samples[m][keep].to(dev), decoder).cpu()
                                           for m in ("a", "b")), labels[keep])
-            results.append({"cfg_scale": cfg_scale, "per_seed": rows, **aggregate(rows["a"], rows["b"])})
+            results.append({"cfg_scale": cfg_scale, "per_seed": rows, **aggregate(rows["a"], rows["b"]),
+                            "paired_rmse": spread(distances)})
     finally:
         bar.close()
     timing = {"sampling_seconds": {m: sum(v.values()) for m, v in seconds.items()},
@@ -736,10 +749,10 @@ def results_table(report: dict[str, Any]) -> str:
     digits = report["scorer"] == "digits"
     if digits:
         head = ["CFG scale", "FID A", "FID B", "FID ratio B/A", "accuracy A", "accuracy B", "gap B-A (points)",
-                "verdict"]
+                "paired RMSE", "verdict"]
     else:
         head = ["CFG scale", "FID A", "FID B", "FID ratio B/A", "sFID A", "sFID B", "IS A", "IS B", "precision A",
-                "precision B", "recall A", "recall B", "verdict"]
+                "precision B", "recall A", "recall B", "paired RMSE", "verdict"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["results"]:
         row = [_scale_label(r["cfg_scale"]), _pm(r["a"]["fid"], 2), _pm(r["b"]["fid"], 2), _pm(r["fid_ratio"], 3)]
@@ -748,7 +761,7 @@ def results_table(report: dict[str, Any]) -> str:
         else:
             for k, d in (("sfid", 2), ("inception_score", 2), ("precision", 3), ("recall", 3)):
                 row += [_pm(r["a"][k], d), _pm(r["b"][k], d)]
-        lines.append("| " + " | ".join(row + [r["verdict"]]) + " |")
+        lines.append("| " + " | ".join(row + [_pm(r.get("paired_rmse"), 3), r["verdict"]]) + " |")
     f = report["floor"]
     if f["available"]:
         label = f"real floor ({f['num_images']} real images per seed)"
@@ -758,7 +771,7 @@ def results_table(report: dict[str, Any]) -> str:
         else:
             for k, d in (("sfid", 2), ("inception_score", 2), ("precision", 3), ("recall", 3)):
                 row += [_pm(f[k], d), ""]
-        lines.append("| " + " | ".join(row + ["what a model reproducing real data exactly would score"]) + " |")
+        lines.append("| " + " | ".join(row + ["", "what a model reproducing real data exactly would score"]) + " |")
     return "\n".join(lines)
 
 
@@ -811,6 +824,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             "can tell.")
     else:
         parts.append(f"Real floor: {f['note']}.")
+    space = "pixels in [-1, 1]" if report["models"]["a"]["config"]["data_space"] == "pixel" else "latents"
+    parts += ["", f"Paired RMSE: the root mean square difference between A's and B's samples of the same noise and "
+              f"label ({space}); 0 means B reproduces A's samples, whatever the FIDs. It tells a drop-in replacement "
+              "(small) from a model that has drifted to other images, better or worse (large)."]
     parts += ["", "Verdicts call a difference resolved only when it exceeds twice the standard deviation over seeds "
               "(a rule of thumb, not a significance test; with few seeds the std itself is rough). Per-seed values "
               "are in compare.json."]
