@@ -49,9 +49,9 @@ def test_demo_writes_complete_report(tmp_path, tiny_digits_dit):
     # r in [0.44, 0.75] on an 8x8 token grid: the SparseDiT is cheaper than its DiT
     assert c["cost"]["flops_ratio_a_over_b"] > 1.3
     run = json.loads((out / "finetune" / "run.json").read_text())
-    assert run["settings"]["distill_weight"] == 1.0 and run["recipe"] == DEFAULT_RECIPE
+    assert run["settings"]["min_snr_gamma"] == 5.0 and run["recipe"] == DEFAULT_RECIPE == "min-snr"
     md = (out / "report.md").read_text()
-    for text in ("FID (digits-CNN features)", "real floor", "distill", "sparsedit demo report", "FLOPs ratio",
+    for text in ("FID (digits-CNN features)", "real floor", "min-snr", "sparsedit demo report", "FLOPs ratio",
                  "finetune_steps"):
         assert text in md, text
     assert "quality" not in md.lower().replace("docs/quality.md", "")
@@ -60,11 +60,11 @@ def test_demo_writes_complete_report(tmp_path, tiny_digits_dit):
     assert type(sparsedit.load_model(out / "finetune" / "model")).__name__ == "SparseDiT"
 
 
-def test_demo_paper_recipe_trains_without_a_teacher(tmp_path, tiny_digits_dit):
-    run_demo(small_settings(tmp_path / "demo", recipe="paper", cfg_scales=(1.0,)), dit_path=tiny_digits_dit,
+def test_demo_distill_recipe_uses_the_dit_as_teacher(tmp_path, tiny_digits_dit):
+    run_demo(small_settings(tmp_path / "demo", recipe="distill", cfg_scales=(1.0,)), dit_path=tiny_digits_dit,
              progress=False)
     run = json.loads((tmp_path / "demo" / "finetune" / "run.json").read_text())
-    assert run["settings"]["distill_weight"] == 0.0 and "teacher" not in run
+    assert run["settings"]["distill_weight"] == 1.0 and run["teacher"]["model"]["model_type"] == "DiT"
 
 
 def test_demo_cli_twice_and_never_clobbers_other_files(tmp_path, tiny_digits_dit, capsys):

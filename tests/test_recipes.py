@@ -359,14 +359,25 @@ def cli_args(run_dir: Path, source: Path, steps: int, *extra: str) -> list[str]:
             "--device", "cpu", "--run-dir", str(run_dir), *extra]
 
 
-def test_cli_default_recipe_distils_from_the_init_from_model(tmp_path: Path, source_ckpt: Path) -> None:
-    assert main(cli_args(tmp_path / "run", source_ckpt, 2)) == 0
-    run = json.loads((tmp_path / "run" / "run.json").read_text())
+def test_cli_default_recipe_with_layout(tmp_path: Path, source_ckpt: Path) -> None:
     from sparsedit.train import DEFAULT_RECIPE
 
-    for key, value in RECIPES[DEFAULT_RECIPE].items():
-        assert run["settings"][key] == value
-    assert run["teacher"]["path"] == str(source_ckpt)
+    assert main(cli_args(tmp_path / "run", source_ckpt, 2)) == 0
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert DEFAULT_RECIPE == "min-snr" and RECIPES[DEFAULT_RECIPE] == {"min_snr_gamma": 5.0}
+    assert run["settings"]["min_snr_gamma"] == 5.0 and run["settings"]["distill_weight"] == 0.0
+    assert "teacher" not in run
+    # without --layout (a dense fine-tune or from scratch) the default is the plain diffusion loss
+    scratch = ["train", "--model", "DiT-S/2", "--hidden-size", "32", "--depth", "2", "--num-heads", "2",
+               "--batch-size", "8", "--steps", "1", "--no-progress", "--device", "cpu"]
+    assert main([*scratch, "--run-dir", str(tmp_path / "scratch")]) == 0
+    assert json.loads((tmp_path / "scratch" / "run.json").read_text())["settings"]["min_snr_gamma"] == 0.0
+
+
+def test_cli_distill_recipe_distils_from_the_init_from_model(tmp_path: Path, source_ckpt: Path) -> None:
+    assert main(cli_args(tmp_path / "run", source_ckpt, 2, "--recipe", "distill")) == 0
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["settings"]["distill_weight"] == 1.0 and run["teacher"]["path"] == str(source_ckpt)
     assert all(r["distill"] > 0 for r in records(tmp_path / "run"))
 
 

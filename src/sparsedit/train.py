@@ -143,7 +143,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "distill-feature": {"distill_weight": 1.0, "feature_weight": 1.0},  # + feature distillation
     "data-free": {"distill_weight": 1.0, "data_free": 2000},  # output distillation on 2,000 teacher samples
 }
-DEFAULT_RECIPE = "distill"  # what `sparsedit train --init-from DENSE --layout ...` uses
+DEFAULT_RECIPE = "min-snr"  # what `sparsedit train --init-from DENSE --layout ...` uses (docs/quality.md)
 
 
 def describe_recipe(name: str) -> str:
