@@ -1,4 +1,4 @@
-"""Tests for SparseDiT's blocks (paper Sec. 3.1; SPEC section 1): Poolingformer, sparse-token
+"""Tests for SparseDiT's blocks (paper Sec. 3.1): Poolingformer, sparse-token
 generation, dense recovery.
 
 References are computed another way: explicit per-head softmax attention with hand-written

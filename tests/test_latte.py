@@ -161,8 +161,9 @@ def test_sparsify_token_sets_and_schedule(conditioning: str) -> None:
 @pytest.mark.parametrize("conditioning", ["class", "text"])
 def test_r0_generation_and_sparse_blocks_equal_dense(conditioning: str) -> None:
     """With every token kept, pooling is the identity and the generation cross-attention is the source
-    self-attention, so gen_s, gen_t and the sparse blocks reproduce dense layers 0..3 (SPEC section 1);
-    the recovery blocks restart from the SDTM input and are not expected to."""
+    self-attention, so gen_s, gen_t and the sparse blocks reproduce dense layers 0..3 (layer i is
+    initialised from source layer i); the recovery blocks restart from the SDTM input and are not
+    expected to."""
     dense = randomize(Latte(tiny(depth=8, conditioning=conditioning)))
     model = sparsify_latte(dense, "0,1,2,2,2,0,2")
     got, want = record(model), {}

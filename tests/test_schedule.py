@@ -1,8 +1,9 @@
-"""Tests for the timestep-wise pruning schedule (SPEC section 1, paper Sec. 3.2).
+"""Tests for the timestep-wise pruning schedule (paper Sec. 3.2).
 
-Expected values are derived here independently of the implementation: the rate from SPEC's
-formula as printed (two weighted terms), grid sides from the rounding bound |h - H*sqrt(1-r)| <= 1/2,
-pieces by scanning every timestep, and a few numbers worked out by hand in comments.
+Expected values are derived here independently of the implementation: the rate from the
+formula as written in docs/schedule.md (two weighted terms), grid sides from the rounding bound
+|h - H*sqrt(1-r)| <= 1/2, pieces by scanning every timestep, and a few numbers worked out by hand in
+comments.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ DENSE = (16, 16)  # 256 px / VAE factor 8 / patch 2
 
 
 def spec_rate(t: float, r_min: float, r_max: float, T: int = T) -> float:
-    """SPEC section 1 as printed, with the two weighted terms (the implementation uses another form)."""
+    """r(t) as written in docs/schedule.md, with the two weighted terms (the implementation uses another form)."""
     if t < T / 4:
         return r_min
     return r_min * (4 * T - 4 * t) / (3 * T) + r_max * (4 * t - T) / (3 * T)
@@ -192,7 +193,7 @@ def _check_pieces(schedule: PruningSchedule, dense: tuple[int, int]) -> list[Pie
 def test_pieces_without_num_pieces_are_maximal_constant_runs(dense: tuple[int, int]) -> None:
     schedule = PruningSchedule(*PAPER)
     pieces = _check_pieces(schedule, dense)
-    # independent: scan every t with the SPEC formula and cut where the grid changes
+    # independent: scan every t with the two-term formula and cut where the grid changes
     scan = [grid_for_rate(spec_rate(t, *PAPER), *dense) for t in range(T)]
     cuts = [0] + [t for t in range(1, T) if scan[t] != scan[t - 1]] + [T]
     assert [(p.t_start, p.t_end) for p in pieces] == list(zip(cuts[:-1], cuts[1:], strict=True))

@@ -70,7 +70,7 @@ VARIANCE_DEFINITION = (
     "by its one-hot maximum (N-1)/N^2, i.e. v = (N * sum_j p_j^2 - 1) / (N - 1) in [0, 1] (0 = uniform map, "
     "1 = one-hot rows); averaged over query rows, heads and samples"
 )
-# The paper's rate range (SPEC section 1): r in [0.61, 0.86]; its keep-ratio ratio bounds our spread.
+# The paper's rate range: r in [0.61, 0.86]; its keep-ratio ratio bounds our spread.
 PAPER_R_MIN, PAPER_R_MAX = 0.61, 0.86
 # Elements of one chunk of attention probabilities (B x heads x rows x N, float32): 2^24 = 64 MiB.
 CHUNK_ELEMENTS = 1 << 24

@@ -2,7 +2,8 @@
 
 Both models live in one process and are timed alternately (A B A B ...), after every token grid
 either of them will use has been warmed up (compiled, CUDA-graph captured), so slow drifts of the
-machine (thermal, other jobs) hit both alike. What is timed (SPEC section 4):
+machine (thermal, other jobs) hit both alike. What is timed (throughput per
+forward pass or per full sampling run, always saying which):
 
 * **forward**: one model evaluation on ``batch_size`` images at timestep ``forward_t`` (default
   ``T // 2``), its sparse grid from the model's schedule at that timestep and passed explicitly. With

@@ -1,4 +1,4 @@
-"""SparseDiT's transformer blocks (paper Sec. 3.1; shared/SPEC.md section 1).
+"""SparseDiT's transformer blocks (paper Sec. 3.1).
 
 Every block keeps DiT's adaLN-Zero conditioning and DiT's parameter names, so layer i of a
 SparseDiT loads layer i of the source DiT (Sec. 3.3). Shapes: B batch, D hidden size, dense tokens

@@ -2,7 +2,7 @@
 
 Costs are computed from the config and the token grids alone, never by running the model, and
 follow what our modules execute (:mod:`sparsedit.layers`, :mod:`sparsedit.blocks`,
-:mod:`sparsedit.sparse_dit`). Conventions (shared/SPEC.md section 4, docs/flops.md):
+:mod:`sparsedit.sparse_dit`). Conventions (docs/flops.md):
 
 * One MAC is one multiply-accumulate; FLOPs in the DiT / fvcore sense are MACs
   (DiT-XL/2 at 256 px: 118.6 G). ``torch.utils.flop_counter`` reports 2 FLOPs per MAC.
@@ -337,11 +337,12 @@ def schedule_macs(config: DiTConfig, timesteps: Iterable[int], dense_grid: Grid 
     """Cost of a sampling run: one forward per timestep, the grid of each from the model's schedule.
 
     ``timesteps`` are the original (training) timesteps the model sees, e.g.
-    ``space_timesteps(1000, "250")``. Returns a dict with ``gmacs`` (mean over the steps: the
-    SparseDiT convention of SPEC section 4), ``gmacs_min``, ``gmacs_max``, ``grids`` (one entry per
-    distinct grid, fewest tokens first: ``grid``, ``steps``, ``gmacs``), ``per_step`` (GMACs of each
-    step, in the order given), ``by_segment`` / ``by_kind`` / ``by_part`` (means over the steps, GMACs),
-    ``steps`` and ``params``. For a DiT every step uses the dense grid. Per image, per forward.
+    ``space_timesteps(1000, "250")``. Returns a dict with ``gmacs`` (mean over the steps: a
+    SparseDiT's cost under a schedule is its mean over the sampling steps), ``gmacs_min``,
+    ``gmacs_max``, ``grids`` (one entry per distinct grid, fewest tokens first: ``grid``, ``steps``,
+    ``gmacs``), ``per_step`` (GMACs of each step, in the order given), ``by_segment`` / ``by_kind`` /
+    ``by_part`` (means over the steps, GMACs), ``steps`` and ``params``. For a DiT every step uses the
+    dense grid. Per image, per forward.
     """
     if isinstance(config, LatteConfig):
         return latte_schedule_macs(config, timesteps)

@@ -21,7 +21,7 @@ Two conditioning variants, a config field (``conditioning``):
   spatial blocks only, PixArt's final layer (:mod:`sparsedit.pixart`). Loaded by
   :func:`latte_from_diffusers`, equal to diffusers' outputs.
 
-SparseLatte (paper Appendix A.3, SPEC section 2) is described in docs/latte.md and at
+SparseLatte (paper Appendix A.3) is described in docs/latte.md and at
 :class:`SparseLatte`. Shapes: B batch, F frames, N patches per frame, D hidden, L text tokens.
 """
 
@@ -479,7 +479,7 @@ def split_keep_ratio(keep: float, dense_grid: Grid, frames: int, temporal_share:
 class SparseLatteConfig(LatteConfig):
     """A Latte config plus the SparseDiT layout, the rate range, its space/time split and upsampling.
 
-    The pruning rate r of SPEC section 1 applies to the whole F x N token set; ``temporal_share``
+    The pruning rate r(t) of :mod:`sparsedit.schedule` applies to the whole F x N token set; ``temporal_share``
     splits it (:func:`split_keep_ratio`). Rates come from the formula at every timestep (no training
     pieces: video piece sampling is not implemented). ``recovery_pos_embed`` (as in SparseDiT,
     docs/official.md): the recovery merges re-add the temporal / spatial table (True, the paper) or not.

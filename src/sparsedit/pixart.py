@@ -9,7 +9,7 @@ tokens between self-attention and the MLP. Module names follow the original rele
 diffusers' ``PixArtTransformer2DModel`` / ``BasicTransformerBlock(norm_type="ada_norm_single")``.
 The code is our own.
 
-SparsePixArt (SPEC section 2) sparsifies the self-attention token set only: poolingformers, SDTMs
+SparsePixArt sparsifies the self-attention token set only: poolingformers, SDTMs
 (generation / sparse / recovery / dense blocks) and top blocks as in :mod:`sparsedit.sparse_dit`;
 the text cross-attention of every block works on whatever tokens the block holds.
 

@@ -1,4 +1,4 @@
-"""Timestep-wise pruning schedule of SparseDiT (paper Sec. 3.2, SPEC section 1).
+"""Timestep-wise pruning schedule of SparseDiT (paper Sec. 3.2).
 
 The pruning rate ``r = 1 - M/N`` (N dense tokens on an ``H x W`` grid, M sparse tokens on an
 ``h x w`` grid) depends on the diffusion timestep ``t`` (``t = T-1`` is pure noise, ``t = 0`` is
@@ -152,7 +152,7 @@ def _rate_unchecked(t: float, r_min: float, r_max: float, num_timesteps: int) ->
 
 
 def pruning_rate(t: float, r_min: float, r_max: float, num_timesteps: int = 1000) -> float:
-    """Pruning rate ``r(t)`` of SPEC section 1.
+    """Pruning rate ``r(t)`` of the timestep-wise schedule at timestep ``t``.
 
     ``r_min`` for ``t < T/4``, then linear from ``r_min`` at ``t = T/4`` towards ``r_max`` at
     ``t = T`` (so ``r(T-1)`` is slightly below ``r_max``).

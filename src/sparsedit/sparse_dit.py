@@ -1,5 +1,5 @@
 """SparseDiT: a DiT whose layers are split into poolingformers, sparse-dense token modules (SDTMs)
-and standard top blocks, with a timestep-wise sparse token grid (paper Sec. 3; SPEC section 1).
+and standard top blocks, with a timestep-wise sparse token grid (paper Sec. 3).
 
 Layer i of the SparseDiT sits at ``blocks.{i}`` and is initialised from layer i of the source DiT
 (:mod:`sparsedit.sparsify`). The model picks its sparse grid from the timesteps of the batch via the

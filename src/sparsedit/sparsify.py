@@ -1,4 +1,4 @@
-"""DiT -> SparseDiT conversion with the paper's initialisation (Sec. 3.3; SPEC section 1).
+"""DiT -> SparseDiT conversion with the paper's initialisation (paper Sec. 3.3).
 
 Layer i <- layer i. Poolingformers keep V (the third chunk of ``qkv``), ``proj``, the MLP and adaLN
 and drop Q and K; generation/recovery blocks reuse the source q/k/v/proj as cross-attention;

@@ -3,7 +3,7 @@
 Counts come from the config and the token grids (:mod:`sparsedit.flops`), never from running the
 model, so DiT-XL at 512 px costs nothing to evaluate. For a SparseDiT the cost depends on the
 sparse grid of each sampling step; the headline number is the mean over the steps of the given
-sampling run (SPEC section 4), with the min, max and the distinct grids beside it.
+sampling run, with the min, max and the distinct grids beside it.
 """
 
 from __future__ import annotations
