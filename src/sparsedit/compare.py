@@ -859,7 +859,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{t['sampling_seconds']['b']:.1f} |",
         f"| sets taken from the cache (not timed) | {cached['a']} | {cached['b']} |",
         "",
-        f"FLOPs ratio A/B: **{c['flops_ratio_a_over_b']:.2f}x** per forward, **{c['run_flops_ratio_a_over_b']:.2f}x** "
+        f"FLOPs ratio A/B: **{c['flops_ratio_a_over_b']:.3f}x** per forward, **{c['run_flops_ratio_a_over_b']:.3f}x** "
         "per sampling run (with guidance both models run each forward on a doubled batch). Wall seconds were "
         "measured in this one process with the chunks of A and B alternating; they depend on the machine and its "
         "load.",
