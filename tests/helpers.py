@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from sparsedit.data import DigitsDataset
+from sparsedit.train import TrainSettings
 
 
 @torch.no_grad()
@@ -70,3 +74,17 @@ def run_doc_snippets(doc: Path) -> tuple[int, list[str]]:
         exec(compile(block, str(doc), "exec"), namespace)
     expected = [m.group(1) for b in blocks for m in re.finditer(r"^print\(.*\)  # (.*)$", b, flags=re.M)]
     return len(blocks), expected
+
+
+def digits(n: int | None = None) -> Dataset:
+    """The embedded digits' train split at 16 px, or its first ``n`` images."""
+    ds = DigitsDataset(split="train", resolution=16)
+    return ds if n is None else Subset(ds, range(n))
+
+
+def settings(**kw: object) -> TrainSettings:
+    """Short-run training settings for tests (2 steps of batch 8, a log line per step); ``kw`` overrides."""
+    base: dict[str, object] = dict(steps=2, batch_size=8, log_every=1, ckpt_every=100)
+    base.update(kw)
+    return TrainSettings(**base)  # type: ignore[arg-type]
+

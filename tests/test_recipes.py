@@ -17,12 +17,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import Subset
 
+from helpers import digits, settings
 from sparsedit import save_model
 from sparsedit.checkpoint import read_safetensors
 from sparsedit.cli import main
-from sparsedit.data import DigitsDataset
 from sparsedit.diffusion import create_diffusion
 from sparsedit.distill import capture_block_outputs, feature_layers, feature_loss, output_loss
 from sparsedit.dit import DiT, dit_config
@@ -31,7 +30,7 @@ from sparsedit.latte import Latte, LatteConfig, sparsify_latte
 from sparsedit.pixart import PixArt, PixArtConfig, sparsify_pixart
 from sparsedit.sparse_dit import parse_layout
 from sparsedit.sparsify import sparsify
-from sparsedit.train import RECIPES, Trainer, TrainSettings, list_checkpoints
+from sparsedit.train import RECIPES, Trainer, list_checkpoints
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -50,15 +49,6 @@ def source_dit(depth: int = 5, dropout: float = 0.1, seed: int = 0) -> DiT:
     return model
 
 
-def digits(n: int | None = None) -> Any:
-    ds = DigitsDataset(split="train", resolution=16)
-    return ds if n is None else Subset(ds, range(n))
-
-
-def settings(**kw: Any) -> TrainSettings:
-    base: dict[str, Any] = dict(steps=2, batch_size=8, log_every=1, ckpt_every=100)
-    base.update(kw)
-    return TrainSettings(**base)
 
 
 def records(run_dir: Path) -> list[dict[str, Any]]:

@@ -20,16 +20,15 @@ from typing import Any
 
 import pytest
 import torch
-from torch.utils.data import Dataset, Subset
 
+from helpers import digits, settings
 from sparsedit import load_model, save_model
 from sparsedit.checkpoint import read_safetensors
 from sparsedit.cli import main
-from sparsedit.data import DigitsDataset
 from sparsedit.dit import DiT, dit_config
 from sparsedit.errors import SparseditError
 from sparsedit.sparse_dit import SparseDiT
-from sparsedit.train import StepBatchSampler, Trainer, TrainSettings, list_checkpoints
+from sparsedit.train import StepBatchSampler, Trainer, list_checkpoints
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -45,15 +44,6 @@ def tiny_dit(depth: int = 2) -> DiT:
     return DiT(cfg)
 
 
-def digits(n: int | None = None) -> Dataset:
-    ds = DigitsDataset(split="train", resolution=16)
-    return ds if n is None else Subset(ds, range(n))
-
-
-def settings(**kw: Any) -> TrainSettings:
-    base: dict[str, Any] = dict(steps=2, batch_size=8, log_every=1, ckpt_every=100)
-    base.update(kw)
-    return TrainSettings(**base)
 
 
 def records(run_dir: Path) -> list[dict[str, Any]]:
