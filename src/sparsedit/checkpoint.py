@@ -85,6 +85,10 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    # safetensors writes its metadata from a hash map in a random order, so a file with two metadata keys
+    # differs byte for byte between two saves of the same tensors. One key keeps checkpoints reproducible.
+    if metadata is not None and len(metadata) > 1:
+        raise ValueError(f"write_safetensors takes at most one metadata key (byte-reproducible files), got {sorted(metadata)}")
     # safetensors refuses shared or non-contiguous storage: give it private contiguous copies.
     flat = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=metadata))
@@ -112,7 +116,7 @@ def save_pretrained(model: nn.Module, out: str | Path, overwrite: bool = False) 
     """Write ``model`` as a sparsedit checkpoint directory; returns its path."""
     out = prepare_output_dir(out, overwrite)
     state = {k: v for k, v in model.state_dict().items()}
-    write_safetensors(out / WEIGHTS_NAME, state, metadata={"format": "pt", "writer": "sparsedit"})
+    write_safetensors(out / WEIGHTS_NAME, state, metadata={"format": "pt"})
     write_json(out / CONFIG_NAME, model.config.to_dict())  # config last: it marks a complete checkpoint
     return out
 

@@ -182,6 +182,6 @@ def teacher_samples(teacher: nn.Module, num: int, cache_dir: str | Path, *, samp
         samples = samples.clamp(-1, 1)  # what an image of the teacher is
     cache.mkdir(parents=True, exist_ok=True)
     write_safetensors(data_path, {"samples": samples.contiguous(), "labels": labels},
-                      metadata={"format": "pt", "writer": "sparsedit"})
+                      metadata={"format": "pt"})
     atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(settings, indent=1, sort_keys=True)))
     return TeacherSamples(samples, labels)

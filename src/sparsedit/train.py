@@ -529,7 +529,7 @@ class Trainer:
         if self.dist.main:
             for name, sd in (("model", model_sd), ("ema", ema_sd)):
                 (tmp / name).mkdir()
-                write_safetensors(tmp / name / WEIGHTS_NAME, sd, metadata={"format": "pt", "writer": "sparsedit"})
+                write_safetensors(tmp / name / WEIGHTS_NAME, sd, metadata={"format": "pt"})
                 write_json(tmp / name / CONFIG_NAME, self.config.to_dict())
             torch.save(opt_sd, tmp / "optimizer.pt")
             write_json(tmp / "trainer.json", {"step": self.step, "world_size": self.dist.world})

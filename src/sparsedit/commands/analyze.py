@@ -21,6 +21,8 @@ from sparsedit.commands.common import (
     add_device_arg,
     add_model_args,
     check_device,
+    finite_float,
+    non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
@@ -44,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "1000-class model, else the first 4 classes)")
     p.add_argument("--seeds", type=positive_int, default=2, help="number of seeds (seed, seed+1, ...; default 2)")
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (default 1 = off)")
+    p.add_argument("--cfg-scale", type=finite_float, default=1.0, help="classifier-free guidance scale (default 1 = off)")
     p.add_argument("--max-k", type=non_negative_int, default=4,
                    help="constant-map experiment for k = 0..K first layers (default 4; 0 skips it)")
     p.add_argument("--vae", default=None, metavar="PATH",
@@ -62,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="a bottom layer is 'global' when its variance <= this x the median layer's (default 0.5)")
     prop.add_argument("--diff-tolerance", type=positive_float, default=0.25,
                       help="largest relative sample difference of the constant-map experiment at k = P (default 0.25)")
-    prop.add_argument("--rate-spread", type=float, default=None,
+    prop.add_argument("--rate-spread", type=non_negative_float, default=None,
                       help="fix r_max - r_min (default: derived from the variance trend over the steps)")
     prop.add_argument("--sparse-out", default=None,
                       help="--out of the printed sparsify command (default OUT/sparse_dit)")

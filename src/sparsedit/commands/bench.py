@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from sparsedit.commands.common import add_device_arg, check_device, non_negative_int, positive_int, rate
+from sparsedit.commands.common import add_device_arg, check_device, finite_float, non_negative_int, positive_int, rate
 from sparsedit.dit import CFG_MODES
 from sparsedit.presets import PRESET_HELP
 
@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "CPU, 50 on CUDA)")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm",
                    help="respacing and update rule of the sampling run (default ddpm)")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale; != 1 doubles the "
+    p.add_argument("--cfg-scale", type=finite_float, default=1.0, help="classifier-free guidance scale; != 1 doubles the "
                    "batch (default 1 = off)")
     p.add_argument("--cfg-mode", choices=CFG_MODES, default="first3", help="guided channels (default first3)")
     p.add_argument("--repeats", type=positive_int, default=None, help="timed forwards per model (default 3 on CPU, "

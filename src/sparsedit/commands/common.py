@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
@@ -66,9 +67,20 @@ def _number(text: str, cast: type[int] | type[float], ok: Callable[[float], bool
     except ValueError:
         kind = "an integer" if cast is int else "a number"
         raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+    if cast is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     if not ok(value):
         raise argparse.ArgumentTypeError(f"{rule}, got {value}")
     return value
+
+
+def finite_float(text: str) -> float:
+    return _number(text, float, lambda v: True, "must be a finite number")
+
+
+def unit_float(text: str) -> float:
+    """A number in [0, 1] (a decay, a probability)."""
+    return _number(text, float, lambda v: 0 <= v <= 1, "must be in [0, 1]")
 
 
 def positive_int(text: str) -> int:
@@ -99,8 +111,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, cfg_scale: float, cfg_sca
 
     parser.add_argument("--steps", type=positive_int, default=250, help="sampling steps (default 250)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    parser.add_argument("--cfg-scale", type=float, default=cfg_scale, help=cfg_scale_help)
+    parser.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM eta (0 = deterministic)")
+    parser.add_argument("--cfg-scale", type=finite_float, default=cfg_scale, help=cfg_scale_help)
     parser.add_argument("--cfg-mode", choices=CFG_MODES, default="first3",
                         help="guide the first 3 latent channels (official DiT) or all channels")
 
@@ -115,4 +127,9 @@ def run_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"sparsedit {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of our stdout went away (`sparsedit flops --json | head`): stop quietly, like a tool killed
+        # by SIGPIPE, and point stdout at /dev/null so the interpreter's final flush cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return int(code or 0)

@@ -10,7 +10,14 @@ import argparse
 from dataclasses import fields
 
 from sparsedit.blocks import UPSAMPLE_MODES
-from sparsedit.commands.common import non_negative_float, non_negative_int, positive_float, positive_int
+from sparsedit.commands.common import (
+    check_device,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    unit_float,
+)
 from sparsedit.commands.sparsify import add_rate_args
 from sparsedit.sparse_dit import LAYOUT_HELP
 from sparsedit.train import DEFAULT_RECIPE, RECIPES, TrainSettings, describe_recipe
@@ -67,13 +74,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--run-dir", required=True, help="directory for checkpoints, logs and samples")
     run.add_argument("--steps", type=positive_int, default=TrainSettings.steps)
     run.add_argument("--batch-size", type=positive_int, default=TrainSettings.batch_size, help="global batch size")
-    run.add_argument("--lr", type=float, default=TrainSettings.lr)
-    run.add_argument("--weight-decay", type=float, default=TrainSettings.weight_decay)
-    run.add_argument("--ema-decay", type=float, default=TrainSettings.ema_decay)
+    run.add_argument("--lr", type=positive_float, default=TrainSettings.lr)
+    run.add_argument("--weight-decay", type=non_negative_float, default=TrainSettings.weight_decay)
+    run.add_argument("--ema-decay", type=unit_float, default=TrainSettings.ema_decay)
     run.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=TrainSettings.ema_warmup,
                      help="EMA decay min(--ema-decay, (1+n)/(10+n)) at update n, so short runs get a usable EMA "
                      "(default: on)")
-    run.add_argument("--grad-clip", type=float, default=TrainSettings.grad_clip, help="max grad norm (0 = off)")
+    run.add_argument("--grad-clip", type=non_negative_float, default=TrainSettings.grad_clip, help="max grad norm (0 = off)")
     run.add_argument("--grad-accum", type=positive_int, default=TrainSettings.grad_accum)
     run.add_argument("--grad-checkpointing", action="store_true")
     run.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
@@ -150,6 +157,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     from sparsedit.train import Trainer, check_model_fits_data, open_dataset
 
+    if args.device is not None:
+        check_device(args.device)  # an unknown or absent device is an error, never a silent CPU run
     dataset, info = open_dataset(args.data, args.image_size, args.channels, args.seed)
     torch.manual_seed(args.seed)  # the initialisation of a from-scratch model is part of the run
     model = build_model(args, info)

@@ -1,0 +1,100 @@
+"""Bad input, command by command: exit code 2, an error line naming the problem, no traceback, no file touched.
+
+Each row is a command line that must be refused before any work. Rows run in-process (cheap); argparse
+refusals end with ``SystemExit(2)`` and its ``usage: ... error: ...`` lines, our own checks with
+``sparsedit CMD: error: ...``. Either way the last stderr line is the error and nothing was written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsedit.checkpoint import save_pretrained
+from sparsedit.cli import main
+from sparsedit.dit import DiT, DiTConfig
+
+TINY_TRAIN = ["train", "--model", "DiT-S/2", "--hidden-size", "32", "--depth", "2", "--num-heads", "2",
+              "--batch-size", "8", "--steps", "1", "--no-progress"]
+
+# (command line after `sparsedit`, words the error line must contain)
+NON_FINITE_OR_OUT_OF_RANGE: list[tuple[list[str], tuple[str, ...]]] = [
+    ([*TINY_TRAIN, "--lr", "nan"], ("--lr", "finite")),
+    ([*TINY_TRAIN, "--lr", "inf"], ("--lr", "finite")),
+    ([*TINY_TRAIN, "--lr=-1e-4"], ("--lr", "> 0")),
+    ([*TINY_TRAIN, "--grad-clip", "nan"], ("--grad-clip", "finite")),
+    ([*TINY_TRAIN, "--grad-clip=-1"], ("--grad-clip", ">= 0")),
+    ([*TINY_TRAIN, "--weight-decay", "nan"], ("--weight-decay", "finite")),
+    ([*TINY_TRAIN, "--ema-decay", "1.5"], ("--ema-decay", "[0, 1]")),
+    ([*TINY_TRAIN, "--ema-decay", "nan"], ("--ema-decay", "finite")),
+    (["sample", "--model", "DiT-S/2", "--cfg-scale", "nan"], ("--cfg-scale", "finite")),
+    (["sample", "--model", "DiT-S/2", "--cfg-scale=-inf"], ("--cfg-scale", "finite")),
+    (["sample", "--model", "DiT-S/2", "--eta", "nan"], ("--eta", "finite")),
+    (["sample", "--model", "DiT-S/2", "--eta=-0.5"], ("--eta", ">= 0")),
+    (["bench", "--a", "DiT-S/2", "--b", "SparseDiT-S/2", "--cfg-scale", "inf"], ("--cfg-scale", "finite")),
+    (["analyze", "--model", "DiT-S/2", "--cfg-scale", "nan"], ("--cfg-scale", "finite")),
+]
+
+
+def files_under(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(("argv", "words"), NON_FINITE_OR_OUT_OF_RANGE, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_numbers_must_be_finite_and_in_range(argv: list[str], words: tuple[str, ...], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "keep.txt").write_text("a file the user had")
+    before = files_under(tmp_path)
+    out = ["--run-dir", str(tmp_path / "run")] if argv[0] == "train" else []
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, *out])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert "error:" in last and all(w in last for w in words), last
+    assert files_under(tmp_path) == before
+
+
+@pytest.mark.parametrize("device", ["tpu9", "bogus", "cuda:99" if torch.cuda.is_available() else "cuda"])
+def test_train_refuses_a_device_it_cannot_use(device: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*TINY_TRAIN, "--device", device, "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sparsedit train: error: ") and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_a_closed_stdout_ends_quietly() -> None:
+    """`sparsedit ... | head`: when the reader goes away, no BrokenPipeError traceback, exit 141 (SIGPIPE's code)."""
+    child = textwrap.dedent("""
+        import argparse, sys
+        from sparsedit.commands.common import run_command
+        def talk(args):
+            for i in range(10**6):
+                print("line", i)
+        sys.exit(run_command(argparse.Namespace(func=talk, command="talk")))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.read(100)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141
+    assert err == "", err
+
+
+def test_checkpoints_are_byte_reproducible(tmp_path: Path) -> None:
+    """Equal models give equal files: the safetensors metadata must not come out in a random order."""
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2,
+                          num_classes=4, data_space="pixel"))
+    digests = {hashlib.sha256((save_pretrained(model, tmp_path / f"c{i}") / "model.safetensors").read_bytes()).hexdigest()
+               for i in range(8)}
+    assert len(digests) == 1
