@@ -91,3 +91,21 @@ def test_low_precision_model_samples_with_float32_state(pixel_ckpt):
     assert half.dtype == torch.float32 and half.shape == ref.shape
     rel = (half - ref).norm() / ref.norm()
     assert rel < 0.1, rel  # bf16 rounding only, not a different trajectory
+
+
+def test_out_is_never_clobbered_or_mislabelled(tmp_path, pixel_ckpt, capsys):
+    """An existing --out is kept unless --overwrite; a directory, a foreign suffix or a GIF of images is refused."""
+    out = tmp_path / "mine.png"
+    out.write_bytes(b"the user's own picture")
+    assert main(sample_args(pixel_ckpt, out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already exists" in err and "--overwrite" in err
+    assert out.read_bytes() == b"the user's own picture"
+    for bad, words in ((tmp_path, "is a directory"), (tmp_path / "x.jpg", ".png"), (tmp_path / "x.gif", "video")):
+        assert main(sample_args(pixel_ckpt, bad)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, err
+    assert not (tmp_path / "x.jpg").exists() and not (tmp_path / "x.gif").exists()
+    assert main(sample_args(pixel_ckpt, out, 0, "--overwrite")) == 0
+    with Image.open(out) as img:
+        assert img.format == "PNG"

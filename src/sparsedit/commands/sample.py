@@ -45,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="samples.png",
                    help="output PNG (default samples.png); for videos a .gif name writes an animated GIF")
     p.add_argument("--fps", type=positive_int, default=8, help="frames per second of a GIF (default 8)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_device_arg(p)
     p.set_defaults(func=run)
@@ -106,8 +107,19 @@ def run(args: argparse.Namespace) -> int:
     from sparsedit.train import text_conditioned
     from sparsedit.vae import load_vae
 
+    out = Path(args.out)
+    # Refuse a path we would clobber or mislabel before spending minutes sampling.
+    if out.is_dir():
+        raise SparseditError(f"--out {out} is a directory; give a file name such as {out / 'samples.png'}")
+    if out.suffix.lower() not in (".png", ".gif"):
+        raise SparseditError(f"--out {out} must end in .png (a grid) or, for video models, .gif")
+    if out.exists() and not args.overwrite:
+        raise SparseditError(f"--out {out} already exists; pass --overwrite to replace it or choose another name")
     device = check_device(args.device)
     model = load_model(args.ckpt, model=args.model, image_size=args.image_size, device=device)
+    if out.suffix.lower() == ".gif" and not isinstance(model, Latte):
+        raise SparseditError(f"--out {out}: a GIF is for video models and this {type(model).__name__} makes images; "
+                             "use a .png name")
     # Fail on a missing VAE or prompt file before spending minutes sampling.
     vae = load_vae(args.vae, device) if model.config.data_space == "latent" else None
     common = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, cfg_scale=args.cfg_scale, cfg_mode=args.cfg_mode,
