@@ -238,3 +238,19 @@ def test_latent_model_decodes_with_vae(tmp_path: Path) -> None:
     vae2.save_pretrained(tmp_path / "vae2")  # other random weights: shards would not match
     with pytest.raises(SparseditError, match="vae_sha256 differs"):
         cli(ckpt, tmp_path / "run", "--vae", str(tmp_path / "vae2"), n=3, b=2)
+
+
+def test_pack_never_replaces_a_users_file(ckpt: Path, tmp_path: Path) -> None:
+    """--pack over an existing file needs --overwrite; a name that is not .npz is refused; both before sampling."""
+    picture, batch = tmp_path / "photo.png", tmp_path / "old.npz"
+    picture.write_bytes(b"a picture")
+    batch.write_bytes(b"an older batch")
+    for target, words in ((picture, "must end in .npz"), (batch, "already exists"), (tmp_path, "is a directory")):
+        with pytest.raises(SparseditError) as err:
+            cli(ckpt, tmp_path / "run", "--pack", str(target), n=2, b=2)
+        msg = str(err.value)
+        assert "\n" not in msg and words in msg and "--pack" in msg, msg
+    assert picture.read_bytes() == b"a picture" and batch.read_bytes() == b"an older batch"
+    assert not (tmp_path / "run").exists()
+    assert cli(ckpt, tmp_path / "run", "--pack", str(batch), "--overwrite", n=2, b=2) == 0
+    assert packed(batch)[0].shape[0] == 2

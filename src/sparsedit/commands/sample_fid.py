@@ -10,6 +10,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from sparsedit.commands.common import (
     add_device_arg,
@@ -19,6 +20,7 @@ from sparsedit.commands.common import (
     positive_int,
     run_command,
 )
+from sparsedit.errors import SparseditError
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -36,7 +38,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_sampling_args(p, cfg_scale=1.5, cfg_scale_help="classifier-free guidance scale (default 1.5; 1 = off)")
     p.add_argument("--seed", type=int, default=0, help="global seed; shard k uses a seed derived from (seed, k)")
     p.add_argument("--vae", default=None, metavar="PATH", help="local AutoencoderKL directory (latent models only)")
-    p.add_argument("--pack", default=None, metavar="OUT.npz", help="packed batch path (default DIR/samples_N.npz)")
+    p.add_argument("--pack", default=None, metavar="OUT.npz",
+                   help="packed batch path (default DIR/samples_N.npz); an existing file is kept unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --pack file")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_device_arg(p)
     p.set_defaults(func=run)
@@ -51,6 +55,15 @@ def run(args: argparse.Namespace) -> int:
     from sparsedit.sample_fid import FidSampling, manifest_settings, sample_fid, weights_sha256
     from sparsedit.train import init_distributed
 
+    if args.pack is not None:
+        # A packed batch is written over whatever is at --pack: refuse to destroy a user's file before sampling.
+        pack = Path(args.pack)
+        if pack.is_dir():
+            raise SparseditError(f"--pack {pack} is a directory; give a file name such as {pack / 'samples.npz'}")
+        if pack.suffix.lower() != ".npz":
+            raise SparseditError(f"--pack {pack} must end in .npz (an ADM sample batch)")
+        if pack.exists() and not args.overwrite:
+            raise SparseditError(f"--pack {pack} already exists; pass --overwrite to replace it or choose another path")
     spec = FidSampling(
         num_samples=args.num_samples, batch_size=args.batch_size, steps=args.steps, sampler=args.sampler,
         eta=args.eta, cfg_scale=args.cfg_scale, cfg_mode=args.cfg_mode, seed=args.seed,
