@@ -8,6 +8,7 @@ refusals end with ``SystemExit(2)`` and its ``usage: ... error: ...`` lines, our
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 import textwrap
@@ -98,3 +99,32 @@ def test_checkpoints_are_byte_reproducible(tmp_path: Path) -> None:
     digests = {hashlib.sha256((save_pretrained(model, tmp_path / f"c{i}") / "model.safetensors").read_bytes()).hexdigest()
                for i in range(8)}
     assert len(digests) == 1
+
+
+BAD_CONFIG_VALUES: list[tuple[dict[str, object], str]] = [
+    ({"hidden_size": "64"}, "hidden_size must be an integer"),
+    ({"depth": 12.5}, "depth must be an integer"),
+    ({"depth": -1}, "depth must be an integer >= 0"),
+    ({"num_heads": None}, "num_heads must be an integer"),
+    ({"mlp_ratio": "4"}, "mlp_ratio must be a finite number"),
+    ({"learn_sigma": 1}, "learn_sigma must be true or false"),
+    ({"input_size": [8, "x"]}, "input_size must be"),
+    ({"data_space": 3}, "data_space must be a string"),
+    ({"hidden_size": 33}, "invalid DiT config"),  # not divisible by num_heads: the dataclass's own check
+]
+
+
+@pytest.mark.parametrize(("change", "words"), BAD_CONFIG_VALUES, ids=lambda v: str(v) if isinstance(v, dict) else None)
+def test_config_json_with_wrong_types_or_ranges(change: dict[str, object], words: str, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A hand-edited config.json gets one line naming the field, never a TypeError from deep inside the model."""
+    torch.manual_seed(0)
+    ckpt = save_pretrained(DiT(DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1,
+                                         num_heads=2, num_classes=4, data_space="pixel")), tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, **change}))
+    before = files_under(tmp_path)
+    assert main(["flops", "--model", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and words in err, err
+    assert files_under(tmp_path) == before

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import tempfile
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,7 +61,52 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Any:
             f"{source}: unknown field(s) {', '.join(unknown)} for {kind}; the checkpoint was written by "
             "a newer or different sparsedit version"
         )
-    return config_cls(**{k: v for k, v in data.items() if k in fields})
+    values = {k: v for k, v in data.items() if k in fields}
+    hints = typing.get_type_hints(config_cls)
+    for name, value in values.items():
+        if not _fits(value, hints.get(name, Any)):
+            raise CheckpointError(f"{source}: field {name} must be {_describe(hints[name])}, got {value!r}; "
+                                  "fix the value in the config file")
+    try:
+        return config_cls(**values)
+    except (SparseditError, TypeError, ValueError, ZeroDivisionError) as err:  # the dataclass's own checks
+        raise CheckpointError(f"{source}: invalid {kind} config: {err}") from None
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Does a JSON value fit a config field's annotation? ints are >= 0 (sizes and counts), floats finite."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (tuple, list):
+        items = [a for a in args if a is not Ellipsis]
+        if not isinstance(value, list | tuple):
+            return False
+        if origin is tuple and args and Ellipsis not in args and len(value) != len(args):
+            return False
+        return all(_fits(v, items[0] if Ellipsis in args or origin is list else items[i]) for i, v in enumerate(value))
+    return True  # nested or custom types: their own constructors check them
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    return {int: "an integer >= 0", float: "a finite number", bool: "true or false", str: "a string",
+            type(None): "null"}.get(hint, str(hint).replace("typing.", ""))
 
 
 def build_model(config: Any) -> nn.Module:
