@@ -7,8 +7,11 @@ refusals end with ``SystemExit(2)`` and its ``usage: ... error: ...`` lines, our
 
 from __future__ import annotations
 
+import argparse
+import errno
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -19,6 +22,7 @@ import torch
 
 from sparsedit.checkpoint import save_pretrained
 from sparsedit.cli import main
+from sparsedit.commands.common import run_command
 from sparsedit.dit import DiT, DiTConfig
 
 TINY_TRAIN = ["train", "--model", "DiT-S/2", "--hidden-size", "32", "--depth", "2", "--num-heads", "2",
@@ -128,3 +132,32 @@ def test_config_json_with_wrong_types_or_ranges(change: dict[str, object], words
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err and words in err, err
     assert files_under(tmp_path) == before
+
+
+def test_run_dir_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("the user's notes")
+    before = files_under(tmp_path)
+    assert main([*TINY_TRAIN, "--run-dir", str(tmp_path / "notes.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "notes.txt" in err and "directory" in err and "Traceback" not in err, err
+    assert files_under(tmp_path) == before
+
+
+@pytest.mark.parametrize(("code", "words"), [
+    (errno.EROFS, "read-only; choose a writable location"),
+    (errno.ENOSPC, "no space left"),
+    (errno.EACCES, "permission denied"),
+    (errno.EISDIR, "is a directory"),
+    (errno.ENOTDIR, "where a directory was expected"),
+    (errno.EMLINK, "check the path"),  # anything else: the system's own words, and the path
+])
+def test_os_errors_become_one_line_naming_the_path(code: int, words: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Disk full, read-only, permissions, wrong kind of path: exit 2 and one line (these cannot all be staged as
+    root in a test, so the command raises what the OS would)."""
+    def fail(args: argparse.Namespace) -> int:
+        raise OSError(code, os.strerror(code), "/data/out/model.safetensors")
+
+    assert run_command(argparse.Namespace(func=fail, command="convert")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sparsedit convert: error: /data/out/model.safetensors: ")
+    assert words in err, err

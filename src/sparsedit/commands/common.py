@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import shlex
@@ -132,4 +133,27 @@ def run_command(args: argparse.Namespace) -> int:
         # by SIGPIPE, and point stdout at /dev/null so the interpreter's final flush cannot raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as err:  # read-only place, wrong kind of path, disk full, no permission: the user's to fix
+        print(f"sparsedit {args.command}: error: {os_error_message(err)}", file=sys.stderr)
+        return 2
     return int(code or 0)
+
+
+_OS_FIXES = {
+    errno.EROFS: "the file system is read-only; choose a writable location",
+    errno.EACCES: "permission denied; choose a location you can write to or fix its permissions",
+    errno.EPERM: "operation not permitted; choose a location you can write to or fix its permissions",
+    errno.ENOSPC: "no space left on the device; free some space or write elsewhere (earlier files are kept)",
+    errno.EDQUOT: "disk quota exceeded; free some space or write elsewhere (earlier files are kept)",
+    errno.EISDIR: "is a directory where a file was expected; give a file path",
+    errno.ENOTDIR: "a part of the path is a file where a directory was expected; give a directory path",
+    errno.EEXIST: "already exists as another kind of path; choose another name",
+    errno.ENOENT: "does not exist; check the path",
+}
+
+
+def os_error_message(err: OSError) -> str:
+    """One line for an operating-system error: the path, what went wrong and what to do."""
+    path = err.filename if err.filename is not None else "(no path)"
+    fix = _OS_FIXES.get(err.errno or -1, f"{err.strerror or err}; check the path")
+    return f"{path}: {fix}"
