@@ -86,3 +86,19 @@ def test_demo_cli_twice_and_never_clobbers_other_files(tmp_path, tiny_digits_dit
     assert "already holds a demo report" in capsys.readouterr().err
     assert main([*args, "--recipe", "nope"]) == 2
     assert "unknown --recipe 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "value", "words"), [
+    ("--sampler", "bogus", "unknown sampler 'bogus'"),
+    ("--cfg-scales", "0", "--cfg-scales must be finite and > 0"),
+    ("--num-samples", "1", "--num-samples must be >= 2"),
+])
+def test_demo_refuses_bad_settings_before_fine_tuning(tmp_path, tiny_digits_dit, capsys, flag, value, words):
+    """A setting only the comparison uses is checked before minutes of fine-tuning, not after them."""
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--dit", str(tiny_digits_dit), "--finetune-steps", "2", "--batch-size", "8",
+            "--no-progress", flag, value]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err, err
+    assert not out.exists()

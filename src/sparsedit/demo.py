@@ -53,6 +53,9 @@ class DemoSettings:
             raise SparseditError(f"unknown --recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
         if self.threads < 0:
             raise SparseditError(f"--threads must be >= 0 (0 = automatic), got {self.threads}")
+        # Check the comparison's and the fine-tuning's settings now, not after minutes of fine-tuning.
+        self.compare_settings()
+        self.train_settings().validate(world_size=1)
 
     def compare_settings(self) -> CompareSettings:
         return CompareSettings(cfg_scales=self.cfg_scales, seeds=self.seeds, num_samples=self.num_samples,
