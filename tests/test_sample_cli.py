@@ -109,3 +109,19 @@ def test_out_is_never_clobbered_or_mislabelled(tmp_path, pixel_ckpt, capsys):
     assert main(sample_args(pixel_ckpt, out, 0, "--overwrite")) == 0
     with Image.open(out) as img:
         assert img.format == "PNG"
+
+
+def test_default_labels_come_from_the_model_and_a_pixel_model_takes_no_vae(tmp_path, pixel_ckpt, capsys):
+    """A 10-class model samples its own classes by default (not ImageNet ids); --vae on a pixel model is refused
+    before sampling, and so is a label outside the model's classes."""
+    out = tmp_path / "default.png"
+    args = ["sample", "--ckpt", str(pixel_ckpt), "--steps", "2", "--out", str(out), "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert main([*args[:-4], str(tmp_path / "v.png"), "--vae", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pixel space" in err and "drop --vae" in err
+    assert main([*args[:-4], str(tmp_path / "l.png"), "--class-labels", "1", "207", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "outside [0, 10)" in err
+    assert not (tmp_path / "v.png").exists() and not (tmp_path / "l.png").exists()

@@ -16,6 +16,9 @@ import torch
 
 from sparsedit.commands.common import add_device_arg, add_model_args, add_sampling_args, check_device, positive_int
 
+# The classes of the DiT paper's sample grid (ImageNet ids): the default labels of a 1000-class model.
+IMAGENET_GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="sample an image grid from a DiT / PixArt / Latte checkpoint (dense or sparse)",
@@ -24,8 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "grid; videos are written as a PNG strip (one row per video) or, with --out *.gif, as an "
                        "animated GIF playing the videos side by side.")
     add_model_args(p)
-    p.add_argument("--class-labels", type=int, nargs="+", default=[207, 360, 387, 974, 88, 979, 417, 279],
-                   help="one image per label (default: the 8 classes of the DiT sample grid)")
+    p.add_argument("--class-labels", type=int, nargs="+", default=None,
+                   help="one image per label (default: for 1000-class models the 8 classes of the DiT sample grid, "
+                        "otherwise the model's first 8 classes)")
     add_sampling_args(p, cfg_scale=4.0, cfg_scale_help="classifier-free guidance scale (1 = off)")
     p.add_argument("--prompt", nargs="+", default=None, metavar="TEXT",
                    help="text models: one image / video per prompt, encoded with the local T5 given by --t5")
@@ -120,8 +124,13 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix.lower() == ".gif" and not isinstance(model, Latte):
         raise SparseditError(f"--out {out}: a GIF is for video models and this {type(model).__name__} makes images; "
                              "use a .png name")
-    # Fail on a missing VAE or prompt file before spending minutes sampling.
+    # Fail on a missing or needless VAE before spending minutes sampling.
+    if args.vae is not None and model.config.data_space != "latent":
+        raise SparseditError(f"this {type(model).__name__} works in pixel space and needs no VAE: drop --vae")
     vae = load_vae(args.vae, device) if model.config.data_space == "latent" else None
+    num_classes = getattr(model.config, "num_classes", 0)
+    if args.class_labels is None:
+        args.class_labels = IMAGENET_GRID_CLASSES if num_classes == 1000 else list(range(min(8, num_classes)))
     common = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, cfg_scale=args.cfg_scale, cfg_mode=args.cfg_mode,
                   seed=args.seed, device=device, progress=not args.no_progress)
     start = time.perf_counter()
