@@ -161,3 +161,38 @@ def test_os_errors_become_one_line_naming_the_path(code: int, words: str, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("sparsedit convert: error: /data/out/model.safetensors: ")
     assert words in err, err
+
+
+def tiny_model(seed: int) -> DiT:
+    torch.manual_seed(seed)
+    return DiT(DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2,
+                         num_classes=4, data_space="pixel"))
+
+
+def test_overwriting_a_checkpoint_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure while writing the config (disk full) must leave the old checkpoint whole: old weights beside the
+    old config, loadable, and no hidden temporary directory behind."""
+    import sparsedit.checkpoint as ckpt_module
+
+    out = save_pretrained(tiny_model(0), tmp_path / "ckpt")
+    before = files_under(tmp_path)
+
+    def disk_full(path: Path, data: dict[str, object]) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(ckpt_module, "write_json", disk_full)
+    with pytest.raises(OSError):
+        save_pretrained(tiny_model(1), out, overwrite=True)
+    assert files_under(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    monkeypatch.undo()
+    new = save_pretrained(tiny_model(1), out, overwrite=True)
+    assert files_under(tmp_path) != before and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert (new / "config.json").exists()
+
+
+def test_failed_sparsify_leaves_no_output_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sparse"
+    assert main(["sparsify", str(tmp_path / "missing"), "--layout", "SparseDiT-S/2", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert not out.exists()

@@ -11,6 +11,7 @@ import importlib
 import json
 import math
 import os
+import shutil
 import tempfile
 import types
 import typing
@@ -142,8 +143,8 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=metadata))
 
 
-def prepare_output_dir(out: str | Path, overwrite: bool = False, marker: str = CONFIG_NAME) -> Path:
-    """Make ``out`` ready to receive a checkpoint without destroying anything unexpected.
+def check_output_dir(out: str | Path, overwrite: bool = False, marker: str = CONFIG_NAME) -> Path:
+    """Refuse an output directory we must not write (creates nothing; see :func:`prepare_output_dir`).
 
     An existing checkpoint (``marker`` present) is only replaced with ``overwrite``; a non-empty
     directory that is not a checkpoint is never touched.
@@ -156,16 +157,55 @@ def prepare_output_dir(out: str | Path, overwrite: bool = False, marker: str = C
             raise SparseditError(f"output directory {out} is not empty and holds no checkpoint; choose a new path")
         if not overwrite:
             raise SparseditError(f"{out} already holds a checkpoint; pass --overwrite or choose a new path")
+    return out
+
+
+def prepare_output_dir(out: str | Path, overwrite: bool = False, marker: str = CONFIG_NAME) -> Path:
+    """:func:`check_output_dir`, then create ``out``."""
+    out = check_output_dir(out, overwrite, marker)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
+def replace_dir(new: Path, out: Path) -> None:
+    """Put the finished directory ``new`` at ``out``, replacing what is there as one unit.
+
+    The old directory is first moved aside under a hidden name beside it, so at no moment does ``out``
+    hold a mix of old and new files; a crash between the two renames leaves the old one in that
+    hidden directory, never half of it.
+    """
+    if out.is_dir() and any(out.iterdir()):
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.replace(out, old)
+        os.replace(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, out)  # out is absent or an empty directory
+
+
+def write_dir(out: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a new hidden directory beside ``out``, then :func:`replace_dir` it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700; a checkpoint is an ordinary readable directory
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_pretrained(model: nn.Module, out: str | Path, overwrite: bool = False) -> Path:
     """Write ``model`` as a sparsedit checkpoint directory; returns its path."""
-    out = prepare_output_dir(out, overwrite)
+    out = check_output_dir(out, overwrite)
     state = {k: v for k, v in model.state_dict().items()}
-    write_safetensors(out / WEIGHTS_NAME, state, metadata={"format": "pt"})
-    write_json(out / CONFIG_NAME, model.config.to_dict())  # config last: it marks a complete checkpoint
+
+    def write(tmp: Path) -> None:
+        write_safetensors(tmp / WEIGHTS_NAME, state, metadata={"format": "pt"})
+        write_json(tmp / CONFIG_NAME, model.config.to_dict())
+
+    write_dir(out, write)  # all or nothing: an old checkpoint at out is replaced whole or kept whole
     return out
 
 

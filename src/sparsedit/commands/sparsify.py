@@ -88,12 +88,12 @@ def _token_sets(cfg) -> list[str]:  # noqa: ANN001
 
 
 def run(args: argparse.Namespace) -> int:
-    from sparsedit.checkpoint import prepare_output_dir, save_pretrained
+    from sparsedit.checkpoint import check_output_dir, save_pretrained
     from sparsedit.convert import load_model
     from sparsedit.sparsify import init_rules
 
     check_rates(args)
-    prepare_output_dir(args.out, args.overwrite)  # fail before the (slow) load
+    check_output_dir(args.out, args.overwrite)  # fail before the (slow) load, creating nothing
     src = load_model(args.src, model=args.model, image_size=args.image_size)
     model = _convert(src, args, {"recovery_pos_embed": args.recovery_pos_embed, "extra_recovery": args.extra_recovery})
     if args.verbose:
