@@ -9,6 +9,7 @@ import os
 import shlex
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +50,19 @@ def default_threads() -> int:
 def command_line(argv: list[str]) -> str:
     """The command as a user would type it again (for reports): ``sparsedit demo --out x``."""
     return "sparsedit " + " ".join(shlex.quote(a) for a in argv)
+
+
+def check_output_file(path: str, flag: str, suffixes: tuple[str, ...], overwrite: bool) -> Path:
+    """An output file path a command may write: not a directory, one of ``suffixes``, not an existing file
+    unless ``overwrite``. Checked before the work, so a refusal costs nothing and touches nothing."""
+    out = Path(path)
+    if out.is_dir():
+        raise SparseditError(f"{flag} {out} is a directory; give a file name such as {out / ('samples' + suffixes[0])}")
+    if out.suffix.lower() not in suffixes:
+        raise SparseditError(f"{flag} {out} must end in {' or '.join(suffixes)}")
+    if out.exists() and not overwrite:
+        raise SparseditError(f"{flag} {out} already exists; pass --overwrite to replace it or choose another name")
+    return out
 
 
 def check_device(name: str) -> torch.device:

@@ -14,10 +14,14 @@ from typing import Any
 
 import torch
 
-from sparsedit.commands.common import add_device_arg, add_model_args, add_sampling_args, check_device, positive_int
-
-# The classes of the DiT paper's sample grid (ImageNet ids): the default labels of a 1000-class model.
-IMAGENET_GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
+from sparsedit.commands.common import (
+    add_device_arg,
+    add_model_args,
+    add_sampling_args,
+    check_device,
+    check_output_file,
+    positive_int,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -102,6 +106,7 @@ def _decode(model: Any, samples: Any, vae: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sparsedit.analyze import default_labels
     from sparsedit.convert import load_model
     from sparsedit.errors import SparseditError
     from sparsedit.images import save_grid
@@ -111,14 +116,8 @@ def run(args: argparse.Namespace) -> int:
     from sparsedit.train import text_conditioned
     from sparsedit.vae import load_vae
 
-    out = Path(args.out)
     # Refuse a path we would clobber or mislabel before spending minutes sampling.
-    if out.is_dir():
-        raise SparseditError(f"--out {out} is a directory; give a file name such as {out / 'samples.png'}")
-    if out.suffix.lower() not in (".png", ".gif"):
-        raise SparseditError(f"--out {out} must end in .png (a grid) or, for video models, .gif")
-    if out.exists() and not args.overwrite:
-        raise SparseditError(f"--out {out} already exists; pass --overwrite to replace it or choose another name")
+    out = check_output_file(args.out, "--out", (".png", ".gif"), args.overwrite)
     device = check_device(args.device)
     model = load_model(args.ckpt, model=args.model, image_size=args.image_size, device=device)
     if out.suffix.lower() == ".gif" and not isinstance(model, Latte):
@@ -128,9 +127,8 @@ def run(args: argparse.Namespace) -> int:
     if args.vae is not None and model.config.data_space != "latent":
         raise SparseditError(f"this {type(model).__name__} works in pixel space and needs no VAE: drop --vae")
     vae = load_vae(args.vae, device) if model.config.data_space == "latent" else None
-    num_classes = getattr(model.config, "num_classes", 0)
     if args.class_labels is None:
-        args.class_labels = IMAGENET_GRID_CLASSES if num_classes == 1000 else list(range(min(8, num_classes)))
+        args.class_labels = default_labels(getattr(model.config, "num_classes", 0), count=8)
     common = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, cfg_scale=args.cfg_scale, cfg_mode=args.cfg_mode,
                   seed=args.seed, device=device, progress=not args.no_progress)
     start = time.perf_counter()
@@ -150,10 +148,10 @@ def run(args: argparse.Namespace) -> int:
         samples = generate(model, args.class_labels, **common)
     images = _decode(model, samples, vae)
     if images.ndim == 5:
-        gif = Path(args.out).suffix.lower() == ".gif"
-        path = save_video_gif(images, args.out, args.fps, args.nrow) if gif else save_video_strip(images, args.out)
+        gif = out.suffix.lower() == ".gif"
+        path = save_video_gif(images, out, args.fps, args.nrow) if gif else save_video_strip(images, out)
     else:
-        path = save_grid(images, args.out, nrow=args.nrow)
+        path = save_grid(images, out, nrow=args.nrow)
     print(f"wrote {path} ({len(images)} {'videos' if images.ndim == 5 else 'images'}, {args.sampler} {args.steps} "
           f"steps, cfg {args.cfg_scale:g}, seed {args.seed}, {time.perf_counter() - start:.1f}s)")
     return 0

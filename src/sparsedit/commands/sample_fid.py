@@ -10,17 +10,16 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from sparsedit.commands.common import (
     add_device_arg,
     add_model_args,
     add_sampling_args,
     check_device,
+    check_output_file,
     positive_int,
     run_command,
 )
-from sparsedit.errors import SparseditError
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -55,15 +54,8 @@ def run(args: argparse.Namespace) -> int:
     from sparsedit.sample_fid import FidSampling, manifest_settings, sample_fid, weights_sha256
     from sparsedit.train import init_distributed
 
-    if args.pack is not None:
-        # A packed batch is written over whatever is at --pack: refuse to destroy a user's file before sampling.
-        pack = Path(args.pack)
-        if pack.is_dir():
-            raise SparseditError(f"--pack {pack} is a directory; give a file name such as {pack / 'samples.npz'}")
-        if pack.suffix.lower() != ".npz":
-            raise SparseditError(f"--pack {pack} must end in .npz (an ADM sample batch)")
-        if pack.exists() and not args.overwrite:
-            raise SparseditError(f"--pack {pack} already exists; pass --overwrite to replace it or choose another path")
+    if args.pack is not None:  # refuse to destroy a user's file before sampling
+        check_output_file(args.pack, "--pack", (".npz",), args.overwrite)
     spec = FidSampling(
         num_samples=args.num_samples, batch_size=args.batch_size, steps=args.steps, sampler=args.sampler,
         eta=args.eta, cfg_scale=args.cfg_scale, cfg_mode=args.cfg_mode, seed=args.seed,
