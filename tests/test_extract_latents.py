@@ -136,10 +136,21 @@ def test_errors(workspace: dict[str, Path], tmp_path: Path) -> None:
              "--no-progress", "--device", "cpu"])
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep me")
-    with pytest.raises(SparseditError, match="not empty; choose a new --out or pass --overwrite"):
-        run([*base, "--vae", str(workspace["vae"]), "--out", str(tmp_path / "busy")])
-    run([*base, "--vae", str(workspace["vae"]), "--out", str(tmp_path / "busy"), "--overwrite"])
-    assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me" and (tmp_path / "busy" / "meta.json").exists()
+    for extra in ([], ["--overwrite"]):  # a directory that holds something else is never written into
+        with pytest.raises(SparseditError, match="is not empty and holds no latents directory; choose a new path"):
+            run([*base, "--vae", str(workspace["vae"]), "--out", str(tmp_path / "busy"), *extra])
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["notes.txt"]
+    run([*base, "--vae", str(workspace["vae"]), "--out", str(tmp_path / "lat")])
+    with pytest.raises(SparseditError, match="already holds a latents directory; pass --overwrite"):
+        run([*base, "--vae", str(workspace["vae"]), "--out", str(tmp_path / "lat")])
+    (tmp_path / "lat" / "notes.txt").write_text("the user's")  # replacing the directory would delete it
+    with pytest.raises(SparseditError, match="holds files sparsedit did not write there \\(notes.txt\\)"):
+        run([*base, "--vae", str(workspace["vae"]), "--out", str(tmp_path / "lat"), "--overwrite"])
+    (tmp_path / "lat" / "notes.txt").unlink()
+    before = (tmp_path / "lat" / "meta.json").stat().st_mtime_ns
+    run([*base, "--vae", str(workspace["vae"]), "--out", str(tmp_path / "lat"), "--overwrite", "--seed", "3"])
+    assert sorted(p.name for p in (tmp_path / "lat").iterdir()) == ["latents.safetensors", "meta.json"]
+    assert (tmp_path / "lat" / "meta.json").stat().st_mtime_ns != before
     with pytest.raises(SystemExit):
         run([*base, "--vae", str(workspace["vae"]), "--out", str(tmp_path / "o3"), "--kind", "pixels"])
     with pytest.raises(SparseditError, match="unknown device"):

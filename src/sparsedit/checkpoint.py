@@ -11,11 +11,12 @@ import importlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,14 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Any:
         raise CheckpointError(
             f"{source}: unknown field(s) {', '.join(unknown)} for {kind}; the checkpoint was written by "
             "a newer or different sparsedit version"
+        )
+    missing = sorted(fields - set(data) - getattr(config_cls, "OPTIONAL_FIELDS", frozenset()))
+    if missing:
+        # A default would silently build another architecture (16 heads where the weights were trained with 4
+        # give the same shapes and different outputs), so every field the checkpoint's writer knew is required.
+        raise CheckpointError(
+            f"{source}: missing field(s) {', '.join(missing)} for {kind}; the config file is incomplete: "
+            "restore it from the checkpoint's source (sparsedit writes every field)"
         )
     values = {k: v for k, v in data.items() if k in fields}
     hints = typing.get_type_hints(config_cls)
@@ -140,30 +149,46 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         raise ValueError(f"write_safetensors takes at most one metadata key (byte-reproducible files), got {sorted(metadata)}")
     # safetensors refuses shared or non-contiguous storage: give it private contiguous copies.
     flat = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=metadata))
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(flat, str(tmp), metadata=metadata)
+        except SafetensorError as err:
+            raise _as_os_error(err, path) from None
+
+    atomic_write(path, write)
 
 
-def check_output_dir(out: str | Path, overwrite: bool = False, marker: str = CONFIG_NAME) -> Path:
-    """Refuse an output directory we must not write (creates nothing; see :func:`prepare_output_dir`).
+def _as_os_error(err: SafetensorError, path: Path) -> Exception:
+    """safetensors reports a failed write (a full disk, say) as ``SafetensorError: ... (os error 28)``; give it
+    back as the ``OSError`` it is, naming the file, so callers handle it like any other failed write."""
+    found = re.search(r"os error (\d+)", str(err))
+    if found is None:
+        return err
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
 
-    An existing checkpoint (``marker`` present) is only replaced with ``overwrite``; a non-empty
-    directory that is not a checkpoint is never touched.
+
+def check_output_dir(out: str | Path, overwrite: bool = False, marker: str = CONFIG_NAME,
+                     what: str = "checkpoint", owned: Iterable[str] = (CONFIG_NAME, WEIGHTS_NAME)) -> Path:
+    """Refuse an output directory we must not write (creates nothing: checked before the work).
+
+    An existing ``what`` (``marker`` present) is only replaced, whole, with ``overwrite``, and only when it
+    holds nothing but the files named in ``owned`` (what the writer itself writes): replacing the directory
+    would otherwise delete the user's other files. A non-empty directory that is not one is never touched.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SparseditError(f"output {out} exists and is a file; choose a directory path")
     if out.is_dir() and any(out.iterdir()):
         if not (out / marker).exists():
-            raise SparseditError(f"output directory {out} is not empty and holds no checkpoint; choose a new path")
+            raise SparseditError(f"output directory {out} is not empty and holds no {what}; choose a new path")
         if not overwrite:
-            raise SparseditError(f"{out} already holds a checkpoint; pass --overwrite or choose a new path")
-    return out
-
-
-def prepare_output_dir(out: str | Path, overwrite: bool = False, marker: str = CONFIG_NAME) -> Path:
-    """:func:`check_output_dir`, then create ``out``."""
-    out = check_output_dir(out, overwrite, marker)
-    out.mkdir(parents=True, exist_ok=True)
+            raise SparseditError(f"{out} already holds a {what}; pass --overwrite to replace it or choose a new path")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in set(owned))
+        if foreign:
+            raise SparseditError(f"{out} holds files sparsedit did not write there ({_short(foreign, 3)}), which "
+                                 "replacing it would delete; move them out or choose a new path")
     return out
 
 
@@ -191,9 +216,21 @@ def write_dir(out: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp creates 0700; a checkpoint is an ordinary readable directory
         replace_dir(tmp, out)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _renamed(err, tmp, out) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _renamed(err: OSError, tmp: Path, out: Path) -> OSError:
+    """The error with the file it names moved from the hidden directory to where the user asked for it."""
+    try:
+        name = out / Path(err.filename).relative_to(tmp)
+    except (TypeError, ValueError):
+        return err
+    return OSError(err.errno, err.strerror, str(name))
 
 
 def save_pretrained(model: nn.Module, out: str | Path, overwrite: bool = False) -> Path:

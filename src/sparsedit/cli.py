@@ -12,7 +12,7 @@ import argparse
 import importlib
 from collections.abc import Sequence
 
-from sparsedit.commands.common import run_command
+from sparsedit.commands.common import Parser, run_command
 
 # Sub-command modules, in the order `sparsedit --help` lists them.
 COMMANDS = (
@@ -22,7 +22,7 @@ COMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="sparsedit",
         description="SparseDiT: convert, fine-tune, sample and measure token-sparse Diffusion Transformers.",
     )

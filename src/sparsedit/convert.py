@@ -25,12 +25,13 @@ from torch import Tensor, nn
 
 from sparsedit.checkpoint import (
     CONFIG_NAME,
+    check_output_dir,
     load_pretrained,
     load_state_strict,
-    prepare_output_dir,
     read_json,
     read_safetensors,
     save_pretrained,
+    write_dir,
     write_json,
     write_safetensors,
 )
@@ -310,14 +311,19 @@ def write_diffusers_model(out: str | Path, state: dict[str, Tensor], class_name:
                           overwrite: bool = False) -> Path:
     """Write a diffusers model directory: weights, then ``config.json`` (it marks a complete checkpoint).
 
-    Atomic per file; an existing checkpoint in ``out`` is only replaced with ``overwrite``.
+    All or nothing: the directory is written beside ``out`` and swapped in whole; an existing checkpoint in
+    ``out`` is only replaced with ``overwrite``.
     """
     from sparsedit import __version__
 
-    out = prepare_output_dir(out, overwrite)
-    write_safetensors(out / DIFFUSERS_WEIGHTS, state, metadata={"format": "pt"})
-    write_json(out / CONFIG_NAME, {"_class_name": class_name, "_diffusers_version": "0.30.0",
-                                   "_sparsedit_version": __version__, **fields})
+    out = check_output_dir(out, overwrite, owned=(CONFIG_NAME, DIFFUSERS_WEIGHTS))
+
+    def write(tmp: Path) -> None:
+        write_safetensors(tmp / DIFFUSERS_WEIGHTS, state, metadata={"format": "pt"})
+        write_json(tmp / CONFIG_NAME, {"_class_name": class_name, "_diffusers_version": "0.30.0",
+                                       "_sparsedit_version": __version__, **fields})
+
+    write_dir(out, write)
     return out
 
 

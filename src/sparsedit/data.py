@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from sparsedit.checkpoint import atomic_write
+from sparsedit.checkpoint import atomic_write, write_dir, write_safetensors
 from sparsedit.errors import SparseditError
 
 __all__ = [
@@ -356,11 +356,9 @@ def save_latents(
         null_caption: (L, D) embedding of the empty prompt, for caption dropout of models that store
             no null caption themselves (Latte-T2V, diffusers PixArt checkpoints).
 
-    Both files are written to a temporary file and moved into place with ``os.replace``, so a reader
-    never sees a half-written file. Returns the directory path.
+    The directory is written beside ``directory`` and swapped in whole (an old latents directory there is
+    replaced, never mixed with the new files), so a reader never sees a half-written one. Returns its path.
     """
-    from safetensors.torch import save_file
-
     if kind not in ("moments", "latents"):
         raise SparseditError(f"unknown latents kind {kind!r}; use 'moments' or 'latents'")
     x = latents_or_moments
@@ -409,9 +407,12 @@ def save_latents(
         raise SparseditError(f"meta is not JSON-serialisable ({exc}); use plain numbers and strings") from exc
 
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / LATENTS_FILE, lambda p: save_file(tensors, str(p), metadata={"kind": kind}))
-    atomic_write(out / META_FILE, lambda p: Path(p).write_text(meta_text + "\n"))
+
+    def write(tmp: Path) -> None:
+        write_safetensors(tmp / LATENTS_FILE, tensors, metadata={"kind": kind})
+        atomic_write(tmp / META_FILE, lambda p: Path(p).write_text(meta_text + "\n"))
+
+    write_dir(out, write)  # a latents directory already at out is replaced whole, never file by file
     return out
 
 

@@ -502,6 +502,9 @@ class SparseLatteConfig(LatteConfig):
     recovery_pos_embed: bool = True
     model_type: str = field(default="SparseLatte", init=False)
 
+    # A config.json may lack only this field (written before it existed; the default is that behaviour).
+    OPTIONAL_FIELDS = frozenset({"recovery_pos_embed"})
+
     layout = SparseLayoutConfig.layout
 
     def __post_init__(self) -> None:

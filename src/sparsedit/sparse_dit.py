@@ -110,6 +110,10 @@ class SparseLayoutConfig:
     if TYPE_CHECKING:  # provided by the dense config (not fields of the mixin)
         depth: int
 
+    # Fields that checkpoints written before they existed lack; their defaults are that older behaviour.
+    # Every other field must be in a config.json (see checkpoint.config_from_dict).
+    OPTIONAL_FIELDS = frozenset({"recovery_pos_embed", "extra_recovery"})
+
     pool_blocks: int = 2
     num_sdtm: int = 4
     gen_blocks: int = 1

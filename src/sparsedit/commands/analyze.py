@@ -4,7 +4,8 @@ experiment (Fig. 3) and, with ``--propose``, a SparseDiT layout and rate range f
 Writes into ``--out``: ``attention_variance.{csv,json}``, ``attention_variance_heatmap.png``,
 ``attention_variance_lines.png``, ``constant_map.{csv,json,png}`` (with ``--max-k`` > 0),
 ``constant_map_samples.png`` (pixel models, or latent models with ``--vae``), ``proposal.json``
-(with ``--propose``) and ``summary.json``. See docs/analyze.md.
+(with ``--propose``) and ``summary.json``, as one directory swapped in whole; ``--overwrite`` replaces an
+earlier analysis. See docs/analyze.md.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from sparsedit.checkpoint import check_output_dir, write_dir, write_json
 from sparsedit.commands.common import (
     add_device_arg,
     add_model_args,
@@ -52,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vae", default=None, metavar="PATH",
                    help="local AutoencoderKL directory: also decode the constant-map samples of a latent model")
     p.add_argument("--out", default="analysis", help="output directory (default ./analysis)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier analysis at --out (whole)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
     prop = p.add_argument_group("proposal")
     prop.add_argument("--propose", action="store_true", help="propose a SparseDiT layout and rate range")
@@ -74,9 +77,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> Path:
-    from sparsedit.checkpoint import write_json
+SUMMARY = "summary.json"
+# Every file an analysis may write: --overwrite replaces a directory holding only these.
+OUTPUTS = (SUMMARY, "attention_variance.csv", "attention_variance.json", "attention_variance_heatmap.png",
+           "attention_variance_lines.png", "constant_map.csv", "constant_map.json", "constant_map.png",
+           "constant_map_samples.png", "proposal.json")
 
+
+def _write_json(path: Path, data: dict[str, Any]) -> Path:
     write_json(path, data)
     return path
 
@@ -107,35 +115,24 @@ def run(args: argparse.Namespace) -> int:
     labels = args.classes if args.classes is not None else an.default_labels(cfg.num_classes)
     seeds = list(range(args.seed, args.seed + args.seeds))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out, args.overwrite, marker=SUMMARY, what="analysis", owned=OUTPUTS)  # before sampling
     progress = not args.no_progress
-    files: list[Path] = []
 
     variance, reference = an.attention_variance(
         model, labels, seeds=seeds, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
         device=device, progress=progress,
     )
-    files.append(an.write_csv(out / "attention_variance.csv", variance.rows()))
-    files.append(_write_json(out / "attention_variance.json", variance.to_dict()))
-    if not args.no_plots:
-        files += an.plot_variance(variance, out / "attention_variance_heatmap.png", out / "attention_variance_lines.png")
-
-    constant = None
+    constant, images = None, None
     if args.max_k > 0:
         constant = an.constant_map_experiment(
             model, labels, max_k=args.max_k, seeds=seeds, sampler=args.sampler, steps=args.steps,
             cfg_scale=args.cfg_scale, device=device, reference=reference, progress=progress,
         )
-        files.append(an.write_csv(out / "constant_map.csv", constant.rows()))
-        files.append(_write_json(out / "constant_map.json", constant.to_dict()))
-        if not args.no_plots:
-            files.append(an.plot_constant_map(constant, out / "constant_map.png"))
         if cfg.data_space == "pixel" or vae is not None:
             from sparsedit.sampling import to_images
 
             first = [x[: len(labels)] for x in constant.samples]  # the first seed, every k: one row per k
             images = to_images(model, torch.cat(first).to(device), vae)
-            files.append(save_grid(images, out / "constant_map_samples.png", nrow=len(labels)))
 
     summary: dict[str, Any] = {
         "ckpt": str(args.ckpt), "depth": cfg.depth, "tokens": cfg.grid[0] * cfg.grid[1],
@@ -151,11 +148,28 @@ def run(args: argparse.Namespace) -> int:
                               rule=rule)
         sparse_out = args.sparse_out if args.sparse_out is not None else str(out / "sparse_dit")
         command = an.sparsify_command(proposal, args.ckpt, sparse_out, model=args.model, image_size=args.image_size)
-        data = {**proposal.to_dict(), "command": command}
-        files.append(_write_json(out / "proposal.json", data))
-        summary["proposal"] = data
-    summary["files"] = [str(f) for f in files] + [str(out / "summary.json")]
-    _write_json(out / "summary.json", summary)
+        summary["proposal"] = {**proposal.to_dict(), "command": command}
+
+    def write(tmp: Path) -> None:
+        """Every file into ``tmp``; the directory then replaces ``out`` whole (a crash keeps the old analysis)."""
+        files = [an.write_csv(tmp / "attention_variance.csv", variance.rows()),
+                 _write_json(tmp / "attention_variance.json", variance.to_dict())]
+        if not args.no_plots:
+            files += an.plot_variance(variance, tmp / "attention_variance_heatmap.png",
+                                      tmp / "attention_variance_lines.png")
+        if constant is not None:
+            files.append(an.write_csv(tmp / "constant_map.csv", constant.rows()))
+            files.append(_write_json(tmp / "constant_map.json", constant.to_dict()))
+            if not args.no_plots:
+                files.append(an.plot_constant_map(constant, tmp / "constant_map.png"))
+        if images is not None:
+            files.append(save_grid(images, tmp / "constant_map_samples.png", nrow=len(labels)))
+        if args.propose:
+            files.append(_write_json(tmp / "proposal.json", summary["proposal"]))
+        summary["files"] = [str(out / f.name) for f in files] + [str(out / SUMMARY)]
+        _write_json(tmp / SUMMARY, summary)
+
+    write_dir(out, write)
     elapsed = time.perf_counter() - start
 
     if args.json:

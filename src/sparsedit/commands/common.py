@@ -8,6 +8,7 @@ import math
 import os
 import shlex
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,18 @@ from typing import Any
 import torch
 
 from sparsedit.errors import SparseditError
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose refusals are one line, like every other sparsedit error.
+
+    argparse prints its usage block above the error; a mistyped flag then scrolls the one line that
+    matters out of view. Here the error names the command and points at ``--help`` instead. Sub-command
+    parsers inherit the class (argparse creates them with the parent's type).
+    """
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 def add_model_args(parser: argparse.ArgumentParser, flag: str = "--ckpt") -> None:

@@ -19,7 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sparsedit.checkpoint import check_output_dir
 from sparsedit.commands.common import add_device_arg, check_device, positive_int
+from sparsedit.data import LATENTS_FILE, META_FILE
 from sparsedit.errors import SparseditError
 from sparsedit.vae import VAE_DOWNSAMPLE as TRAIN_VAE_FACTOR  # what ``sparsedit train --model PRESET`` assumes
 
@@ -42,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage dtype")
     p.add_argument("--seed", type=int, default=0, help="seed of the posterior samples of --kind latents")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers that decode images")
-    p.add_argument("--overwrite", action="store_true", help="replace the latents files in a non-empty --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a latents directory already at --out (whole)")
     p.add_argument("--no-progress", action="store_true")
     add_device_arg(p)
     p.set_defaults(func=run_extract_latents)
@@ -58,11 +60,6 @@ def encode_batch(vae: nn.Module, images: Tensor, kind: str, generator: torch.Gen
     return dist.mean + dist.std * noise
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise SparseditError(f"--out {out} exists and is not a directory; choose a new --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise SparseditError(f"--out {out} is not empty; choose a new --out or pass --overwrite")
 
 
 def extract_latents(data: str | Path, vae_path: str | Path, out: str | Path, image_size: int = 256,
@@ -78,7 +75,7 @@ def extract_latents(data: str | Path, vae_path: str | Path, out: str | Path, ima
     if kind not in ("moments", "latents"):
         raise SparseditError(f"unknown --kind {kind!r}; use 'moments' or 'latents'")
     out = Path(out)
-    _check_out(out, overwrite)
+    check_output_dir(out, overwrite, marker=META_FILE, what="latents directory", owned=(LATENTS_FILE, META_FILE))
     dataset = ImageFolderDataset(data, resolution=image_size, channels=3)
     dev = torch.device(device)
     vae = load_vae(vae_path, dev)

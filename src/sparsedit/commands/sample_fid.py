@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 
 from sparsedit.commands.common import (
+    Parser,
     add_device_arg,
     add_model_args,
     add_sampling_args,
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m sparsedit.commands.sample_fid ARGS``: the sub-command on its own, same exit codes."""
-    parser = argparse.ArgumentParser(prog="sparsedit")
+    parser = Parser(prog="sparsedit")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["sample-fid", *(sys.argv[1:] if argv is None else argv)])
     return run_command(args)
