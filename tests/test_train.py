@@ -324,7 +324,7 @@ def test_keep_last_and_the_final_model_is_the_latest_ema(tmp_path: Path) -> None
     assert_states_equal(read_safetensors(run_dir / "checkpoints" / "step_0000005" / "ema" / "model.safetensors"), ema)
     assert_states_equal(state_of(run_dir / "checkpoints" / "step_0000005" / "model"), trainer.raw.state_dict())
     assert not torch.equal(ema["final_layer.linear.weight"], trainer.raw.state_dict()["final_layer.linear.weight"])
-    assert not any(p.name.startswith(".") for p in run_dir.rglob("*"))  # no temp leftovers
+    assert [p.name for p in run_dir.rglob(".*")] == [".lock"]  # no temp leftovers; the run lock stays
 
 
 def test_ema_follows_the_decay(tmp_path: Path) -> None:

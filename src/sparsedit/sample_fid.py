@@ -21,6 +21,7 @@ repeated to 3 channels; ``arr_1``: labels) with :func:`sparsedit.metrics.adm.sav
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -38,6 +39,7 @@ import torch
 from torch import nn
 
 from sparsedit.errors import SparseditError
+from sparsedit.locking import run_lock
 
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
@@ -312,46 +314,50 @@ def sample_fid(
 
         load_vae(None)  # raises the "needs --vae" error
     out_dir = Path(out_dir)
-    manifest = out_dir / MANIFEST_NAME
-    shards = out_dir / SHARDS_DIR
-    if settings is None:
-        settings = manifest_settings(model, spec)
-    if rank == 0:
-        has_shards = shards.is_dir() and any(shards.glob("shard_*.npz"))
-        if has_shards and not manifest.exists():
-            raise SparseditError(
-                f"{shards} holds shards but {manifest} is missing, so their settings are unknown; "
-                "delete them or use another --out"
-            )
-        if not has_shards:  # nothing to mix up yet: (re)start with these settings
-            write_manifest(manifest, settings, info)
-        shards.mkdir(parents=True, exist_ok=True)
-        for stale in shards.glob(".shard_*.tmp"):  # left by a killed run
-            stale.unlink(missing_ok=True)
-    barrier()
-    check_manifest(manifest, settings)
-    pending = [k for k in range(spec.num_shards) if not shard_path(out_dir, k).is_file()]
-    barrier()  # every rank has listed the same pending shards before anyone writes one
-    mine = pending[rank::world]
-    bar = None
-    if progress and rank == 0 and pending:
-        from tqdm.auto import tqdm
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SparseditError(f"--out {out_dir} is a file; give a directory for the run (manifest, shards, packed .npz)")
+    # One process per run folder (rank 0 holds the lock for all ranks): two would sample the same shards.
+    with run_lock(out_dir, "--out") if rank == 0 else contextlib.nullcontext():
+        manifest = out_dir / MANIFEST_NAME
+        shards = out_dir / SHARDS_DIR
+        if settings is None:
+            settings = manifest_settings(model, spec)
+        if rank == 0:
+            has_shards = shards.is_dir() and any(shards.glob("shard_*.npz"))
+            if has_shards and not manifest.exists():
+                raise SparseditError(
+                    f"{shards} holds shards but {manifest} is missing, so their settings are unknown; "
+                    "delete them or use another --out"
+                )
+            if not has_shards:  # nothing to mix up yet: (re)start with these settings
+                write_manifest(manifest, settings, info)
+            shards.mkdir(parents=True, exist_ok=True)
+            for stale in shards.glob(".shard_*.tmp"):  # left by a killed run
+                stale.unlink(missing_ok=True)
+        barrier()
+        check_manifest(manifest, settings)
+        pending = [k for k in range(spec.num_shards) if not shard_path(out_dir, k).is_file()]
+        barrier()  # every rank has listed the same pending shards before anyone writes one
+        mine = pending[rank::world]
+        bar = None
+        if progress and rank == 0 and pending:
+            from tqdm.auto import tqdm
 
-        bar = tqdm(total=spec.num_shards, initial=spec.num_shards - len(pending), unit="shard",
-                   desc="sample-fid", file=sys.stderr)
-    try:
-        with torch.no_grad():
-            for i, k in enumerate(mine):
-                images, labels = sample_shard(model, spec, k, vae, device)
-                write_shard(shard_path(out_dir, k), images, labels)
-                if bar is not None:  # all ranks finish a round of `world` shards at about the same time
-                    bar.update(min(world, len(pending) - i * world))
-    finally:
-        if bar is not None:
-            bar.close()
-    if rank != 0:
-        return None
-    # Rank 0 waits for the other ranks' shards on the file system rather than in a collective
-    # barrier, whose timeout (10 min for NCCL) a slow last shard could exceed.
-    _wait_for([shard_path(out_dir, k) for k in pending], poll_s)
-    return pack_shards(out_dir, spec, cfg.num_classes, pack)
+            bar = tqdm(total=spec.num_shards, initial=spec.num_shards - len(pending), unit="shard",
+                       desc="sample-fid", file=sys.stderr)
+        try:
+            with torch.no_grad():
+                for i, k in enumerate(mine):
+                    images, labels = sample_shard(model, spec, k, vae, device)
+                    write_shard(shard_path(out_dir, k), images, labels)
+                    if bar is not None:  # all ranks finish a round of `world` shards at about the same time
+                        bar.update(min(world, len(pending) - i * world))
+        finally:
+            if bar is not None:
+                bar.close()
+        if rank != 0:
+            return None
+        # Rank 0 waits for the other ranks' shards on the file system rather than in a collective
+        # barrier, whose timeout (10 min for NCCL) a slow last shard could exceed.
+        _wait_for([shard_path(out_dir, k) for k in pending], poll_s)
+        return pack_shards(out_dir, spec, cfg.num_classes, pack)

@@ -47,6 +47,7 @@ from sparsedit.checkpoint import (
     config_from_dict,
     read_json,
     read_safetensors,
+    replace_dir,
     write_json,
     write_safetensors,
 )
@@ -62,8 +63,9 @@ from sparsedit.distill import (
     teacher_samples,
 )
 from sparsedit.dit import DiT
-from sparsedit.errors import SparseditError
+from sparsedit.errors import CheckpointError, SparseditError
 from sparsedit.latte import LatteConfig, SparseLatte, SparseLatteConfig
+from sparsedit.locking import LOCK_NAME, run_lock
 from sparsedit.pixart import PixArtConfig, SparsePixArt, size_conditions
 from sparsedit.schedule import Piece, PieceSampler, pruning_rate
 from sparsedit.sparse_dit import SparseDiT
@@ -324,6 +326,23 @@ def _rng_state(gen: torch.Generator) -> dict[str, Tensor]:
     return state
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+
+
+def _load_tensors_pickle(path: Path) -> Any:
+    """``torch.load`` of a resume file with ``weights_only=True`` (tensors and plain containers, nothing
+    executed); a missing, empty, truncated or foreign file is a :class:`CheckpointError`."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{path} is damaged or not a sparsedit resume file ({_first_line(err)})") from None
+
+
 def _set_rng_state(state: dict[str, Tensor], gen: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     gen.set_state(state["generator"])
@@ -468,8 +487,8 @@ class Trainer:
         ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
         return DDP(self.raw, device_ids=ids), self.ema
 
-    def _prepare_run_dir(self) -> None:
-        """Create the run dir, or check that an existing one holds the same run (then resume)."""
+    def _check_run_dir(self) -> None:
+        """Refuse a run dir that holds another run or something else (reads only; see :meth:`_prepare_run_dir`)."""
         run_file = self.run_dir / RUN_FILE
         if run_file.exists():
             saved = read_json(run_file)
@@ -489,12 +508,20 @@ class Trainer:
             if diff:
                 raise SparseditError(f"{self.run_dir} holds a different run (differs in {', '.join(diff)}); use a new "
                                      "--run-dir, or repeat the original command to resume it")
-        elif self.run_dir.exists() and any(self.run_dir.iterdir()):
+        elif self.run_dir.exists() and any(p.name != LOCK_NAME for p in self.run_dir.iterdir()):
             raise SparseditError(f"{self.run_dir} is not empty and is not a sparsedit run; choose a new --run-dir")
+
+    def _prepare_run_dir(self) -> None:
+        """Under the run lock: check again (another process may have started the run meanwhile), write
+        ``run.json`` and remove what a killed process left half-written."""
+        self._check_run_dir()
         self.dist.barrier()  # every rank has checked before rank 0 creates anything
         if self.dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(run_file, self.run_info)
+            write_json(self.run_dir / RUN_FILE, self.run_info)
+            # Temporary directories of a killed process; ours to remove, since we hold the lock.
+            for stale in [*(self.run_dir / "checkpoints").glob(".step_*.tmp"), self.run_dir / ".model.tmp"]:
+                shutil.rmtree(stale, ignore_errors=True)
         self.dist.barrier()
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -524,18 +551,22 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.dist.barrier()
-        torch.save(_rng_state(self.gen), tmp / f"rng_rank{self.dist.rank}.pt")
-        self.dist.barrier()
+        try:
+            torch.save(_rng_state(self.gen), tmp / f"rng_rank{self.dist.rank}.pt")
+            self.dist.barrier()
+            if self.dist.main:
+                for name, sd in (("model", model_sd), ("ema", ema_sd)):
+                    (tmp / name).mkdir()
+                    write_safetensors(tmp / name / WEIGHTS_NAME, sd, metadata={"format": "pt"})
+                    write_json(tmp / name / CONFIG_NAME, self.config.to_dict())
+                torch.save(opt_sd, tmp / "optimizer.pt")
+                write_json(tmp / "trainer.json", {"step": self.step, "world_size": self.dist.world})
+                replace_dir(tmp, final)
+        except BaseException:  # a full disk, say: the earlier checkpoints stay, the half-written one goes
+            if self.dist.main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if self.dist.main:
-            for name, sd in (("model", model_sd), ("ema", ema_sd)):
-                (tmp / name).mkdir()
-                write_safetensors(tmp / name / WEIGHTS_NAME, sd, metadata={"format": "pt"})
-                write_json(tmp / name / CONFIG_NAME, self.config.to_dict())
-            torch.save(opt_sd, tmp / "optimizer.pt")
-            write_json(tmp / "trainer.json", {"step": self.step, "world_size": self.dist.world})
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
             for old in list_checkpoints(self.run_dir)[: -self.settings.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         self.dist.barrier()
@@ -556,22 +587,70 @@ class Trainer:
         opts = StateDictOptions(full_state_dict=True)
         for module, name in ((self.model, "model"), (self.ema_wrapped, "ema")):
             state = read_safetensors(path / name / WEIGHTS_NAME)
-            if self.settings.fsdp:
-                set_model_state_dict(module, state, options=opts)
-            else:
-                self.raw_of(module).load_state_dict(state)
-        opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        set_optimizer_state_dict(self.model, self.opt, opt_state, options=opts)
-        _set_rng_state(torch.load(path / f"rng_rank{self.dist.rank}.pt", weights_only=True), self.gen)
-        self.step = int(info["step"])
+            try:
+                if self.settings.fsdp:
+                    set_model_state_dict(module, state, options=opts)
+                else:
+                    self.raw_of(module).load_state_dict(state)
+            except (KeyError, RuntimeError, ValueError) as err:
+                raise CheckpointError(f"{path / name / WEIGHTS_NAME} does not fit the model ({_first_line(err)})") from None
+        opt_state = _load_tensors_pickle(path / "optimizer.pt")
+        try:
+            set_optimizer_state_dict(self.model, self.opt, opt_state, options=opts)
+            _set_rng_state(_load_tensors_pickle(path / f"rng_rank{self.dist.rank}.pt"), self.gen)
+            self.step = int(info["step"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{path} holds a damaged optimizer or RNG state ({_first_line(err)})") from None
         self.last_ckpt = path
 
+    def _resume(self) -> None:
+        """Load the newest checkpoint that loads on every rank; damaged newer ones are moved aside, saying why."""
+        skipped: list[str] = []
+        for path in reversed(list_checkpoints(self.run_dir)):
+            try:
+                self.load_checkpoint(path)
+                problem = ""
+            except CheckpointError as err:
+                problem = str(err)
+            if self.dist.world > 1:  # every rank must resume from the same step
+                ok = torch.tensor([0.0 if problem else 1.0], device=self.dist.device)
+                dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+                problem = problem or ("" if ok.item() else "another rank could not load it")
+            if not problem:
+                if self.dist.main:
+                    print(f"resuming {self.run_dir} from step {self.step} ({path.name})")
+                self._truncate_metrics()
+                return
+            skipped.append(path.name)
+            if self.dist.main:
+                aside = path.with_name(f"damaged-{path.name}")
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(path, aside)  # out of the way of the next save and of keep_last
+                print(f"warning: skipping checkpoint {path.name}: {problem}; moved it to {aside.name}")
+            self.dist.barrier()
+        if skipped:
+            raise CheckpointError(f"no checkpoint in {self.run_dir / 'checkpoints'} loads (all moved aside as damaged-*); "
+                                  "use a new --run-dir to start over")
+
     def _truncate_metrics(self) -> None:
-        """Drop log lines past the resumed step (they are logged again)."""
+        """Drop log lines past the resumed step (they are logged again), and damaged ones: a process killed
+        while appending leaves half a line."""
         path = self.run_dir / METRICS_FILE
         if not self.dist.main or not path.exists():
             return
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+        keep, damaged = [], 0
+        for raw in path.read_bytes().splitlines():
+            try:
+                record = json.loads(raw.decode("utf-8"))
+                step = record["step"] if isinstance(record, dict) else None
+            except (UnicodeDecodeError, ValueError, KeyError):
+                step = None
+            if not isinstance(step, int):
+                damaged += bool(raw.strip())
+            elif step <= self.step:
+                keep.append(raw.decode("utf-8"))
+        if damaged:
+            print(f"warning: dropped {damaged} damaged line(s) from {path}")
         atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in keep)))
 
     # -- the loop -------------------------------------------------------------------------------
@@ -714,14 +793,14 @@ class Trainer:
 
     def fit(self) -> Path:
         """Train to ``settings.steps`` (resuming if the run dir has a checkpoint); returns the final EMA model dir."""
+        self._check_run_dir()  # before the lock creates the directory: a refused run creates nothing
+        with run_lock(self.run_dir, "--run-dir") if self.dist.main else contextlib.nullcontext():
+            return self._fit()
+
+    def _fit(self) -> Path:
         s = self.settings
         self._prepare_run_dir()
-        ckpts = list_checkpoints(self.run_dir)
-        if ckpts:
-            self.load_checkpoint(ckpts[-1])
-            self._truncate_metrics()
-            if self.dist.main:
-                print(f"resuming {self.run_dir} from step {self.step} ({ckpts[-1].name})")
+        self._resume()
         if s.tensorboard and self.dist.main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -761,9 +840,12 @@ class Trainer:
             final = list_checkpoints(self.run_dir)[-1] / "ema"
             tmp = self.run_dir / ".model.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(final, tmp)
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(tmp, out)
+            try:
+                shutil.copytree(final, tmp)
+                replace_dir(tmp, out)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         self.dist.barrier()
         if self.writer is not None:
             self.writer.close()

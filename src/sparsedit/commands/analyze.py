@@ -28,6 +28,7 @@ from sparsedit.commands.common import (
     non_negative_int,
     positive_float,
     positive_int,
+    vae_for,
 )
 from sparsedit.samplers import SAMPLERS
 
@@ -107,11 +108,7 @@ def run(args: argparse.Namespace) -> int:
         raise SparseditError(f"--max-k {args.max_k} exceeds the model's depth {cfg.depth}")
     if not args.no_plots:
         an._pyplot()  # fail on a missing matplotlib before sampling
-    vae = None
-    if args.vae is not None and cfg.data_space == "latent":
-        from sparsedit.vae import load_vae
-
-        vae = load_vae(args.vae, device)
+    vae = vae_for(model, args.vae, device) if args.vae is not None else None  # optional: only for sample images
     labels = args.classes if args.classes is not None else an.default_labels(cfg.num_classes)
     seeds = list(range(args.seed, args.seed + args.seeds))
     out = Path(args.out)

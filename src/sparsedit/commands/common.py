@@ -88,6 +88,18 @@ def check_device(name: str) -> torch.device:
     return device
 
 
+def vae_for(model: Any, path: str | None, device: str | torch.device) -> Any:
+    """The VAE a model's samples need: loaded from ``path`` for a latent-space model (its own error when
+    missing), None for a pixel-space one, which refuses a ``--vae`` rather than silently ignoring it."""
+    if model.config.data_space != "latent":
+        if path is not None:
+            raise SparseditError(f"this {type(model).__name__} works in pixel space and needs no VAE: drop --vae")
+        return None
+    from sparsedit.vae import load_vae
+
+    return load_vae(path, device)
+
+
 def _number(text: str, cast: type[int] | type[float], ok: Callable[[float], bool], rule: str) -> Any:
     """argparse ``type=``: ``cast(text)`` if ``ok`` accepts it, else an error naming ``rule``."""
     try:

@@ -21,6 +21,7 @@ from sparsedit.commands.common import (
     check_device,
     check_output_file,
     positive_int,
+    vae_for,
 )
 
 
@@ -114,7 +115,6 @@ def run(args: argparse.Namespace) -> int:
     from sparsedit.pixart import PixArt, generate_pixart
     from sparsedit.sampling import generate
     from sparsedit.train import text_conditioned
-    from sparsedit.vae import load_vae
 
     # Refuse a path we would clobber or mislabel before spending minutes sampling.
     out = check_output_file(args.out, "--out", (".png", ".gif"), args.overwrite)
@@ -124,9 +124,7 @@ def run(args: argparse.Namespace) -> int:
         raise SparseditError(f"--out {out}: a GIF is for video models and this {type(model).__name__} makes images; "
                              "use a .png name")
     # Fail on a missing or needless VAE before spending minutes sampling.
-    if args.vae is not None and model.config.data_space != "latent":
-        raise SparseditError(f"this {type(model).__name__} works in pixel space and needs no VAE: drop --vae")
-    vae = load_vae(args.vae, device) if model.config.data_space == "latent" else None
+    vae = vae_for(model, args.vae, device)
     if args.class_labels is None:
         args.class_labels = default_labels(getattr(model.config, "num_classes", 0), count=8)
     common = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, cfg_scale=args.cfg_scale, cfg_mode=args.cfg_mode,

@@ -20,6 +20,7 @@ from sparsedit.commands.common import (
     check_output_file,
     positive_int,
     run_command,
+    vae_for,
 )
 
 
@@ -67,14 +68,9 @@ def run(args: argparse.Namespace) -> int:
         # Single process: honour e.g. --device cuda:1; under torchrun each rank takes cuda:LOCAL_RANK.
         device = check_device(args.device) if env.world == 1 else env.device
         model = load_model(args.ckpt, model=args.model, image_size=args.image_size)  # on CPU, to hash it there
-        vae = None
-        vae_sha = None
-        if model.config.data_space == "latent":
-            from sparsedit.vae import load_vae
-
-            vae = load_vae(args.vae, "cpu")  # fail on a missing VAE before sampling anything
-            vae_sha = weights_sha256(vae)
-            vae = vae.to(device)
+        vae = vae_for(model, args.vae, "cpu")  # fail on a missing (or needless) VAE before sampling anything
+        vae_sha = None if vae is None else weights_sha256(vae)
+        vae = None if vae is None else vae.to(device)
         settings = manifest_settings(model, spec, weights_sha256(model), vae_sha)
         model = model.to(device)
         info = {"ckpt": str(args.ckpt), "vae": args.vae, "sparsedit_version": __version__}
