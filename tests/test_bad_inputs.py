@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -196,3 +197,239 @@ def test_failed_sparsify_leaves_no_output_directory(tmp_path: Path, capsys: pyte
     assert main(["sparsify", str(tmp_path / "missing"), "--layout", "SparseDiT-S/2", "--out", str(out)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The table: bad input per sub-command, each refused with exit 2 and one line, touching nothing.
+#
+# ``{W}`` is a workspace of real files made once (``workspace``): a tiny pixel DiT checkpoint, a SparseDiT made
+# from it, damaged copies of both, and ordinary files a user might have. Paths under ``{W}/new`` must not exist
+# afterwards: a refused command creates nothing.
+
+SMALL = ["--steps", "2", "--sampler", "ddim", "--device", "cpu"]
+ANALYZE = ["analyze", "--ckpt", "{W}/dit", *SMALL, "--max-k", "1"]
+TINY_LAYOUT = "0,1,1,0,1,0,0"  # P,K,g,s,r,d,T for a depth-2 model
+
+BAD_INPUTS: list[tuple[list[str], tuple[str, ...]]] = [
+    # -- no command, unknown command or flag
+    ([], ("required: COMMAND", "--help")),
+    (["bogus"], ("invalid choice: 'bogus'",)),
+    (["flops", "--model", "DiT-S/2", "--bogus"], ("unrecognized arguments: --bogus",)),
+    # -- flops
+    (["flops", "--model", "DiT-Q/7"], ("DiT-Q/7",)),
+    (["flops", "--model", "{W}/missing"], ("missing",)),
+    (["flops", "--model", "{W}/notes.txt"], ("notes.txt",)),
+    (["flops", "--model", "{W}/empty_dir"], ("empty_dir",)),
+    (["flops", "--model", "{W}/bad_json"], ("not valid JSON",)),
+    (["flops", "--model", "{W}/no_heads"], ("missing field(s) num_heads",)),
+    (["flops", "--model", "{W}/foreign_json"], ("unknown model_type",)),
+    (["flops", "--model", "DiT-S/2", "--steps", "0"], ("--steps", "> 0")),
+    (["flops", "--model", "DiT-S/2", "--image-size", "100"], ("100",)),
+    (["flops", "--model", "DiT-S/2", "--r-min", "1.5"], ("--r-min", "[0, 1)")),
+    (["flops", "--model", "SparseDiT-S/2", "--r-min", "0.8", "--r-max", "0.2"], ("0.8", "0.2")),
+    (["flops", "--model", "DiT-S/2", "--r-min", "0.3"], ("--r-min", "sparse")),
+    (["flops", "--model", "DiT-S/2", "--layout", "1,2,3"], ("layout",)),
+    (["flops", "--model", "DiT-S/2", "--sampler", "dpm++"], ("--sampler",)),
+    # -- sparsify
+    (["sparsify", "{W}/missing", "--layout", TINY_LAYOUT, "--out", "{W}/new/s"], ("missing",)),
+    (["sparsify", "{W}/dit", "--layout", "2,4,1,3,1,1,2", "--out", "{W}/new/s"], ("depth",)),
+    (["sparsify", "{W}/dit", "--layout", "a,b", "--out", "{W}/new/s"], ("layout",)),
+    (["sparsify", "{W}/dit", "--layout", TINY_LAYOUT, "--out", "{W}/notes.txt"], ("notes.txt", "is a file")),
+    (["sparsify", "{W}/dit", "--layout", TINY_LAYOUT, "--out", "{W}/busy"], ("busy", "holds no checkpoint")),
+    (["sparsify", "{W}/dit", "--layout", TINY_LAYOUT, "--out", "{W}/sparse"], ("--overwrite",)),
+    (["sparsify", "{W}/sparse", "--layout", TINY_LAYOUT, "--out", "{W}/new/s"], ("sparse",)),
+    (["sparsify", "{W}/dit", "--layout", TINY_LAYOUT, "--r-max", "1", "--out", "{W}/new/s"], ("--r-max",)),
+    (["sparsify", "{W}/dit", "--layout", TINY_LAYOUT, "--num-pieces", "0", "--out", "{W}/new/s"], ("--num-pieces",)),
+    (["sparsify", "{W}/truncated", "--layout", TINY_LAYOUT, "--out", "{W}/new/s"], ("truncated",)),
+    (["sparsify", "{W}/garbage.pt", "--layout", TINY_LAYOUT, "--out", "{W}/new/s"], ("garbage.pt",)),
+    (["sparsify", "{W}/pickle.pt", "--layout", TINY_LAYOUT, "--out", "{W}/new/s"], ("pickle.pt",)),
+    (["sparsify", "{W}/empty.pt", "--layout", TINY_LAYOUT, "--out", "{W}/new/s"], ("empty.pt",)),
+    # -- convert
+    (["convert", "{W}/dit", "{W}/new/c"], ("--to",)),
+    (["convert", "{W}/dit", "{W}/new/c", "--to", "onnx"], ("--to",)),
+    (["convert", "{W}/missing", "{W}/new/c", "--to", "sparsedit"], ("missing",)),
+    (["convert", "{W}/dit", "{W}/notes.txt", "--to", "diffusers"], ("notes.txt",)),
+    (["convert", "{W}/dit", "{W}/busy", "--to", "diffusers"], ("busy", "holds no checkpoint")),
+    (["convert", "{W}/dit", "{W}/sparse", "--to", "sparsedit"], ("--overwrite",)),
+    (["convert", "{W}/sparse", "{W}/new/c", "--to", "diffusers"], ("diffusers",)),
+    (["convert", "{W}/dit", "{W}/new/c.pt", "--to", "official-sparsedit"], ("SparseDiT",)),
+    (["convert", "{W}/dit", "{W}/new/c", "--to", "sparsedit", "--r-min", "0.3"], ("--r-min", "dense")),
+    (["convert", "{W}/dit", "{W}/new/c", "--to", "sparsedit", "--semantic-size", "4"], ("--semantic-size",)),
+    (["convert", "{W}/no_heads", "{W}/new/c", "--to", "sparsedit"], ("num_heads",)),
+    (["convert", "{W}/pickle.pt", "{W}/new/c", "--to", "sparsedit"], ("pickle.pt",)),
+    # -- sample
+    (["sample", *SMALL], ("--ckpt",)),
+    (["sample", "--ckpt", "{W}/missing", *SMALL, "--out", "{W}/new/a.png"], ("missing",)),
+    (["sample", "--ckpt", "{W}/dit", *SMALL, "--out", "{W}/old.png"], ("old.png", "--overwrite")),
+    (["sample", "--ckpt", "{W}/dit", *SMALL, "--out", "{W}/busy"], ("busy", "is a directory")),
+    (["sample", "--ckpt", "{W}/dit", *SMALL, "--out", "{W}/new/a.jpg"], ("a.jpg", ".png")),
+    (["sample", "--ckpt", "{W}/dit", *SMALL, "--out", "{W}/new/a.gif"], ("a.gif",)),
+    (["sample", "--ckpt", "{W}/dit", *SMALL, "--class-labels", "7", "--out", "{W}/new/a.png"], ("7",)),
+    (["sample", "--ckpt", "{W}/dit", *SMALL, "--class-labels", "-1", "--out", "{W}/new/a.png"], ("-1",)),
+    (["sample", "--ckpt", "{W}/dit", *SMALL, "--class-labels", "x", "--out", "{W}/new/a.png"], ("'x'",)),
+    (["sample", "--ckpt", "{W}/dit", *SMALL, "--vae", "{W}/busy", "--out", "{W}/new/a.png"], ("--vae",)),
+    (["sample", "--ckpt", "{W}/dit", *SMALL, "--prompt", "a dog", "--out", "{W}/new/a.png"], ("--prompt",)),
+    (["sample", "--ckpt", "{W}/dit", "--steps", "0", "--out", "{W}/new/a.png"], ("--steps", "> 0")),
+    (["sample", "--ckpt", "{W}/dit", *SMALL, "--nrow", "0", "--out", "{W}/new/a.png"], ("--nrow",)),
+    (["sample", "--ckpt", "{W}/dit", *SMALL, "--device", "tpu", "--out", "{W}/new/a.png"], ("device",)),
+    (["sample", "--ckpt", "{W}/dit", *SMALL, "--sampler", "euler"], ("--sampler",)),
+    (["sample", "--ckpt", "{W}/dit", *SMALL, "--cfg-mode", "some"], ("--cfg-mode",)),
+    (["sample", "--ckpt", "{W}/bad_json", *SMALL, "--out", "{W}/new/a.png"], ("not valid JSON",)),
+    (["sample", "--ckpt", "{W}/truncated", *SMALL, "--out", "{W}/new/a.png"], ("truncated",)),
+    # -- sample-fid
+    (["sample-fid", "--ckpt", "{W}/dit", "--num-samples", "4", "--batch-size", "2", *SMALL,
+      "--out", "{W}/notes.txt"], ("notes.txt", "is a file")),
+    (["sample-fid", "--ckpt", "{W}/dit", "--num-samples", "0", "--batch-size", "2", *SMALL,
+      "--out", "{W}/new/f"], ("--num-samples", "> 0")),
+    (["sample-fid", "--ckpt", "{W}/dit", "--num-samples", "4", "--batch-size", "-2", *SMALL,
+      "--out", "{W}/new/f"], ("--batch-size",)),
+    (["sample-fid", "--ckpt", "{W}/dit", "--num-samples", "4", "--batch-size", "2", *SMALL,
+      "--out", "{W}/new/f", "--pack", "{W}/old.npz"], ("old.npz", "--overwrite")),
+    (["sample-fid", "--ckpt", "{W}/dit", "--num-samples", "4", "--batch-size", "2", *SMALL,
+      "--out", "{W}/new/f", "--pack", "{W}/old.png"], ("old.png", ".npz")),
+    (["sample-fid", "--ckpt", "{W}/dit", "--num-samples", "4", "--batch-size", "2", *SMALL,
+      "--out", "{W}/new/f", "--vae", "{W}/busy"], ("--vae",)),
+    (["sample-fid", "--ckpt", "{W}/missing", "--num-samples", "4", "--batch-size", "2", *SMALL,
+      "--out", "{W}/new/f"], ("missing",)),
+    (["sample-fid", "--ckpt", "{W}/dit", "--num-samples", "4", "--batch-size", "2", *SMALL,
+      "--out", "{W}/new/f", "--device", "cuda:x"], ("device",)),
+    # -- analyze
+    ([*ANALYZE, "--out", "{W}/notes.txt", "--no-plots"], ("notes.txt",)),
+    ([*ANALYZE, "--out", "{W}/busy", "--no-plots"], ("busy", "holds no analysis")),
+    (["analyze", "--ckpt", "{W}/dit", *SMALL, "--max-k", "9", "--out", "{W}/new/an", "--no-plots"], ("--max-k",)),
+    ([*ANALYZE, "--seeds", "0", "--out", "{W}/new/an"], ("--seeds", "> 0")),
+    ([*ANALYZE, "--classes", "9", "--out", "{W}/new/an", "--no-plots"], ("9",)),
+    ([*ANALYZE, "--target-ratio", "0.5", "--out", "{W}/new/an"], ("--propose",)),
+    ([*ANALYZE, "--propose", "--target-ratio", "0.5", "--target-gmacs", "1",
+      "--out", "{W}/new/an"], ("not allowed with",)),
+    ([*ANALYZE, "--rate-spread", "1", "--propose", "--out", "{W}/new/an"],
+     ("--rate-spread",)),
+    (["analyze", "--ckpt", "{W}/sparse", *SMALL, "--out", "{W}/new/an", "--no-plots"], ("sparse",)),
+    ([*ANALYZE, "--vae", "{W}/busy", "--out", "{W}/new/an", "--no-plots"], ("--vae",)),
+    # -- train
+    ([*TINY_TRAIN, "--run-dir", "{W}/busy"], ("busy", "not a sparsedit run")),
+    ([*TINY_TRAIN, "--run-dir", "{W}/notes.txt"], ("notes.txt",)),
+    ([*TINY_TRAIN, "--run-dir", "{W}/new/r", "--data", "{W}/missing"], ("missing",)),
+    ([*TINY_TRAIN, "--run-dir", "{W}/new/r", "--data", "{W}/notes.txt"], ("notes.txt",)),
+    ([*TINY_TRAIN, "--run-dir", "{W}/new/r", "--batch-size", "0"], ("--batch-size", "> 0")),
+    ([*TINY_TRAIN, "--run-dir", "{W}/new/r", "--steps", "-5"], ("--steps",)),
+    ([*TINY_TRAIN, "--run-dir", "{W}/new/r", "--grad-accum", "3"], ("grad",)),
+    ([*TINY_TRAIN, "--run-dir", "{W}/new/r", "--precision", "fp8"], ("--precision",)),
+    ([*TINY_TRAIN, "--run-dir", "{W}/new/r", "--recipe", "magic"], ("--recipe",)),
+    ([*TINY_TRAIN, "--run-dir", "{W}/new/r", "--recipe", "distill"], ("teacher",)),
+    ([*TINY_TRAIN, "--run-dir", "{W}/new/r", "--num-heads", "3"], ("3",)),
+    ([*TINY_TRAIN, "--run-dir", "{W}/new/r", "--image-size", "15"], ("15",)),
+    (["train", "--init-from", "{W}/missing", "--run-dir", "{W}/new/r"], ("missing",)),
+    (["train", "--init-from", "{W}/dit", "--layout", "2,4,1,3,1,1,2", "--run-dir", "{W}/new/r"], ("depth",)),
+    (["train", "--init-from", "{W}/sparse", "--run-dir", "{W}/new/r"], ("4 classes vs 10",)),
+    (["train", "--run-dir", "{W}/new/r"], ("--model", "--init-from")),
+    # -- bench
+    (["bench", "--a", "DiT-Q/7"], ("DiT-Q/7",)),
+    (["bench", "--a", "{W}/missing", "--b", "{W}/sparse"], ("missing",)),
+    (["bench", "--a", "DiT-S/2", "--b", "SparseDiT-S/2", "--batch-size", "0"], ("--batch-size", "> 0")),
+    (["bench", "--a", "DiT-S/2", "--b", "SparseDiT-S/2", "--dtype", "int8"], ("--dtype",)),
+    (["bench", "--a", "DiT-S/2", "--b", "SparseDiT-S/2", "--device", "tpu"], ("device",)),
+    (["bench", "--a", "DiT-S/2", "--b", "SparseDiT-S/2", "--t", "5000"], ("5000",)),
+    (["bench", "--a", "DiT-S/2", "--b", "SparseDiT-S/2", "--image-size", "100"], ("100",)),
+    (["bench", "--a", "DiT-S/2", "--b", "SparseDiT-S/2", "--cuda-graphs", "--device", "cpu"], ("--cuda-graphs",)),
+    # -- compare
+    (["compare", "{W}/dit", "{W}/missing", "--out", "{W}/new/cmp"], ("missing",)),
+    (["compare", "{W}/dit", "{W}/sparse", "--num-samples", "1", "--out", "{W}/new/cmp"], ("--num-samples",)),
+    (["compare", "{W}/dit", "{W}/sparse", "--cfg-scales", "0", "--out", "{W}/new/cmp"], ("--cfg-scales", "> 0")),
+    (["compare", "{W}/dit", "{W}/sparse", "--seeds", "-1", "--out", "{W}/new/cmp"], ("--seeds", ">= 0")),
+    (["compare", "{W}/dit", "{W}/sparse", "--out", "{W}/notes.txt"], ("notes.txt",)),
+    (["compare", "{W}/dit", "{W}/sparse", "--out", "{W}/busy"], ("busy",)),
+    (["compare", "{W}/dit", "{W}/sparse", "--device", "tpu", "--out", "{W}/new/cmp"], ("device",)),
+    # -- demo
+    (["demo", "--out", "{W}/busy"], ("busy",)),
+    (["demo", "--out", "{W}/notes.txt"], ("notes.txt",)),
+    (["demo", "--out", "{W}/new/d", "--finetune-steps", "0"], ("--finetune-steps", "> 0")),
+    (["demo", "--out", "{W}/new/d", "--lr", "nan"], ("--lr", "finite")),
+    (["demo", "--out", "{W}/new/d", "--ema-decay", "2"], ("--ema-decay",)),
+    (["demo", "--out", "{W}/new/d", "--num-samples", "-3"], ("--num-samples",)),
+    (["demo", "--out", "{W}/new/d", "--layout", "9,9,9,9,9,9,9"], ("layout",)),
+    (["demo", "--out", "{W}/new/d", "--dit", "{W}/missing"], ("missing",)),
+    (["demo", "--out", "{W}/new/d", "--recipe", "magic"], ("magic",)),
+    (["demo", "--out", "{W}/new/d", "--threads", "-1"], ("--threads",)),
+    # -- extract-latents
+    (["extract-latents", "--data", "{W}/missing", "--vae", "{W}/busy", "--out", "{W}/new/l"], ("missing",)),
+    (["extract-latents", "--data", "{W}/busy", "--vae", "{W}/missing", "--out", "{W}/new/l"], ("class subfolders",)),
+    (["extract-latents", "--data", "{W}/busy", "--vae", "{W}/busy", "--out", "{W}/notes.txt"], ("notes.txt",)),
+    (["extract-latents", "--data", "{W}/busy", "--vae", "{W}/busy", "--out", "{W}/new/l", "--image-size", "0"],
+     ("--image-size",)),
+    # -- eval
+    (["eval", "--samples", "{W}/missing.npz", "--ref", "{W}/old.npz"], ("missing.npz",)),
+    (["eval", "--samples", "{W}/notes.txt", "--ref", "{W}/old.npz"], ("notes.txt",)),
+    (["eval", "--samples", "{W}/old.npz", "--ref", "{W}/garbage.npz"], ("garbage.npz",)),
+    (["eval", "--samples", "{W}/old.npz", "--ref", "{W}/old.npz", "--batch-size", "0"], ("--batch-size",)),
+    (["eval", "--samples", "{W}/old.npz", "--ref", "{W}/old.npz", "--inception-weights", "{W}/missing.pt"],
+     ("missing.pt",)),
+]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import numpy as np
+
+    from helpers import Exploit
+    from sparsedit.sparsify import sparsify
+
+    w = tmp_path_factory.mktemp("workspace")
+    torch.manual_seed(0)
+    dit = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
+                        num_classes=4, data_space="pixel"))
+    save_pretrained(dit, w / "dit")
+    save_pretrained(sparsify(dit, layout=TINY_LAYOUT), w / "sparse")
+    for name, change in (("bad_json", None), ("no_heads", "num_heads"), ("foreign_json", "model_type"),
+                         ("truncated", "weights")):
+        save_pretrained(dit, w / name)
+        config = json.loads((w / name / "config.json").read_text())
+        if change is None:
+            (w / name / "config.json").write_text('{"model_type": "DiT", "depth": ')
+        elif change == "weights":
+            weights = w / name / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:500])
+        else:
+            config.pop(change) if change == "num_heads" else config.update(model_type="Transformer9000")
+            (w / name / "config.json").write_text(json.dumps(config))
+    (w / "notes.txt").write_text("the user's notes")
+    (w / "empty.pt").write_bytes(b"")
+    (w / "garbage.pt").write_bytes(bytes(range(256)) * 8)
+    (w / "garbage.npz").write_bytes(bytes(range(256)) * 8)
+    (w / "pickle.pt").write_bytes(__import__("pickle").dumps({"model": Exploit(w / "executed")}))
+    (w / "old.png").write_bytes(b"\x89PNG not really")
+    np.savez(w / "old.npz", arr_0=np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    (w / "empty_dir").mkdir()
+    (w / "busy").mkdir()
+    (w / "busy" / "keep.txt").write_text("keep me")
+    return w
+
+
+def _ids(value: object) -> str | None:
+    return " ".join(value)[:80] if isinstance(value, list) else None
+
+
+@pytest.mark.parametrize(("argv", "words"), BAD_INPUTS, ids=_ids)
+def test_bad_input_table(argv: list[str], words: tuple[str, ...], workspace: Path,
+                         capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.rmtree(workspace / "new", ignore_errors=True)  # a failure of an earlier row must not fail this one
+    before = files_under(workspace)
+    args = [a.replace("{W}", str(workspace)) for a in argv]
+    try:
+        code = main(args)
+    except SystemExit as stop:  # argparse's own refusals
+        code = stop.code
+    err = capsys.readouterr().err
+    assert code == 2, (code, err)
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert "error: " in err and all(w.replace("{W}", str(workspace)) in err for w in words), err
+    assert files_under(workspace) == before
+    assert not (workspace / "new").exists() and not (workspace / "executed").exists()
+
+
+def test_the_table_covers_every_sub_command() -> None:
+    from sparsedit.cli import COMMANDS
+
+    assert len(BAD_INPUTS) >= 100
+    covered = {argv[0] for argv, _ in BAD_INPUTS if argv}
+    assert covered >= set(COMMANDS), set(COMMANDS) - covered

@@ -7,6 +7,7 @@ directory that holds something else; reads never execute pickles.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -16,7 +17,7 @@ import shutil
 import tempfile
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -253,14 +254,39 @@ def read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read {path}: {err.strerror}; check the path and permissions") from None
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); the file is corrupt") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not UTF-8 text, so not a JSON config; the file is corrupt") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} does not hold a JSON object; the file is corrupt")
     return data
 
 
+@contextlib.contextmanager
+def openable(path: str | Path) -> Iterator[str]:
+    """A path string the safetensors library can open, for the body of the ``with``.
+
+    safetensors takes paths as UTF-8 only, but Linux file names are bytes: a name that is not valid UTF-8
+    is opened here and handed over as ``/proc/self/fd/N``, which names the same file in ASCII.
+    """
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        if not os.path.isdir("/proc/self/fd"):
+            raise SparseditError(f"{text!r}: the path is not valid UTF-8, which safetensors cannot open; rename it") from None
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    yield text
+
+
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
-        return load_file(str(path))
+        with openable(path) as name:
+            return load_file(name)
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing; the checkpoint directory is incomplete") from None
     except (SafetensorError, OSError, ValueError) as err:

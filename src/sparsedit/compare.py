@@ -39,7 +39,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from sparsedit.checkpoint import atomic_write, write_json, write_safetensors
+from sparsedit.checkpoint import atomic_write, openable, write_json, write_safetensors
 from sparsedit.data import DigitsDataset
 from sparsedit.diffusion import space_timesteps
 from sparsedit.errors import SparseditError
@@ -204,7 +204,7 @@ def load_cached(path: Path, key: dict[str, Any]) -> torch.Tensor | None:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with openable(path) as name, safe_open(name, framework="pt") as f:
             if json.loads((f.metadata() or {}).get("key", "null")) != json.loads(json.dumps(key)):
                 return None
             samples = f.get_tensor("samples")
@@ -499,14 +499,13 @@ def paired_name(cfg_scale: float) -> str:
 
 
 def prepare_out(out: str | os.PathLike[str], overwrite: bool) -> Path:
-    """Refuse a non-empty ``out`` without ``overwrite`` (checked before any sampling); creates it."""
+    """Refuse a non-empty ``out`` without ``overwrite`` (checked before any sampling; creates nothing)."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise SparseditError(f"--out {path} is a file; choose a directory")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise SparseditError(f"{path} is not empty; pass --overwrite (replaces only compare.json, compare.md and "
                              "paired_cfg*.png there, other files are kept) or choose another --out")
-    path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -718,6 +717,7 @@ def _run_sets(models: dict[str, nn.Module], scorer: Any, decoder: nn.Module | No
 
 def _write_outputs(out_dir: Path, report: dict[str, Any], pairs: dict[float, tuple]) -> None:
     """Paired images, compare.md, then compare.json (last: its presence marks a complete run); all atomic."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     remove_own_outputs(out_dir)
     s, names = report["settings"], report["names"]
     for cfg_scale, (img_a, img_b, labels) in pairs.items():

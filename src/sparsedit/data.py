@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from sparsedit.checkpoint import atomic_write, write_dir, write_safetensors
+from sparsedit.checkpoint import atomic_write, openable, write_dir, write_safetensors
 from sparsedit.errors import SparseditError
 
 __all__ = [
@@ -541,7 +541,8 @@ class LatentsDataset(Dataset):
             from safetensors import safe_open
 
             try:
-                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+                with openable(self.path) as name:  # the handle maps the file: it outlives the descriptor
+                    self._handle = safe_open(name, framework="pt", device="cpu")
             except Exception as exc:  # safetensors raises its own error types for corrupt files
                 raise SparseditError(
                     f"cannot read {str(self.path)!r} ({exc}); the file is corrupt or not safetensors: "

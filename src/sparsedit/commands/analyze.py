@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     from sparsedit.convert import load_model
     from sparsedit.errors import SparseditError
     from sparsedit.images import save_grid
+    from sparsedit.sampling import parse_labels
 
     if (args.target_ratio is not None or args.target_gmacs is not None) and not args.propose:
         raise SparseditError("--target-ratio/--target-gmacs only apply with --propose")
@@ -110,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         an._pyplot()  # fail on a missing matplotlib before sampling
     vae = vae_for(model, args.vae, device) if args.vae is not None else None  # optional: only for sample images
     labels = args.classes if args.classes is not None else an.default_labels(cfg.num_classes)
+    parse_labels(labels, cfg.num_classes)  # out-of-range classes are refused before sampling starts
     seeds = list(range(args.seed, args.seed + args.seeds))
     out = Path(args.out)
     check_output_dir(out, args.overwrite, marker=SUMMARY, what="analysis", owned=OUTPUTS)  # before sampling

@@ -89,7 +89,16 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
 
+    held: list[str] = []
+
+    def early(msg: str) -> None:
+        """Progress before the inputs are known to be good: held back, so that a refusal stays one line."""
+        held.append(f"[{time.perf_counter() - start:6.1f}s] {msg}")
+
     def log(msg: str) -> None:
+        for line in held:
+            print(line, file=sys.stderr)
+        held.clear()
         print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     device = check_device(args.device)
@@ -107,9 +116,9 @@ def run(args: argparse.Namespace) -> int:
     )
     models = []
     for spec in (args.a, args.b):
-        log(f"building {spec} ({args.dtype}, {device})")
+        early(f"building {spec} ({args.dtype}, {device})")
         models.append(build_bench_model(spec, args.image_size, args.r_min, args.r_max, device, settings.dtype))
-    log("timing (A B A B ...)")
+    early("timing (A B A B ...)")
     result = bench_pair(*models, settings, names=(args.a, args.b), log=log)
     result["total_elapsed_s"] = time.perf_counter() - start
     log(f"done in {result['total_elapsed_s']:.1f} s (model building included)")

@@ -6,6 +6,13 @@ import argparse
 import sys
 from dataclasses import fields
 
+from sparsedit.commands.common import (
+    non_negative_int,
+    positive_float,
+    positive_int,
+    rate,
+    unit_float,
+)
 from sparsedit.demo import DemoSettings
 
 HELP = {
@@ -14,6 +21,15 @@ HELP = {
     "threads": "torch threads; 0 = all CPUs minus the current load average (two threads on a busy 2-core machine "
                "can run 10x slower than one)",
     "ema_decay": "EMA decay, reached after the warm-up min(decay, (1+n)/(10+n))",
+}
+
+# Parsing of each number, so that nan, 0 steps or a decay of 2 are refused before anything runs; fields not
+# listed are parsed by their default's type (int, str).
+PARSE = {
+    "r_min": rate, "r_max": rate, "lr": positive_float, "ema_decay": unit_float, "cfg_scales": positive_float,
+    "finetune_steps": positive_int, "batch_size": positive_int, "num_samples": positive_int,
+    "sample_steps": positive_int, "per_class": positive_int, "image_scale": positive_int, "threads": non_negative_int,
+    "seeds": non_negative_int,
 }
 
 
@@ -26,9 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         flag = "--" + f.name.replace("_", "-")
         text = f"{HELP.get(f.name, '')} (default: {f.default})".strip()
         if isinstance(f.default, tuple):  # --seeds 0 1 2, --cfg-scales 1 1.5 4
-            p.add_argument(flag, type=type(f.default[0]), nargs="+", default=list(f.default), help=text)
+            p.add_argument(flag, type=PARSE.get(f.name, type(f.default[0])), nargs="+", default=list(f.default),
+                           help=text)
         else:
-            p.add_argument(flag, type=type(f.default), default=f.default, help=text)
+            p.add_argument(flag, type=PARSE.get(f.name, type(f.default)), default=f.default, help=text)
     p.add_argument("--dit", default=None, help="use this DiT checkpoint instead of the shipped one")
     p.add_argument("--overwrite", action="store_true", help="replace the report of an earlier demo in --out")
     p.add_argument("--no-progress", action="store_true")

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsedit.checkpoint import atomic_write
+from sparsedit.checkpoint import atomic_write, openable
 from sparsedit.data import DIGITS_NUM_CLASSES, DigitsDataset, load_digits_array
 from sparsedit.errors import SparseditError
 from sparsedit.metrics.stats import feature_stats, frechet_distance
@@ -171,7 +171,8 @@ def _load_from_dir(directory: Path) -> DigitsClassifier:
     try:
         config = json.loads(config_path.read_text())
         model = _build_from_config(config)
-        state = load_file(str(weights))
+        with openable(weights) as name:
+            state = load_file(name)
         model.load_state_dict(state, strict=True)
     except SparseditError:
         raise

@@ -406,7 +406,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state = load_file(str(path), device="cpu")
+            from sparsedit.checkpoint import openable
+
+            with openable(path) as name:
+                state = load_file(name, device="cpu")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unreadable / not a tensor file
