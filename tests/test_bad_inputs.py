@@ -433,3 +433,51 @@ def test_the_table_covers_every_sub_command() -> None:
     assert len(BAD_INPUTS) >= 100
     covered = {argv[0] for argv, _ in BAD_INPUTS if argv}
     assert covered >= set(COMMANDS), set(COMMANDS) - covered
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="non-UTF-8 file names are a Linux matter")
+def test_a_checkpoint_at_a_non_utf8_path_loads_again(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Linux file names are bytes; safetensors only opens UTF-8 paths. What sparsedit writes there it must read."""
+    from sparsedit.checkpoint import load_pretrained
+
+    out = tmp_path / os.fsdecode(b"ckpt-\xff")
+    save_pretrained(tiny_model(0), out)
+    loaded = load_pretrained(out)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), tiny_model(0).state_dict().values(),
+                                                 strict=True))
+    png = tmp_path / os.fsdecode(b"samples-\xfe.png")
+    assert main(["sample", "--ckpt", str(out), *SMALL, "--out", str(png), "--no-progress"]) == 0
+    assert png.is_file()
+
+
+def test_analyze_output_is_replaced_whole_and_only_with_overwrite(workspace: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    args = [a.replace("{W}", str(workspace)) for a in ANALYZE] + ["--no-plots", "--no-progress", "--seeds", "1",
+                                                                  "--out", str(tmp_path / "an")]
+    assert main(args) == 0
+    first = files_under(tmp_path)
+    assert main([*args, "--seed", "1"]) == 2
+    assert "already holds an analysis; pass --overwrite" in capsys.readouterr().err
+    assert files_under(tmp_path) == first
+    (tmp_path / "an" / "notes.txt").write_text("mine")
+    assert main([*args, "--seed", "1", "--overwrite"]) == 2
+    assert "did not write there (notes.txt)" in capsys.readouterr().err
+    (tmp_path / "an" / "notes.txt").unlink()
+    assert main([*args, "--seed", "1", "--overwrite"]) == 0
+    second = files_under(tmp_path)
+    assert sorted(second) == sorted(first) and second != first
+    assert [p.name for p in tmp_path.iterdir()] == ["an"]  # no hidden temporary or old directory left
+
+
+def test_a_failed_diffusers_export_leaves_nothing(workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import sparsedit.convert as convert_module
+
+    def disk_full(path: Path, data: dict[str, object]) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(convert_module, "write_json", disk_full)
+    assert main(["convert", str(workspace / "dit"), str(tmp_path / "diff"), "--to", "diffusers"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'diff' / 'config.json'}: no space left" in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -185,7 +185,9 @@ def check_output_dir(out: str | Path, overwrite: bool = False, marker: str = CON
         if not (out / marker).exists():
             raise SparseditError(f"output directory {out} is not empty and holds no {what}; choose a new path")
         if not overwrite:
-            raise SparseditError(f"{out} already holds a {what}; pass --overwrite to replace it or choose a new path")
+            article = "an" if what[0] in "aeiou" else "a"
+            raise SparseditError(f"{out} already holds {article} {what}; pass --overwrite to replace it or choose a new "
+                                 "path")
         foreign = sorted(p.name for p in out.iterdir() if p.name not in set(owned))
         if foreign:
             raise SparseditError(f"{out} holds files sparsedit did not write there ({_short(foreign, 3)}), which "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import io
 import math
 import os
 import shlex
@@ -159,6 +160,11 @@ def add_sampling_args(parser: argparse.ArgumentParser, cfg_scale: float, cfg_sca
 
 def run_command(args: argparse.Namespace) -> int:
     """Call the parsed sub-command: its exit code, 2 after a one-line user error, 130 on Ctrl-C."""
+    for stream in (sys.stdout, sys.stderr):
+        # A file name that is not valid UTF-8 (Linux names are bytes) must not crash a "wrote PATH" line:
+        # such characters are printed as escapes instead.
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     try:
         code = args.func(args)
     except SparseditError as err:
