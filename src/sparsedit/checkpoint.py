@@ -128,12 +128,20 @@ def build_model(config: Any) -> nn.Module:
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:  # read-only, no permission: name the file asked for, not the temporary one
+        raise OSError(err.errno, err.strerror, str(path)) from None
     os.close(fd)
     try:
         write(Path(tmp))
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is an ordinary readable file
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.filename is None:  # a failed write() names no file: name the one the user asked for
+            raise OSError(err.errno, err.strerror, str(path)) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -214,21 +222,25 @@ def replace_dir(new: Path, out: Path) -> None:
 def write_dir(out: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a new hidden directory beside ``out``, then :func:`replace_dir` it into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(out)) from None
     try:
         write(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp creates 0700; a checkpoint is an ordinary readable directory
         replace_dir(tmp, out)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _renamed(err, tmp, out) from None
+        raise error_in_place_of(err, tmp, out) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _renamed(err: OSError, tmp: Path, out: Path) -> OSError:
-    """The error with the file it names moved from the hidden directory to where the user asked for it."""
+def error_in_place_of(err: OSError, tmp: Path, out: Path) -> OSError:
+    """The error with the file it names moved from the temporary directory ``tmp`` to where the user asked for
+    it, under ``out`` (a path inside a hidden ``.NAME.XXXX.tmp`` would only confuse)."""
     try:
         name = out / Path(err.filename).relative_to(tmp)
     except (TypeError, ValueError):

@@ -199,6 +199,9 @@ def write_shard(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except OSError as err:  # a full disk: name the shard (the failed write() names no file)
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -220,6 +223,20 @@ def read_shard(path: Path, spec: FidSampling, k: int, num_classes: int) -> tuple
     if not np.array_equal(labels, balanced_labels(start, stop, num_classes)):
         raise SparseditError(f"{path} has the wrong class labels for samples {start}..{stop - 1}; {hint}")
     return images, labels
+
+
+def _reserve(path: Path, target: Path) -> None:
+    """Allocate the whole of a freshly created (sparse) file now. Writing a memory map past the end of a full
+    disk kills the process with SIGBUS; allocating first turns that into an ``OSError`` naming ``target``."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(target)) from None
+    finally:
+        os.close(fd)
 
 
 def finished_shards(out_dir: str | os.PathLike[str], spec: FidSampling) -> list[int]:
@@ -249,6 +266,7 @@ def pack_shards(
     os.close(fd)
     try:
         images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(spec.num_samples, h, w, 3))
+        _reserve(Path(tmp), target)
         labels = np.empty(spec.num_samples, dtype=np.int64)
         for k in range(spec.num_shards):
             start, stop = spec.shard_range(k)

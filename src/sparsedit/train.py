@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import json
 import os
 import shutil
@@ -45,6 +46,7 @@ from sparsedit.checkpoint import (
     WEIGHTS_NAME,
     atomic_write,
     config_from_dict,
+    error_in_place_of,
     read_json,
     read_safetensors,
     replace_dir,
@@ -330,6 +332,22 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
 
 
+def _save_tensors_pickle(obj: Any, path: Path) -> None:
+    """``torch.save`` of a resume file, atomically. torch reports a failed write (a full disk) as a bare
+    ``RuntimeError`` ("unexpected pos ..."): it is given back as the ``OSError`` it is, naming the file."""
+
+    def write(tmp: Path) -> None:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:
+            full = shutil.disk_usage(tmp.parent).free < 16 * 2**20
+            code = errno.ENOSPC if full else errno.EIO
+            raise OSError(code, os.strerror(code) if full else f"torch.save failed: {_first_line(err)}",
+                          str(path)) from None
+
+    atomic_write(path, write)
+
+
 def _load_tensors_pickle(path: Path) -> Any:
     """``torch.load`` of a resume file with ``weights_only=True`` (tensors and plain containers, nothing
     executed); a missing, empty, truncated or foreign file is a :class:`CheckpointError`."""
@@ -552,17 +570,21 @@ class Trainer:
             tmp.mkdir(parents=True)
         self.dist.barrier()
         try:
-            torch.save(_rng_state(self.gen), tmp / f"rng_rank{self.dist.rank}.pt")
+            _save_tensors_pickle(_rng_state(self.gen), tmp / f"rng_rank{self.dist.rank}.pt")
             self.dist.barrier()
             if self.dist.main:
                 for name, sd in (("model", model_sd), ("ema", ema_sd)):
                     (tmp / name).mkdir()
                     write_safetensors(tmp / name / WEIGHTS_NAME, sd, metadata={"format": "pt"})
                     write_json(tmp / name / CONFIG_NAME, self.config.to_dict())
-                torch.save(opt_sd, tmp / "optimizer.pt")
+                _save_tensors_pickle(opt_sd, tmp / "optimizer.pt")
                 write_json(tmp / "trainer.json", {"step": self.step, "world_size": self.dist.world})
                 replace_dir(tmp, final)
-        except BaseException:  # a full disk, say: the earlier checkpoints stay, the half-written one goes
+        except OSError as err:  # a full disk, say: the earlier checkpoints stay, the half-written one goes
+            if self.dist.main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise error_in_place_of(err, tmp, final) from None
+        except BaseException:
             if self.dist.main:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -770,8 +792,12 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         if not self.dist.main:
             return
-        with open(self.run_dir / METRICS_FILE, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        path = self.run_dir / METRICS_FILE
+        try:
+            with open(path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk: name the log (resume drops a line cut in half)
+            raise OSError(err.errno, err.strerror, str(path)) from None
         if self.writer is not None:
             for key in (*LOSS_NAMES, "steps_per_sec"):
                 self.writer.add_scalar(f"train/{key}", record[key], record["step"])
