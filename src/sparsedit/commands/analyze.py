@@ -24,10 +24,12 @@ from sparsedit.commands.common import (
     add_model_args,
     check_device,
     finite_float,
+    load_cli_model,
     non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
+    seed,
     vae_for,
 )
 from sparsedit.samplers import SAMPLERS
@@ -48,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="class labels, one sample each per seed (default: 4 of DiT's sample classes for a "
                    "1000-class model, else the first 4 classes)")
     p.add_argument("--seeds", type=positive_int, default=2, help="number of seeds (seed, seed+1, ...; default 2)")
-    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="first seed (default 0)")
     p.add_argument("--cfg-scale", type=finite_float, default=1.0, help="classifier-free guidance scale (default 1 = off)")
     p.add_argument("--max-k", type=non_negative_int, default=4,
                    help="constant-map experiment for k = 0..K first layers (default 4; 0 skips it)")
@@ -92,7 +94,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from sparsedit import analyze as an
-    from sparsedit.convert import load_model
     from sparsedit.errors import SparseditError
     from sparsedit.images import save_grid
     from sparsedit.sampling import parse_labels
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         raise SparseditError(f"--rate-spread must be in [0, 1), got {args.rate_spread}")
     device = check_device(args.device)
     start = time.perf_counter()
-    model = load_model(args.ckpt, model=args.model, image_size=args.image_size, device=device)
+    model = load_cli_model(args.ckpt, args, device=device)
     cfg = model.config
     if args.max_k > cfg.depth:
         raise SparseditError(f"--max-k {args.max_k} exceeds the model's depth {cfg.depth}")

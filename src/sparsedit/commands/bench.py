@@ -17,7 +17,15 @@ import time
 
 import torch
 
-from sparsedit.commands.common import add_device_arg, check_device, finite_float, non_negative_int, positive_int, rate
+from sparsedit.commands.common import (
+    add_device_arg,
+    check_device,
+    finite_float,
+    non_negative_int,
+    positive_int,
+    rate,
+    seed,
+)
 from sparsedit.dit import CFG_MODES
 from sparsedit.presets import PRESET_HELP
 
@@ -79,7 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture one CUDA graph per model and grid and replay it (CUDA only)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the inputs (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the inputs (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the markdown table")
     p.set_defaults(func=run)
 

@@ -89,6 +89,31 @@ def check_device(name: str) -> torch.device:
     return device
 
 
+def load_cli_model(path: str, args: argparse.Namespace, **kwargs: Any) -> Any:
+    """:func:`sparsedit.convert.load_model` with the command's ``--model`` / ``--image-size``.
+
+    Those flags are for single files that cannot tell their architecture or size (official ``.pt``). A
+    directory whose config.json says both would silently ignore them, so there they must agree with it.
+    """
+    from sparsedit.convert import detect_format, load_model
+    from sparsedit.vae import VAE_DOWNSAMPLE
+
+    model = load_model(path, model=args.model, image_size=args.image_size, **kwargs)
+    if detect_format(Path(path)) == "official":
+        return model
+    if args.model is not None:
+        raise SparseditError(f"--model {args.model}: {path} names its own architecture in config.json; drop --model "
+                             "(it is for .pt files that cannot tell)")
+    if args.image_size is not None:
+        cfg = model.config
+        factor = VAE_DOWNSAMPLE if cfg.data_space == "latent" else 1
+        h, w = (side * factor for side in cfg.latent_hw)
+        if (h, w) != (args.image_size, args.image_size):
+            raise SparseditError(f"--image-size {args.image_size}: {path} is a {h}x{w} model (its config.json says "
+                                 "so); drop --image-size")
+    return model
+
+
 def vae_for(model: Any, path: str | None, device: str | torch.device) -> Any:
     """The VAE a model's samples need: loaded from ``path`` for a latent-space model (its own error when
     missing), None for a pixel-space one, which refuses a ``--vae`` rather than silently ignoring it."""
@@ -130,6 +155,11 @@ def positive_int(text: str) -> int:
 
 def non_negative_int(text: str) -> int:
     return _number(text, int, lambda v: v >= 0, "must be >= 0")
+
+
+def seed(text: str) -> int:
+    """A random seed: torch takes integers in [0, 2**63) (a larger one overflows deep inside it)."""
+    return _number(text, int, lambda v: 0 <= v < 2**63, "a seed must be in [0, 2**63)")
 
 
 def positive_float(text: str) -> float:

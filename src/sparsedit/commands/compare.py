@@ -10,9 +10,9 @@ import argparse
 
 from sparsedit.commands.common import (
     add_device_arg,
-    non_negative_int,
     positive_float,
     positive_int,
+    seed,
 )
 from sparsedit.compare import CompareSettings
 
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="names in the report (default: the checkpoint folder names)")
     p.add_argument("--cfg-scales", nargs="+", type=positive_float, default=list(DEFAULTS.cfg_scales), metavar="S",
                    help="guidance scales, all reported side by side (default 1 1.5 4; 1 = no guidance)")
-    p.add_argument("--seeds", nargs="+", type=non_negative_int, default=list(DEFAULTS.seeds), metavar="SEED",
+    p.add_argument("--seeds", nargs="+", type=seed, default=list(DEFAULTS.seeds), metavar="SEED",
                    help="seeds; the spread over them decides what a difference means (default 0 1 2)")
     p.add_argument("--num-samples", type=positive_int, default=DEFAULTS.num_samples, metavar="N",
                    help=f"samples per model, per scale, per seed (default {DEFAULTS.num_samples})")

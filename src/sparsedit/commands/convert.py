@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sparsedit.commands.common import add_model_args, positive_int, rate
+from sparsedit.commands.common import add_model_args, load_cli_model, positive_int, rate
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,10 +47,10 @@ def set_rates(model, r_min: float | None, r_max: float | None) -> None:  # noqa:
 
 def run(args: argparse.Namespace) -> int:
     from sparsedit.commands.sparsify import check_rates
-    from sparsedit.convert import export_differences, load_model, save_model
+    from sparsedit.convert import export_differences, save_model
 
     check_rates(args)
-    model = load_model(args.src, model=args.model, image_size=args.image_size, semantic_size=args.semantic_size)
+    model = load_cli_model(args.src, args, semantic_size=args.semantic_size)
     set_rates(model, args.r_min, args.r_max)
     notes = export_differences(model.config) if args.fmt == "diffusers" else []
     out = save_model(model, args.out, fmt=args.fmt, overwrite=args.overwrite, drop_null_caption=args.drop_null_caption)

@@ -11,6 +11,7 @@ from sparsedit.commands.common import (
     positive_float,
     positive_int,
     rate,
+    seed,
     unit_float,
 )
 from sparsedit.demo import DemoSettings
@@ -29,7 +30,7 @@ PARSE = {
     "r_min": rate, "r_max": rate, "lr": positive_float, "ema_decay": unit_float, "cfg_scales": positive_float,
     "finetune_steps": positive_int, "batch_size": positive_int, "num_samples": positive_int,
     "sample_steps": positive_int, "per_class": positive_int, "image_scale": positive_int, "threads": non_negative_int,
-    "seeds": non_negative_int,
+    "seeds": seed, "seed": seed,
 }
 
 

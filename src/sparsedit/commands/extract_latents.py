@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsedit.checkpoint import check_output_dir
-from sparsedit.commands.common import add_device_arg, check_device, positive_int
+from sparsedit.commands.common import add_device_arg, check_device, positive_int, seed
 from sparsedit.data import LATENTS_FILE, META_FILE
 from sparsedit.errors import SparseditError
 from sparsedit.vae import VAE_DOWNSAMPLE as TRAIN_VAE_FACTOR  # what ``sparsedit train --model PRESET`` assumes
@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--flip", action="store_true", help="also store a horizontally flipped copy of every image")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage dtype")
-    p.add_argument("--seed", type=int, default=0, help="seed of the posterior samples of --kind latents")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the posterior samples of --kind latents")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers that decode images")
     p.add_argument("--overwrite", action="store_true", help="replace a latents directory already at --out (whole)")
     p.add_argument("--no-progress", action="store_true")

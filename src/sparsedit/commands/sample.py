@@ -20,7 +20,9 @@ from sparsedit.commands.common import (
     add_sampling_args,
     check_device,
     check_output_file,
+    load_cli_model,
     positive_int,
+    seed,
     vae_for,
 )
 
@@ -48,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="text models, instead of --prompt: a safetensors file with 'prompt_embeds' (N, L, C) T5 "
                    "embeddings, optional 'prompt_mask' (N, L) and, for guidance with a model that stores no null "
                    "caption, 'negative_embeds' (1 or N, L, C) / 'negative_mask'")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--vae", default=None, metavar="PATH", help="local AutoencoderKL directory (latent models only)")
     p.add_argument("--nrow", type=positive_int, default=None, help="images per grid row")
     p.add_argument("--out", default="samples.png",
@@ -108,7 +110,6 @@ def _decode(model: Any, samples: Any, vae: Any) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from sparsedit.analyze import default_labels
-    from sparsedit.convert import load_model
     from sparsedit.errors import SparseditError
     from sparsedit.images import save_grid
     from sparsedit.latte import Latte, generate_latte, save_video_gif, save_video_strip
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     # Refuse a path we would clobber or mislabel before spending minutes sampling.
     out = check_output_file(args.out, "--out", (".png", ".gif"), args.overwrite)
     device = check_device(args.device)
-    model = load_model(args.ckpt, model=args.model, image_size=args.image_size, device=device)
+    model = load_cli_model(args.ckpt, args, device=device)
     if out.suffix.lower() == ".gif" and not isinstance(model, Latte):
         raise SparseditError(f"--out {out}: a GIF is for video models and this {type(model).__name__} makes images; "
                              "use a .png name")

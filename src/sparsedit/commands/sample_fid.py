@@ -18,8 +18,10 @@ from sparsedit.commands.common import (
     add_sampling_args,
     check_device,
     check_output_file,
+    load_cli_model,
     positive_int,
     run_command,
+    seed,
     vae_for,
 )
 
@@ -37,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="images per shard and per sampling batch (fixes the shard layout; keep it when resuming)")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder: manifest.json, shards/ and the packed .npz")
     add_sampling_args(p, cfg_scale=1.5, cfg_scale_help="classifier-free guidance scale (default 1.5; 1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="global seed; shard k uses a seed derived from (seed, k)")
+    p.add_argument("--seed", type=seed, default=0, help="global seed; shard k uses a seed derived from (seed, k)")
     p.add_argument("--vae", default=None, metavar="PATH", help="local AutoencoderKL directory (latent models only)")
     p.add_argument("--pack", default=None, metavar="OUT.npz",
                    help="packed batch path (default DIR/samples_N.npz); an existing file is kept unless --overwrite")
@@ -52,7 +54,6 @@ def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from sparsedit import __version__
-    from sparsedit.convert import load_model
     from sparsedit.sample_fid import FidSampling, manifest_settings, sample_fid, weights_sha256
     from sparsedit.train import init_distributed
 
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         # Single process: honour e.g. --device cuda:1; under torchrun each rank takes cuda:LOCAL_RANK.
         device = check_device(args.device) if env.world == 1 else env.device
-        model = load_model(args.ckpt, model=args.model, image_size=args.image_size)  # on CPU, to hash it there
+        model = load_cli_model(args.ckpt, args)  # on CPU, to hash it there
         vae = vae_for(model, args.vae, "cpu")  # fail on a missing (or needless) VAE before sampling anything
         vae_sha = None if vae is None else weights_sha256(vae)
         vae = None if vae is None else vae.to(device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sparsedit.blocks import EXTRA_RECOVERY_MODES, UPSAMPLE_MODES
-from sparsedit.commands.common import add_model_args, positive_int, rate
+from sparsedit.commands.common import add_model_args, load_cli_model, positive_int, rate
 from sparsedit.sparse_dit import LAYOUT_HELP
 
 
@@ -89,12 +89,11 @@ def _token_sets(cfg) -> list[str]:  # noqa: ANN001
 
 def run(args: argparse.Namespace) -> int:
     from sparsedit.checkpoint import check_output_dir, save_pretrained
-    from sparsedit.convert import load_model
     from sparsedit.sparsify import init_rules
 
     check_rates(args)
     check_output_dir(args.out, args.overwrite)  # fail before the (slow) load, creating nothing
-    src = load_model(args.src, model=args.model, image_size=args.image_size)
+    src = load_cli_model(args.src, args)
     model = _convert(src, args, {"recovery_pos_embed": args.recovery_pos_embed, "extra_recovery": args.extra_recovery})
     if args.verbose:
         for rule in init_rules(model.config, list(model.state_dict())):

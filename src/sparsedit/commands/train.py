@@ -16,6 +16,7 @@ from sparsedit.commands.common import (
     non_negative_int,
     positive_float,
     positive_int,
+    seed,
     unit_float,
 )
 from sparsedit.commands.sparsify import add_rate_args
@@ -84,7 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--grad-accum", type=positive_int, default=TrainSettings.grad_accum)
     run.add_argument("--grad-checkpointing", action="store_true")
     run.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=seed, default=0)
     run.add_argument("--ckpt-every", type=positive_int, default=TrainSettings.ckpt_every)
     run.add_argument("--keep-last", type=positive_int, default=TrainSettings.keep_last)
     run.add_argument("--log-every", type=positive_int, default=TrainSettings.log_every)
