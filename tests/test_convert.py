@@ -402,7 +402,7 @@ def test_save_to_a_file_path_is_refused(tmp_path, randomize):
     target.write_bytes(b"x")
     with pytest.raises(SparseditError) as err:
         sparsedit.save_model(tiny_official_model(randomize), target)
-    one_line(err, "is a file")
+    one_line(err, "looks like a file name", "directory")
     assert target.read_bytes() == b"x"
 
 

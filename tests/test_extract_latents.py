@@ -148,7 +148,7 @@ def test_errors(workspace: dict[str, Path], tmp_path: Path) -> None:
         run([*base, "--vae", str(workspace["vae"]), "--out", str(tmp_path / "lat"), "--overwrite"])
     (tmp_path / "lat" / "notes.txt").unlink()
     before = (tmp_path / "lat" / "meta.json").stat().st_mtime_ns
-    run([*base, "--vae", str(workspace["vae"]), "--out", str(tmp_path / "lat"), "--overwrite", "--seed", "3"])
+    run([*base, "--vae", str(workspace["vae"]), "--out", str(tmp_path / "lat"), "--overwrite", "--flip"])
     assert sorted(p.name for p in (tmp_path / "lat").iterdir()) == ["latents.safetensors", "meta.json"]
     assert (tmp_path / "lat" / "meta.json").stat().st_mtime_ns != before
     with pytest.raises(SystemExit):

@@ -156,6 +156,6 @@ def test_cli_refuses_prompts_for_a_class_model(tmp_path: Path) -> None:
 
     ckpt = sparsedit.save_pretrained(DiT(DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2,
                                                    num_heads=2, num_classes=3, data_space="pixel")), tmp_path / "dit")
-    with pytest.raises(SparseditError, match="is class-conditional: drop --prompt / --prompt-embeds"):
+    with pytest.raises(SparseditError, match="is class-conditional: drop --prompt and pass --class-labels"):
         sample(["--ckpt", str(ckpt), "--prompt", "a dog", "--out", str(tmp_path / "x.png"), "--device", "cpu"])
     assert not (tmp_path / "x.png").exists()

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sparsedit.checkpoint import atomic_write
+from sparsedit.checkpoint import atomic_write, check_output_file
 from sparsedit.convert import _HEADS_BY_WIDTH, _pick_state_dict, _Source, load_mapped
 from sparsedit.dit import DIT_SIZES
 from sparsedit.errors import CheckpointError, SparseditError
@@ -374,12 +374,7 @@ def save_authors(model: SparseDiT, out: str | Path, overwrite: bool = False) -> 
     Their ``sample_ddp.py`` / ``sample.py`` read ``ckpt["ema"]``; ``args`` lets ``load_model`` rebuild
     the model with no flags. An existing file is only replaced with ``overwrite``.
     """
-    out = Path(out)
-    if out.is_dir():
-        raise SparseditError(f"{out} is a directory; the authors' format is one .pt file: give a file path such as "
-                             f"{out / 'sparsedit.pt'}")
-    if out.exists() and not overwrite:
-        raise SparseditError(f"{out} exists; pass --overwrite or choose a new path")
+    out = check_output_file(str(out), "output", (".pt", ".pth"), overwrite)  # one .pt file, as their code reads
     ckpt = {"ema": authors_state_dict(model), "args": authors_args(model)}
     atomic_write(out, lambda tmp: torch.save(ckpt, tmp))
     return out

@@ -120,6 +120,10 @@ class Stats:
 # ------------------------------------------------------------------------------------------------
 
 
+# torch.compile's modes (None: its default).
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class BenchSettings:
     """How to benchmark. The defaults are the light CPU ones (see ``for_device`` for CUDA's).
@@ -161,6 +165,14 @@ class BenchSettings:
         for name in ("run_repeats", "warmup", "run_warmup"):
             if getattr(self, name) < 0:
                 raise SparseditError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.compile and isinstance(self.compile_backend, str):
+            backends = torch.compiler.list_backends(exclude_tags=())
+            if self.compile_backend not in backends:
+                raise SparseditError(f"unknown torch.compile backend {self.compile_backend!r}; use one of "
+                                     f"{', '.join(b for b in backends if 'TESTING' not in b)}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise SparseditError(f"unknown torch.compile mode {self.compile_mode!r}; use one of "
+                                 f"{', '.join(m for m in COMPILE_MODES if m)}")
         if self.compile and self.warmup < 1:
             raise SparseditError("--compile needs at least one warm-up forward per grid (it compiles there)")
         if self.cuda_graphs and self.device.type != "cuda":

@@ -30,6 +30,8 @@ from sparsedit.errors import CheckpointError, SparseditError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# Names that are files, never the directory an output such as a checkpoint is (``--out model.pt`` is a mistake).
+FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npz", ".npy", ".json", ".png", ".gif", ".txt")
 
 # model_type -> (config class, model class). Model modules register themselves at import.
 _MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {}
@@ -178,6 +180,19 @@ def _as_os_error(err: SafetensorError, path: Path) -> Exception:
     return OSError(code, os.strerror(code), str(path))
 
 
+def check_output_file(path: str, flag: str, suffixes: tuple[str, ...], overwrite: bool) -> Path:
+    """An output file path a command may write: not a directory, one of ``suffixes``, not an existing file
+    unless ``overwrite``. Checked before the work, so a refusal costs nothing and touches nothing."""
+    out = Path(path)
+    if out.is_dir():
+        raise SparseditError(f"{flag} {out} is a directory; give a file name such as {out / ('samples' + suffixes[0])}")
+    if out.suffix.lower() not in suffixes:
+        raise SparseditError(f"{flag} {out} must end in {' or '.join(suffixes)}")
+    if out.exists() and not overwrite:
+        raise SparseditError(f"{flag} {out} already exists; pass --overwrite to replace it or choose another name")
+    return out
+
+
 def check_output_dir(out: str | Path, overwrite: bool = False, marker: str = CONFIG_NAME,
                      what: str = "checkpoint", owned: Iterable[str] = (CONFIG_NAME, WEIGHTS_NAME)) -> Path:
     """Refuse an output directory we must not write (creates nothing: checked before the work).
@@ -187,6 +202,9 @@ def check_output_dir(out: str | Path, overwrite: bool = False, marker: str = CON
     would otherwise delete the user's other files. A non-empty directory that is not one is never touched.
     """
     out = Path(out)
+    if out.suffix.lower() in FILE_SUFFIXES:
+        raise SparseditError(f"output {out} looks like a file name, but a {what} is a directory; give a directory "
+                             "path")
     if out.exists() and not out.is_dir():
         raise SparseditError(f"output {out} exists and is a file; choose a directory path")
     if out.is_dir() and any(out.iterdir()):

@@ -118,6 +118,13 @@ class CompareSettings:
                 raise SparseditError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if self.cfg_mode not in CFG_MODES:
             raise SparseditError(f"unknown cfg mode {self.cfg_mode!r}; choose one of {', '.join(CFG_MODES)}")
+        for model in ("a", "b"):  # a step count the 1000-step diffusion cannot be respaced to fails now, not later
+            self.timesteps(model)
+
+    def timesteps(self, model: str) -> list[int]:
+        """The original timesteps model ``"a"`` or ``"b"`` is evaluated at (the MACs count follows them)."""
+        sampler, steps = self.sampling(model)
+        return space_timesteps(1000, f"ddim{steps}" if sampler == "ddim" else steps)
 
     def sampling(self, model: str) -> tuple[str, int]:
         """(sampler, steps) of model ``"a"`` or ``"b"``."""
@@ -538,8 +545,8 @@ def _macs(models: dict[str, nn.Module], s: CompareSettings) -> dict[str, Any]:
     """GMACs per forward (mean under each model's own sampling timesteps) and per sampling run."""
     report, runs, steps_text = {}, {}, {}
     for m, model in models.items():
-        sampler, steps = s.sampling(m)
-        timesteps = space_timesteps(1000, f"ddim{steps}" if sampler == "ddim" else steps)
+        sampler, _ = s.sampling(m)
+        timesteps = s.timesteps(m)
         report[m] = schedule_macs(model.config, timesteps)
         runs[m] = report[m]["gmacs"] * len(timesteps)
         steps_text[m] = f"{len(timesteps)} {sampler} steps of 1000"
@@ -725,7 +732,8 @@ def _write_outputs(out_dir: Path, report: dict[str, Any], pairs: dict[float, tup
                   f"A = {names['a']}    B = {names['b']}"]
         image = paired_image(img_a, img_b, labels, s["per_class"], s["scale"], header)
         save_image(image, out_dir / paired_name(cfg_scale))
-    atomic_write(out_dir / "compare.md", lambda tmp: tmp.write_text(render_markdown(report)))
+    # errors=: a path that is not valid UTF-8 (Linux names are bytes) is written with escapes, not refused
+    atomic_write(out_dir / "compare.md", lambda tmp: tmp.write_text(render_markdown(report), errors="backslashreplace"))
     write_json(out_dir / "compare.json", report)
 
 

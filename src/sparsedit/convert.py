@@ -551,6 +551,9 @@ def save_model(model: nn.Module, out: str | Path, fmt: str = "sparsedit", overwr
 
     if isinstance(model, PixArt):
         return save_pixart_diffusers(model, out, overwrite, drop_null_caption)
+    if drop_null_caption:
+        raise SparseditError(f"drop_null_caption (--drop-null-caption) is for PixArt; a {type(model).__name__} has no "
+                             "null caption: drop it")
     if isinstance(model, Latte):
         return save_latte_diffusers(model, out, overwrite)
     if isinstance(model, DiT):

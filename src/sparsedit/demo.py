@@ -123,7 +123,7 @@ def run_demo(settings: DemoSettings | None = None, dit_path: str | Path | None =
         "wall_seconds": time.perf_counter() - wall,
     }
     write_json(out / "report.json", report)
-    atomic_write(out / "report.md", lambda tmp: tmp.write_text(render_report(report)))
+    atomic_write(out / "report.md", lambda tmp: tmp.write_text(render_report(report), errors="backslashreplace"))
     log(f"[done] wrote {out / 'report.md'} ({report['wall_seconds']:.0f}s in all)")
     return report
 

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from sparsedit.errors import SparseditError
-from sparsedit.locking import run_lock
+from sparsedit.locking import LOCK_NAME, run_lock
 
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
@@ -334,6 +334,10 @@ def sample_fid(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise SparseditError(f"--out {out_dir} is a file; give a directory for the run (manifest, shards, packed .npz)")
+    if (out_dir.is_dir() and not (out_dir / MANIFEST_NAME).exists() and not (out_dir / SHARDS_DIR).is_dir()
+            and any(p.name != LOCK_NAME for p in out_dir.iterdir())):
+        raise SparseditError(f"--out {out_dir} is not empty and is not a sample-fid run folder (it has no "
+                             f"{MANIFEST_NAME}); choose a new or empty --out")
     # One process per run folder (rank 0 holds the lock for all ranks): two would sample the same shards.
     with run_lock(out_dir, "--out") if rank == 0 else contextlib.nullcontext():
         manifest = out_dir / MANIFEST_NAME

@@ -112,7 +112,7 @@ def sample(
         sampler: ``"ddpm"`` (ancestral, ``steps`` evenly respaced steps), ``"ddim"`` (respaced with
             ``"ddim{steps}"``, noise scale ``eta``) or ``"dpm++"`` (diffusers' DPM-Solver++ 2M).
         steps: number of sampling steps.
-        eta: DDIM noise scale (``0`` = deterministic); ignored by the other samplers.
+        eta: DDIM noise scale (``0`` = deterministic); the other samplers refuse a non-zero one.
         diffusion: the training diffusion (full schedule). Defaults to
             ``create_diffusion(None, learn_sigma, num_train_timesteps)``. When given, its ``learn_sigma``
             is used and ``learn_sigma`` / ``num_train_timesteps`` are ignored. DDPM/DDIM respace it to
@@ -135,6 +135,9 @@ def sample(
         raise SparseditError(f"steps must be a positive integer, got {steps!r}; use e.g. 50 or 250.")
     if eta < 0:
         raise SparseditError(f"eta must be >= 0, got {eta}; use 0 for deterministic DDIM or 1 for DDPM-like noise.")
+    if eta and sampler != "ddim":
+        raise SparseditError(f"eta (--eta) is the DDIM noise scale; the {sampler} sampler has none: drop it or use "
+                             "--sampler ddim")
     if model_kwargs is None:
         model_kwargs = {}
     if diffusion is None:

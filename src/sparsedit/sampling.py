@@ -66,6 +66,9 @@ def sample_batch(
         model_fn, tuple(z.shape), sampler=sampler, steps=steps, eta=eta, noise=z, generator=gen, device=device,
         model_kwargs=model_kwargs, progress=progress, learn_sigma=model.config.learn_sigma,
     )
+    if not torch.isfinite(out).all():  # weights with NaN/inf, or a diverged fine-tune: never a silent garbage image
+        raise SparseditError("the samples hold NaN or infinite values: the model's weights are not finite (a diverged "
+                             "fine-tune?); sample an earlier checkpoint")
     return out[:n] if guided else out
 
 

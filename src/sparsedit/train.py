@@ -819,6 +819,10 @@ class Trainer:
 
     def fit(self) -> Path:
         """Train to ``settings.steps`` (resuming if the run dir has a checkpoint); returns the final EMA model dir."""
+        if (self.settings.sample_every and isinstance(self.raw, DiT) and self.config.data_space == "latent"
+                and self.vae_path is None):
+            raise SparseditError("--sample-every on a latent model needs --vae DIR to decode the grids; add it or drop "
+                                 "--sample-every")
         self._check_run_dir()  # before the lock creates the directory: a refused run creates nothing
         with run_lock(self.run_dir, "--run-dir") if self.dist.main else contextlib.nullcontext():
             return self._fit()
@@ -827,6 +831,9 @@ class Trainer:
         s = self.settings
         self._prepare_run_dir()
         self._resume()
+        if self.step > s.steps and self.dist.main:
+            print(f"note: {self.run_dir} is already at step {self.step}, past --steps {s.steps}: nothing to train; "
+                  "raise --steps to continue it")
         if s.tensorboard and self.dist.main:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -6,6 +6,8 @@ Nothing is downloaded: the user passes a local directory.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,6 +24,19 @@ VAE_HELP = (
 )
 
 
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """diffusers' warnings off for the body (errors still raise)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
 def load_vae(path: str | Path | None, device: str | torch.device = "cpu") -> nn.Module:
     """Load an ``AutoencoderKL`` from a local directory (``config.json`` + weights)."""
     if path is None:
@@ -32,7 +47,8 @@ def load_vae(path: str | Path | None, device: str | torch.device = "cpu") -> nn.
     from diffusers import AutoencoderKL
 
     try:
-        vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
+        with _quiet_diffusers():  # its advice to install accelerate is noise on every load
+            vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as err:
         raise SparseditError(f"cannot load the VAE in {path} ({str(err).splitlines()[0][:160]}); {VAE_HELP}") from None
     return vae.to(device).eval()

@@ -100,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.target_ratio is not None or args.target_gmacs is not None) and not args.propose:
         raise SparseditError("--target-ratio/--target-gmacs only apply with --propose")
+    if args.sparse_out is not None and not args.propose:
+        raise SparseditError("--sparse-out names the output of the proposed sparsify command; it needs --propose")
+    if args.target_ratio is not None and args.target_ratio > 1:
+        raise SparseditError(f"--target-ratio is sparse MACs / dense MACs, at most 1, got {args.target_ratio}; e.g. 0.6")
     if args.rate_spread is not None and not 0 <= args.rate_spread < 1:
         raise SparseditError(f"--rate-spread must be in [0, 1), got {args.rate_spread}")
     device = check_device(args.device)

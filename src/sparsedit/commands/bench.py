@@ -81,7 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(explicit flags still win)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile both models (dynamic=False: one graph per grid shape, all warmed up first)")
-    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor; "
+    p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; "
                    "eager / aot_eager test the path without code generation)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--cuda-graphs", action="store_true",
@@ -94,6 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sparsedit.bench import DTYPES, BenchSettings, bench_pair, build_bench_model, format_markdown
+    from sparsedit.errors import SparseditError
 
     start = time.perf_counter()
 
@@ -112,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
     device = check_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if not args.compile and (args.compile_backend is not None or args.compile_mode is not None):
+        raise SparseditError("--compile-backend / --compile-mode choose how --compile compiles; add --compile or drop "
+                             "them")
     quick = {"steps": 5, "repeats": 2, "run_repeats": 1} if args.quick else {}
     given = {"batch_size": args.batch_size, "steps": args.steps, "repeats": args.repeats,
              "run_repeats": args.run_repeats, "warmup": args.warmup, "run_warmup": args.run_warmup}
@@ -119,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     settings = BenchSettings.for_device(
         device, **overrides, dtype=DTYPES[args.dtype], sampler=args.sampler, cfg_scale=args.cfg_scale,
         cfg_mode=args.cfg_mode, forward_t=args.forward_t, compile=args.compile,
-        compile_backend=args.compile_backend, compile_mode=args.compile_mode, cuda_graphs=args.cuda_graphs,
+        compile_backend=args.compile_backend or "inductor", compile_mode=args.compile_mode, cuda_graphs=args.cuda_graphs,
         seed=args.seed,
     )
     models = []

@@ -66,17 +66,12 @@ def command_line(argv: list[str]) -> str:
     return "sparsedit " + " ".join(shlex.quote(a) for a in argv)
 
 
-def check_output_file(path: str, flag: str, suffixes: tuple[str, ...], overwrite: bool) -> Path:
-    """An output file path a command may write: not a directory, one of ``suffixes``, not an existing file
-    unless ``overwrite``. Checked before the work, so a refusal costs nothing and touches nothing."""
-    out = Path(path)
-    if out.is_dir():
-        raise SparseditError(f"{flag} {out} is a directory; give a file name such as {out / ('samples' + suffixes[0])}")
-    if out.suffix.lower() not in suffixes:
-        raise SparseditError(f"{flag} {out} must end in {' or '.join(suffixes)}")
-    if out.exists() and not overwrite:
-        raise SparseditError(f"{flag} {out} already exists; pass --overwrite to replace it or choose another name")
-    return out
+def check_not_source(src: str, out: str) -> None:
+    """Refuse an output that is the input: ``--overwrite`` would replace the checkpoint being converted."""
+    a, b = Path(src).resolve(), Path(out).resolve()
+    if a == b or a.is_relative_to(b):
+        raise SparseditError(f"the output {out} is (or holds) the source {src}; writing there would destroy the model "
+                             "being read: choose another output path")
 
 
 def check_device(name: str) -> torch.device:

@@ -86,12 +86,17 @@ def run(args: argparse.Namespace) -> int:
     from sparsedit.commands.common import check_device, command_line, default_threads
     from sparsedit.compare import compare_models, prepare_out, results_table
     from sparsedit.convert import load_model
+    from sparsedit.errors import SparseditError
 
     settings = CompareSettings(
         cfg_scales=tuple(args.cfg_scales), seeds=tuple(args.seeds), num_samples=args.num_samples,
         sampler=args.sampler, steps=args.steps, cfg_mode=args.cfg_mode, batch_size=args.batch_size,
         per_class=args.per_class, scale=args.scale, sampler_b=args.sampler_b, steps_b=args.steps_b,
     )
+    if args.names is not None and (args.names[0] == args.names[1] or any(set(n) & set("|\n\r") or not n.strip()
+                                                                         for n in args.names)):
+        raise SparseditError(f"--names {args.names[0]!r} {args.names[1]!r}: give two different, non-empty names "
+                             "without '|' or line breaks (they head the report's table)")
     device = check_device(args.device)
     prepare_out(args.out, args.overwrite)  # refuse a non-empty --out before loading anything
     torch.set_num_threads(args.threads or default_threads())

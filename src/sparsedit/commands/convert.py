@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sparsedit.commands.common import add_model_args, load_cli_model, positive_int, rate
+from sparsedit.commands.common import add_model_args, check_not_source, load_cli_model, positive_int, rate
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,8 +48,12 @@ def set_rates(model, r_min: float | None, r_max: float | None) -> None:  # noqa:
 def run(args: argparse.Namespace) -> int:
     from sparsedit.commands.sparsify import check_rates
     from sparsedit.convert import export_differences, save_model
+    from sparsedit.errors import SparseditError
 
     check_rates(args)
+    check_not_source(args.src, args.out)
+    if args.drop_null_caption and args.fmt != "diffusers":
+        raise SparseditError("--drop-null-caption applies to a PixArt exported --to diffusers; drop it")
     model = load_cli_model(args.src, args, semantic_size=args.semantic_size)
     set_rates(model, args.r_min, args.r_max)
     notes = export_differences(model.config) if args.fmt == "diffusers" else []

@@ -11,7 +11,8 @@ import json
 import sys
 from typing import Any
 
-from sparsedit.metrics.inception import WEIGHTS_ENV, WEIGHTS_FILENAME
+from sparsedit.commands.common import check_device, positive_int
+from sparsedit.metrics.inception import POOL_DIM, WEIGHTS_ENV, WEIGHTS_FILENAME
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -33,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=None,
         help=f"{WEIGHTS_FILENAME} (default: ${WEIGHTS_ENV}, then the torch hub cache)",
     )
-    parser.add_argument("--batch-size", type=int, default=64, help="images per Inception forward (default 64)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per Inception forward (default 64)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.set_defaults(func=run)
@@ -55,21 +56,21 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sparsedit.errors import SparseditError
     from sparsedit.metrics.adm import evaluate
 
-    if args.batch_size < 1:
-        raise SparseditError(f"--batch-size must be >= 1, got {args.batch_size}")
     result = evaluate(
         args.samples,
         args.ref,
         inception_weights=args.inception_weights,
         batch_size=args.batch_size,
-        device=args.device,
+        device=check_device(args.device),
         progress=sys.stderr.isatty(),
     )
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
         print(format_table(result))
+    if min(result["num_samples"], result["num_ref"]) <= POOL_DIM:
+        print(f"note: with {min(result['num_samples'], result['num_ref'])} images (<= {POOL_DIM} features) the "
+              "covariances are singular and FID / sFID are not meaningful; use thousands of images (the papers: 50,000)")
     return 0

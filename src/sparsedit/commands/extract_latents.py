@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsedit.checkpoint import check_output_dir
-from sparsedit.commands.common import add_device_arg, check_device, positive_int, seed
+from sparsedit.commands.common import add_device_arg, check_device, non_negative_int, positive_int, seed
 from sparsedit.data import LATENTS_FILE, META_FILE
 from sparsedit.errors import SparseditError
 from sparsedit.vae import VAE_DOWNSAMPLE as TRAIN_VAE_FACTOR  # what ``sparsedit train --model PRESET`` assumes
@@ -42,8 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--flip", action="store_true", help="also store a horizontally flipped copy of every image")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage dtype")
-    p.add_argument("--seed", type=seed, default=0, help="seed of the posterior samples of --kind latents")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers that decode images")
+    p.add_argument("--seed", type=seed, default=None, help="seed of the posterior samples of --kind latents (default 0)")
+    p.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader workers that decode images")
     p.add_argument("--overwrite", action="store_true", help="replace a latents directory already at --out (whole)")
     p.add_argument("--no-progress", action="store_true")
     add_device_arg(p)
@@ -79,6 +79,10 @@ def extract_latents(data: str | Path, vae_path: str | Path, out: str | Path, ima
     dataset = ImageFolderDataset(data, resolution=image_size, channels=3)
     dev = torch.device(device)
     vae = load_vae(vae_path, dev)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)  # each encoder stage after the first halves the size
+    if image_size % factor:
+        raise SparseditError(f"--image-size {image_size} is not a multiple of this VAE's downsampling factor {factor}; "
+                             f"use e.g. {max(factor, image_size // factor * factor)}")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     gen = torch.Generator().manual_seed(seed)
     n = len(dataset)
@@ -125,9 +129,12 @@ def extract_latents(data: str | Path, vae_path: str | Path, out: str | Path, ima
 
 def run_extract_latents(args: argparse.Namespace) -> int:
     device = check_device(args.device)
+    if args.seed is not None and args.kind == "moments":
+        raise SparseditError("--seed draws the posterior samples of --kind latents; --kind moments stores mean and "
+                             "log-variance and draws nothing: drop --seed")
     out = extract_latents(args.data, args.vae, args.out, image_size=args.image_size, kind=args.kind,
                           batch_size=args.batch_size, flip=args.flip, dtype=getattr(torch, args.dtype),
-                          seed=args.seed, device=device, num_workers=args.num_workers, overwrite=args.overwrite,
+                          seed=args.seed or 0, device=device, num_workers=args.num_workers, overwrite=args.overwrite,
                           progress=not args.no_progress)
     print(f"wrote {out}")
     return 0

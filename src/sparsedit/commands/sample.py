@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
+from sparsedit.checkpoint import check_output_file
 from sparsedit.commands.common import (
     add_device_arg,
     add_model_args,
     add_sampling_args,
     check_device,
-    check_output_file,
     load_cli_model,
     positive_int,
     seed,
@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_sampling_args(p, cfg_scale=4.0, cfg_scale_help="classifier-free guidance scale (1 = off)")
     p.add_argument("--prompt", nargs="+", default=None, metavar="TEXT",
                    help="text models: one image / video per prompt, encoded with the local T5 given by --t5")
-    p.add_argument("--negative-prompt", default="", metavar="TEXT",
+    p.add_argument("--negative-prompt", default=None, metavar="TEXT",
                    help="with --prompt and guidance: the unconditional caption when the model stores no null "
                    "caption (default: the empty prompt, as diffusers' PixArtAlphaPipeline)")
     p.add_argument("--t5", metavar="DIR", default=None,
@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nrow", type=positive_int, default=None, help="images per grid row")
     p.add_argument("--out", default="samples.png",
                    help="output PNG (default samples.png); for videos a .gif name writes an animated GIF")
-    p.add_argument("--fps", type=positive_int, default=8, help="frames per second of a GIF (default 8)")
+    p.add_argument("--fps", type=positive_int, default=None, help="frames per second of a GIF (default 8)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_device_arg(p)
@@ -85,7 +85,7 @@ def _captions(args: argparse.Namespace, model: Any, device: Any) -> Captions:
         embeds, mask = t5(args.prompt)
         neg, neg_mask = None, None
         if args.cfg_scale != 1.0 and getattr(model.y_embedder, "y_embedding", None) is None:
-            neg, neg_mask = t5([args.negative_prompt], embeds.shape[1])
+            neg, neg_mask = t5([args.negative_prompt or ""], embeds.shape[1])
         return embeds, mask, neg, neg_mask
     if args.prompt_embeds is None:
         raise SparseditError("this is a text-conditional model: pass --prompt TEXT ... with --t5 DIR, or "
@@ -132,9 +132,14 @@ def run(args: argparse.Namespace) -> int:
                   seed=args.seed, device=device, progress=not args.no_progress)
     start = time.perf_counter()
     text = text_conditioned(model.config)
-    if not text and (args.prompt is not None or args.prompt_embeds is not None):
-        raise SparseditError(f"this {type(model).__name__} is class-conditional: drop --prompt / --prompt-embeds "
+    text_flags = [flag for flag, value in (("--prompt", args.prompt), ("--prompt-embeds", args.prompt_embeds),
+                                           ("--negative-prompt", args.negative_prompt), ("--t5", args.t5))
+                  if value is not None]
+    if not text and text_flags:
+        raise SparseditError(f"this {type(model).__name__} is class-conditional: drop {' / '.join(text_flags)} "
                              "and pass --class-labels")
+    if args.fps is not None and out.suffix.lower() != ".gif":
+        raise SparseditError(f"--fps sets the frame rate of a GIF; --out {out} is a PNG: drop --fps or write a .gif")
     if text:
         embeds, mask, neg, neg_mask = (None if v is None else v.to(device) for v in _captions(args, model, device))
     if isinstance(model, PixArt):
@@ -148,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     images = _decode(model, samples, vae)
     if images.ndim == 5:
         gif = out.suffix.lower() == ".gif"
-        path = save_video_gif(images, out, args.fps, args.nrow) if gif else save_video_strip(images, out)
+        path = save_video_gif(images, out, args.fps or 8, args.nrow) if gif else save_video_strip(images, out)
     else:
         path = save_grid(images, out, nrow=args.nrow)
     print(f"wrote {path} ({len(images)} {'videos' if images.ndim == 5 else 'images'}, {args.sampler} {args.steps} "

@@ -11,13 +11,13 @@ import sys
 import time
 from collections.abc import Sequence
 
+from sparsedit.checkpoint import check_output_file
 from sparsedit.commands.common import (
     Parser,
     add_device_arg,
     add_model_args,
     add_sampling_args,
     check_device,
-    check_output_file,
     load_cli_model,
     positive_int,
     run_command,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sparsedit.blocks import EXTRA_RECOVERY_MODES, UPSAMPLE_MODES
-from sparsedit.commands.common import add_model_args, load_cli_model, positive_int, rate
+from sparsedit.commands.common import add_model_args, check_not_source, load_cli_model, positive_int, rate
 from sparsedit.sparse_dit import LAYOUT_HELP
 
 
@@ -62,7 +62,8 @@ def _convert(src, args: argparse.Namespace, variant: dict | None = None):  # noq
     # Unset rates fall back to each family's own default (the paper's range for that family).
     check_rates(args)
     rates = {k: v for k, v in (("r_min", args.r_min), ("r_max", args.r_max)) if v is not None}
-    rates["upsample"] = args.upsample
+    if args.upsample is not None:
+        rates["upsample"] = args.upsample
     rates.update(variant or {})
     if isinstance(src, (SparsePixArt, SparseLatte)):
         raise SparseditError(f"the source is already a {type(src).__name__}; pass the dense model it came from")
@@ -92,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from sparsedit.sparsify import init_rules
 
     check_rates(args)
+    check_not_source(args.src, args.out)
     check_output_dir(args.out, args.overwrite)  # fail before the (slow) load, creating nothing
     src = load_cli_model(args.src, args)
     model = _convert(src, args, {"recovery_pos_embed": args.recovery_pos_embed, "extra_recovery": args.extra_recovery})

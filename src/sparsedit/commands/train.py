@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      f"{LAYOUT_HELP}")
     add_rate_args(src)
     src.add_argument("--num-pieces", type=positive_int, default=None, help="not for Latte (continuous schedule)")
-    src.add_argument("--upsample", choices=UPSAMPLE_MODES, default="nearest")
+    src.add_argument("--upsample", choices=UPSAMPLE_MODES, default=None, help="with --layout (default nearest)")
     src.add_argument("--model", metavar="PRESET", help="train from scratch: a preset such as DiT-S/2")
     src.add_argument("--hidden-size", type=positive_int, help="override the preset's hidden size")
     src.add_argument("--depth", type=positive_int, help="override the preset's depth")
@@ -70,7 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="'digits' (embedded), an image folder (class = subfolder) or a latents directory (images or "
                       "videos, with labels and/or T5 caption embeddings; sparsedit.data.save_latents)")
     data.add_argument("--image-size", type=positive_int, help="pixel resolution for 'digits' / image folders")
-    data.add_argument("--channels", type=int, choices=(1, 3), default=1, help="image channels for 'digits'")
+    data.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                      help="image channels for 'digits' (default 1); other data sets have their own")
     run = p.add_argument_group("run")
     run.add_argument("--run-dir", required=True, help="directory for checkpoints, logs and samples")
     run.add_argument("--steps", type=positive_int, default=TrainSettings.steps)
@@ -89,8 +90,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--ckpt-every", type=positive_int, default=TrainSettings.ckpt_every)
     run.add_argument("--keep-last", type=positive_int, default=TrainSettings.keep_last)
     run.add_argument("--log-every", type=positive_int, default=TrainSettings.log_every)
-    run.add_argument("--sample-every", type=int, default=0, help="write an EMA sample grid every N steps (0 = off)")
-    run.add_argument("--num-workers", type=int, default=0)
+    run.add_argument("--sample-every", type=non_negative_int, default=0,
+                     help="write an EMA sample grid every N steps (0 = off)")
+    run.add_argument("--num-workers", type=non_negative_int, default=0)
     run.add_argument("--fsdp", action="store_true", help="shard the model with FSDP (under torchrun)")
     run.add_argument("--tensorboard", action="store_true")
     run.add_argument("--vae", default=None, help="local VAE for sample grids of latent models")
@@ -108,9 +110,20 @@ def build_model(args: argparse.Namespace, info: dict):  # noqa: ANN201
 
     if args.init_from and args.model:
         raise SparseditError("give either --init-from (fine-tune) or --model (from scratch), not both")
+    made_by_layout = [f"--{name.replace('_', '-')}" for name in ("r_min", "r_max", "num_pieces", "upsample")
+                      if getattr(args, name, None) is not None]
+    if made_by_layout and not args.layout:
+        raise SparseditError(f"{', '.join(made_by_layout)} shape(s) the sparse model that --layout makes; add --layout "
+                             "or drop them (a sparse --init-from keeps its own settings)")
     if args.init_from:
         if args.init_gain is not None:
             raise SparseditError("--init-gain sets a from-scratch initialisation; drop it with --init-from")
+        fixed = [flag for flag, value in (("--hidden-size", args.hidden_size), ("--depth", args.depth),
+                                          ("--num-heads", args.num_heads), ("--no-learn-sigma", args.no_learn_sigma))
+                 if value]
+        if fixed:
+            raise SparseditError(f"{', '.join(fixed)} set(s) a from-scratch architecture; the --init-from checkpoint "
+                                 "fixes its own: drop them")
         model = load_model(args.init_from, image_size=args.image_size if info["data_space"] == "latent" else None)
         if args.layout:
             model = _convert(model, args)  # DiT -> SparseDiT, PixArt -> SparsePixArt, Latte -> SparseLatte
@@ -156,14 +169,23 @@ def load_teacher(args: argparse.Namespace, info: dict, settings: TrainSettings):
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
+    from sparsedit.errors import SparseditError
+    from sparsedit.presets import is_sparse
     from sparsedit.train import Trainer, check_model_fits_data, open_dataset
 
     if args.device is not None:
         check_device(args.device)  # an unknown or absent device is an error, never a silent CPU run
-    dataset, info = open_dataset(args.data, args.image_size, args.channels, args.seed)
+    if args.channels is not None and args.data != "digits":
+        raise SparseditError(f"--channels applies to the embedded digits; {args.data} has its own channels: drop it")
+    dataset, info = open_dataset(args.data, args.image_size, args.channels or 1, args.seed)
+    if args.vae is not None and info["data_space"] != "latent":
+        raise SparseditError("--vae decodes the sample grids of latent models; this data is pixels: drop --vae")
     torch.manual_seed(args.seed)  # the initialisation of a from-scratch model is part of the run
     model = build_model(args, info)
     check_model_fits_data(model.config, info)
+    if args.merge_lr_scale is not None and not is_sparse(model.config):
+        raise SparseditError("--merge-lr-scale sets the learning rate of a sparse model's merge layers; this "
+                             f"{type(model).__name__} has none: drop it")
     settings = recipe_settings(args)
     teacher = load_teacher(args, info, settings)
     source = ({"init_from": args.init_from, "layout": args.layout} if args.init_from

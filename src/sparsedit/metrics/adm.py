@@ -117,6 +117,9 @@ def _corrupt(path: Path, err: BaseException) -> SparseditError:
 def open_image_batch(path: str | os.PathLike[str]) -> Iterator[ImageBatchReader]:
     """Open an ADM sample/reference ``.npz`` and check ``arr_0`` is (N, H, W, 3) uint8."""
     p = Path(path)
+    if p.is_dir():
+        raise SparseditError(f"batch file {p} is a directory; give the .npz file (sparsedit sample-fid writes "
+                             "DIR/samples_N.npz)")
     if not p.is_file():
         raise SparseditError(f"batch file {p} does not exist; check the path (an ADM-style .npz is expected)")
     try:
