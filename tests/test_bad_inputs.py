@@ -407,6 +407,12 @@ BAD_INPUTS: list[tuple[list[str], tuple[str, ...]]] = [
     (["demo", "--out", "{W}/new/d", "--sampler", "ddpm", "--sample-steps", "5000"], ("5000",)),
     (["demo", "--out", "{W}/new/d", "--seed", "-4"], ("--seed",)),
     (["eval", "--samples", "{W}/busy", "--ref", "{W}/old.npz"], ("busy", "is a directory")),
+    # -- an empty path would quietly be the current directory
+    ([*TINY_TRAIN, "--run-dir", "{W}/new/r", "--data", ""], ("--data", "empty")),
+    (["sample", "--ckpt", "", *SMALL], ("--ckpt", "empty")),
+    (["sample-fid", "--ckpt", "{W}/dit", "--num-samples", "4", "--batch-size", "2", "--out", ""], ("--out", "empty")),
+    (["convert", "", "{W}/new/c", "--to", "sparsedit"], ("PATH", "empty")),
+    (["compare", "{W}/dit", " ", "--out", "{W}/new/cmp"], ("B", "empty")),
     # -- eval
     (["eval", "--samples", "{W}/missing.npz", "--ref", "{W}/old.npz"], ("missing.npz",)),
     (["eval", "--samples", "{W}/notes.txt", "--ref", "{W}/old.npz"], ("notes.txt",)),

@@ -30,6 +30,21 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, extra = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            value = getattr(parsed, action.dest, None)
+            if action.dest in PATH_ARGS and isinstance(value, str) and not value.strip():
+                # "" would quietly become the current directory (and, say, train on everything in it).
+                name = action.option_strings[0] if action.option_strings else action.metavar or action.dest
+                self.error(f"argument {name}: an empty path or name")
+        return parsed, extra
+
+
+# Arguments that name a file, a directory or a preset: an empty string is never one.
+PATH_ARGS = ("ckpt", "src", "out", "data", "vae", "run_dir", "init_from", "teacher", "pack", "ref", "real", "samples",
+             "inception_weights", "t5", "prompt_embeds", "cache_dir", "dit", "sparse_out", "a", "b", "model", "layout")
+
 
 def add_model_args(parser: argparse.ArgumentParser, flag: str = "--ckpt") -> None:
     kw = {"required": True} if flag.startswith("-") else {}

@@ -72,5 +72,6 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(result))
     if min(result["num_samples"], result["num_ref"]) <= POOL_DIM:
         print(f"note: with {min(result['num_samples'], result['num_ref'])} images (<= {POOL_DIM} features) the "
-              "covariances are singular and FID / sFID are not meaningful; use thousands of images (the papers: 50,000)")
+              "covariances are singular and FID / sFID are not meaningful; use thousands of images (the papers: 50,000)",
+              file=sys.stderr)
     return 0
