@@ -125,3 +125,16 @@ def test_default_labels_come_from_the_model_and_a_pixel_model_takes_no_vae(tmp_p
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "outside [0, 10)" in err
     assert not (tmp_path / "v.png").exists() and not (tmp_path / "l.png").exists()
+
+
+def test_weights_that_are_not_finite_give_no_image(tmp_path, capsys):
+    """A diverged fine-tune (NaN weights) must not turn into a black PNG and exit 0."""
+    model = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2,
+                          num_classes=4, data_space="pixel"))
+    with torch.no_grad():
+        model.final_layer.linear.weight.fill_(float("nan"))
+    ckpt = sparsedit.save_pretrained(model, tmp_path / "nan")
+    out = tmp_path / "x.png"
+    assert main(sample_args(ckpt, out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not finite" in err and not out.exists()
