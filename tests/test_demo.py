@@ -86,6 +86,29 @@ def test_demo_cli_twice_and_never_clobbers_other_files(tmp_path, tiny_digits_dit
     assert "already holds a demo report" in capsys.readouterr().err
     assert main([*args, "--recipe", "nope"]) == 2
     assert "unknown --recipe 'nope'" in capsys.readouterr().err
+    (out / "notes.txt").write_text("mine")  # --overwrite replaces the folder whole: never with the user's files in it
+    assert main(args) == 2
+    assert "did not write (notes.txt)" in capsys.readouterr().err
+    (out / "notes.txt").unlink()
+
+
+def test_a_demo_that_fails_half_way_keeps_the_earlier_report(tmp_path, tiny_digits_dit, monkeypatch, capsys):
+    import sparsedit.demo as demo_module
+
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--dit", str(tiny_digits_dit), "--finetune-steps", "2", "--batch-size", "8",
+            "--num-samples", "10", "--seeds", "0", "--cfg-scales", "1", "--sample-steps", "2", "--per-class", "1",
+            "--no-progress", "--overwrite"]
+    assert main(args) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_module, "compare_models", interrupted)  # after the fine-tune, before the report
+    assert main(args) == 130
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no hidden directory left behind
 
 
 @pytest.mark.parametrize(("flag", "value", "words"), [

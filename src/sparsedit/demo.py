@@ -23,6 +23,7 @@ from sparsedit.sparsify import sparsify
 from sparsedit.train import DEFAULT_RECIPE, RECIPES, Trainer, TrainSettings, describe_recipe, open_dataset
 
 REPORT_FILES = ("report.md", "report.json")
+FINETUNE_DIR = "finetune"
 
 
 @dataclass
@@ -78,11 +79,18 @@ def shipped_dit_path() -> Path:
 
 
 def run_demo(settings: DemoSettings | None = None, dit_path: str | Path | None = None, progress: bool = True,
-             command: str | None = None) -> dict[str, Any]:
-    """Run the whole demo; writes ``report.md``, ``report.json``, the comparison and paired images into ``out``."""
+             command: str | None = None, workdir: str | Path | None = None) -> dict[str, Any]:
+    """Run the whole demo; writes ``report.md``, ``report.json``, the comparison and paired images into ``out``.
+
+    ``workdir``: write there instead (the command writes into a hidden directory and swaps it in as ``out`` at
+    the end, so a demo that fails half-way leaves an earlier report whole); messages still name ``out``.
+    """
     s = settings or DemoSettings()
     s.validate()
-    out = Path(s.out)
+    out = Path(workdir) if workdir is not None else Path(s.out)
+
+    def shown(path: Path) -> Path:
+        return Path(s.out) / path.relative_to(out)
     wall = time.perf_counter()
     log = print if progress else (lambda *a, **k: None)
     if s.threads:
@@ -101,12 +109,13 @@ def run_demo(settings: DemoSettings | None = None, dit_path: str | Path | None =
     train = s.train_settings()
     teacher = dit if train.distills or train.data_free else None
     t0 = time.perf_counter()
-    trainer = Trainer(sparse, dataset, out / "finetune", train, progress=progress, device="cpu", teacher=teacher,
+    trainer = Trainer(sparse, dataset, out / FINETUNE_DIR, train, progress=progress, device="cpu", teacher=teacher,
                       run_info={"data": info, "source": {"demo": str(dit_dir)}, "recipe": s.recipe})
     model_dir = trainer.fit()
     finetune_s = time.perf_counter() - t0
     sparse = load_pretrained(model_dir)
-    log(f"[3/4] fine-tuned {s.finetune_steps} steps with the {s.recipe!r} recipe in {finetune_s:.0f}s -> {model_dir}")
+    log(f"[3/4] fine-tuned {s.finetune_steps} steps with the {s.recipe!r} recipe in {finetune_s:.0f}s -> "
+        f"{shown(model_dir)}")
 
     comparison = compare_models(dit, sparse, s.compare_settings(), names=("DiT", "SparseDiT"), progress=progress,
                                 out=out, overwrite=True, command=command)
@@ -124,7 +133,7 @@ def run_demo(settings: DemoSettings | None = None, dit_path: str | Path | None =
     }
     write_json(out / "report.json", report)
     atomic_write(out / "report.md", lambda tmp: tmp.write_text(render_report(report), errors="backslashreplace"))
-    log(f"[done] wrote {out / 'report.md'} ({report['wall_seconds']:.0f}s in all)")
+    log(f"[done] wrote {shown(out / 'report.md')} ({report['wall_seconds']:.0f}s in all)")
     return report
 
 

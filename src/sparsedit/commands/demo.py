@@ -54,11 +54,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import shutil
+    import re
     from pathlib import Path
 
+    from sparsedit.checkpoint import write_dir
     from sparsedit.commands.common import command_line, default_threads
-    from sparsedit.demo import REPORT_FILES, run_demo
+    from sparsedit.compare import OUTPUT_FILES
+    from sparsedit.demo import FINETUNE_DIR, REPORT_FILES, run_demo
     from sparsedit.errors import SparseditError
 
     values = {f.name: getattr(args, f.name) for f in fields(DemoSettings)}
@@ -76,6 +78,12 @@ def run(args: argparse.Namespace) -> int:
             raise SparseditError(f"{out} is not empty and holds no demo report; choose another --out")
         if not args.overwrite:
             raise SparseditError(f"{out} already holds a demo report; pass --overwrite or choose another --out")
-        shutil.rmtree(out)
-    run_demo(settings, dit_path=args.dit, progress=not args.no_progress, command=command_line(sys.argv[1:]))
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in (*REPORT_FILES, FINETUNE_DIR, *OUTPUT_FILES)
+                         and not re.fullmatch(r"paired_cfg[-+.0-9e]+\.png", p.name))
+        if foreign:
+            raise SparseditError(f"{out} holds files the demo did not write ({', '.join(foreign[:3])}), which "
+                                 "replacing it would delete; move them out or choose another --out")
+    # The whole demo is written beside --out and swapped in at the end: an earlier report stays whole until then.
+    write_dir(out, lambda tmp: run_demo(settings, dit_path=args.dit, progress=not args.no_progress,
+                                        command=command_line(sys.argv[1:]), workdir=tmp))
     return 0
