@@ -129,7 +129,7 @@ def build_model(config: Any) -> nn.Module:
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    made = make_parents(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:  # read-only, no permission: name the file asked for, not the temporary one
@@ -141,12 +141,33 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
+        remove_empty(made)
         if err.filename is None:  # a failed write() names no file: name the one the user asked for
             raise OSError(err.errno, err.strerror, str(path)) from None
         raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        remove_empty(made)
         raise
+
+
+def make_parents(path: Path) -> list[Path]:
+    """Create the missing parent directories of ``path``; returns them, deepest first, for :func:`remove_empty`."""
+    missing = [p for p in path.parents if not p.exists()]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from None
+    return missing
+
+
+def remove_empty(dirs: list[Path]) -> None:
+    """Remove the directories a failed write created (deepest first), as long as they are still empty."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -239,10 +260,11 @@ def replace_dir(new: Path, out: Path) -> None:
 
 def write_dir(out: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a new hidden directory beside ``out``, then :func:`replace_dir` it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    made = make_parents(out)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     except OSError as err:
+        remove_empty(made)
         raise OSError(err.errno, err.strerror, str(out)) from None
     try:
         write(tmp)
@@ -250,9 +272,11 @@ def write_dir(out: Path, write: Callable[[Path], None]) -> None:
         replace_dir(tmp, out)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(made)
         raise error_in_place_of(err, tmp, out) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(made)
         raise
 
 
