@@ -413,6 +413,9 @@ BAD_INPUTS: list[tuple[list[str], tuple[str, ...]]] = [
     (["sample-fid", "--ckpt", "{W}/dit", "--num-samples", "4", "--batch-size", "2", "--out", ""], ("--out", "empty")),
     (["convert", "", "{W}/new/c", "--to", "sparsedit"], ("PATH", "empty")),
     (["compare", "{W}/dit", " ", "--out", "{W}/new/cmp"], ("B", "empty")),
+    # -- a pipe is no checkpoint (reading it would block); a dangling symbolic link is still the user's
+    (["sparsify", "{W}/fifo", "--layout", TINY_LAYOUT, "--out", "{W}/new/s"], ("fifo", "regular file")),
+    (["sample", "--ckpt", "{W}/dit", *SMALL, "--out", "{W}/dangling.png"], ("dangling.png", "--overwrite")),
     # -- eval
     (["eval", "--samples", "{W}/missing.npz", "--ref", "{W}/old.npz"], ("missing.npz",)),
     (["eval", "--samples", "{W}/notes.txt", "--ref", "{W}/old.npz"], ("notes.txt",)),
@@ -456,6 +459,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (w / "old.png").write_bytes(b"\x89PNG not really")
     np.savez(w / "old.npz", arr_0=np.zeros((2, 8, 8, 3), dtype=np.uint8))
     (w / "empty_dir").mkdir()
+    os.mkfifo(w / "fifo")
+    (w / "dangling.png").symlink_to(w / "nowhere.png")
     (w / "busy").mkdir()
     (w / "busy" / "keep.txt").write_text("keep me")
     return w
@@ -481,6 +486,7 @@ def test_bad_input_table(argv: list[str], words: tuple[str, ...], workspace: Pat
     assert "error: " in err and all(w.replace("{W}", str(workspace)) in err for w in words), err
     assert files_under(workspace) == before
     assert not (workspace / "new").exists() and not (workspace / "executed").exists()
+    assert (workspace / "dangling.png").is_symlink() and (workspace / "fifo").is_fifo()
 
 
 def test_the_table_covers_every_sub_command() -> None:

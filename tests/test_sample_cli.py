@@ -76,6 +76,17 @@ def test_latent_model_decodes_with_a_local_vae(tmp_path):
     assert np.asarray(Image.open(out)).shape == (2 + 2 * 18, 2 + 2 * 18, 3)  # latent 8 px -> 16 px images
 
 
+def test_a_vae_with_other_latent_channels_is_refused_before_sampling(tmp_path, capsys):
+    ckpt = tiny(tmp_path, "latent", 4, "latent")
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                  up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 8),
+                  latent_channels=8, norm_num_groups=4, layers_per_block=1).save_pretrained(tmp_path / "vae8")
+    out = tmp_path / "v.png"
+    assert main(sample_args(ckpt, out, 0, "--vae", str(tmp_path / "vae8"))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "8-channel latents, the model takes 4" in err and not out.exists()
+
+
 def test_bad_labels_and_bad_device_are_one_line_errors(tmp_path, pixel_ckpt, capsys):
     args = ["sample", "--ckpt", str(pixel_ckpt), "--class-labels", "12", "--steps", "2", "--out", str(tmp_path / "o.png")]
     assert main(args) == 2

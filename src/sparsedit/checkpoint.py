@@ -209,8 +209,10 @@ def check_output_file(path: str, flag: str, suffixes: tuple[str, ...], overwrite
         raise SparseditError(f"{flag} {out} is a directory; give a file name such as {out / ('samples' + suffixes[0])}")
     if out.suffix.lower() not in suffixes:
         raise SparseditError(f"{flag} {out} must end in {' or '.join(suffixes)}")
-    if out.exists() and not overwrite:
+    if os.path.lexists(out) and not overwrite:  # lexists: a symbolic link, even a dangling one, is the user's too
         raise SparseditError(f"{flag} {out} already exists; pass --overwrite to replace it or choose another name")
+    if out.exists() and not out.is_file():
+        raise SparseditError(f"{flag} {out} is not a regular file (a pipe or a device?); choose another name")
     return out
 
 

@@ -366,7 +366,7 @@ def _adm_scorer(config: Any, vae: Any, inception_weights: Any, ref: Any, real: A
     if config.data_space == "latent":
         from sparsedit.vae import load_vae
 
-        decoder = vae if isinstance(vae, nn.Module) else load_vae(vae, device)
+        decoder = vae if isinstance(vae, nn.Module) else load_vae(vae, device, latent_channels=config.in_channels)
     elif vae is not None:
         raise SparseditError("these models work in pixel space; drop --vae")
     model = feature_model if feature_model is not None else load_inception(inception_weights, device)

@@ -462,6 +462,8 @@ def detect_format(path: str | Path) -> str:
         if "model_type" in cfg:
             return "sparsedit"
         raise CheckpointError(f"{cfg_path} names neither a model_type (sparsedit) nor a _class_name (diffusers)")
+    if not path.is_file():  # a FIFO or a device would block the reader or stream forever
+        raise CheckpointError(f"{path} is not a regular file (a pipe or a device?); pass the checkpoint file itself")
     return "official"
 
 

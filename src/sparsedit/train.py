@@ -814,15 +814,19 @@ class Trainer:
         labels = [i % self.config.num_classes for i in range(min(self.config.num_classes, 10))]
         samples = generate(self.ema, labels, sampler="ddim", steps=25, seed=0, device=self.dist.device, progress=False,
                            cfg_scale=1.0)
-        vae = load_vae(self.vae_path, self.dist.device) if self.config.data_space == "latent" else None
+        vae = (load_vae(self.vae_path, self.dist.device, latent_channels=self.config.in_channels)
+               if self.config.data_space == "latent" else None)
         save_grid(to_images(self.ema, samples, vae), self.run_dir / "samples" / f"{step_dir_name(self.step)}.png")
 
     def fit(self) -> Path:
         """Train to ``settings.steps`` (resuming if the run dir has a checkpoint); returns the final EMA model dir."""
-        if (self.settings.sample_every and isinstance(self.raw, DiT) and self.config.data_space == "latent"
-                and self.vae_path is None):
-            raise SparseditError("--sample-every on a latent model needs --vae DIR to decode the grids; add it or drop "
-                                 "--sample-every")
+        if self.settings.sample_every and isinstance(self.raw, DiT) and self.config.data_space == "latent":
+            if self.vae_path is None:
+                raise SparseditError("--sample-every on a latent model needs --vae DIR to decode the grids; add it or "
+                                     "drop --sample-every")
+            from sparsedit.vae import load_vae
+
+            load_vae(self.vae_path, "cpu", latent_channels=self.config.in_channels)  # a wrong VAE fails now, not later
         self._check_run_dir()  # before the lock creates the directory: a refused run creates nothing
         with run_lock(self.run_dir, "--run-dir") if self.dist.main else contextlib.nullcontext():
             return self._fit()

@@ -37,8 +37,12 @@ def _quiet_diffusers() -> Iterator[None]:
         diffusers_logging.set_verbosity(level)
 
 
-def load_vae(path: str | Path | None, device: str | torch.device = "cpu") -> nn.Module:
-    """Load an ``AutoencoderKL`` from a local directory (``config.json`` + weights)."""
+def load_vae(path: str | Path | None, device: str | torch.device = "cpu", latent_channels: int | None = None) -> nn.Module:
+    """Load an ``AutoencoderKL`` from a local directory (``config.json`` + weights).
+
+    ``latent_channels``: what the model that uses it takes; another VAE is refused here rather than failing
+    inside a convolution after sampling.
+    """
     if path is None:
         raise SparseditError(f"this model works on VAE latents and needs --vae PATH; {VAE_HELP}")
     path = Path(path)
@@ -51,6 +55,9 @@ def load_vae(path: str | Path | None, device: str | torch.device = "cpu") -> nn.
             vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as err:
         raise SparseditError(f"cannot load the VAE in {path} ({str(err).splitlines()[0][:160]}); {VAE_HELP}") from None
+    if latent_channels is not None and vae.config.latent_channels != latent_channels:
+        raise SparseditError(f"the VAE in {path} makes {vae.config.latent_channels}-channel latents, the model takes "
+                             f"{latent_channels}; pass the VAE the model was trained with")
     return vae.to(device).eval()
 
 

@@ -133,7 +133,7 @@ def vae_for(model: Any, path: str | None, device: str | torch.device) -> Any:
         return None
     from sparsedit.vae import load_vae
 
-    return load_vae(path, device)
+    return load_vae(path, device, latent_channels=model.config.in_channels)
 
 
 def _number(text: str, cast: type[int] | type[float], ok: Callable[[float], bool], rule: str) -> Any:
