@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsedit.commands import eval as eval_cmd
+from sparsedit.commands.common import Parser
 from sparsedit.errors import SparseditError
 from sparsedit.metrics import adm
 from sparsedit.metrics import inception as inception_mod
@@ -243,7 +243,7 @@ def test_evaluate_reports_bad_inputs_before_loading_weights(tmp_path: Path, monk
 
 
 def _run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="sparsedit")
+    parser = Parser(prog="sparsedit")  # sparsedit's parser: one-line errors, post-parse checks
     eval_cmd.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)
     return args.func(args)

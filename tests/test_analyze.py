@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import io
@@ -33,6 +32,7 @@ from sparsedit.analyze import (
 )
 from sparsedit.cli import main
 from sparsedit.commands import analyze as analyze_cmd
+from sparsedit.commands.common import Parser
 from sparsedit.diffusion import space_timesteps
 from sparsedit.dit import DiT, DiTConfig, dit_config
 from sparsedit.errors import SparseditError
@@ -244,7 +244,7 @@ def test_sparsify_command_quotes_paths() -> None:
 
 
 def run_analyze(argv: list[str]) -> tuple[int, str]:
-    parser = argparse.ArgumentParser(prog="sparsedit")
+    parser = Parser(prog="sparsedit")  # sparsedit's parser: one-line errors, post-parse checks
     analyze_cmd.register(parser.add_subparsers())
     args = parser.parse_args(["analyze", *argv])
     buf = io.StringIO()

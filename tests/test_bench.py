@@ -7,7 +7,6 @@ Everything runs on tiny models; nothing asserts on measured time. Where timing l
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from typing import Any
@@ -29,6 +28,7 @@ from sparsedit.bench import (
 )
 from sparsedit.checkpoint import save_pretrained
 from sparsedit.commands import bench as bench_cmd
+from sparsedit.commands.common import Parser
 from sparsedit.dit import DiT, DiTConfig
 from sparsedit.errors import SparseditError
 from sparsedit.layers import sincos_pos_embed_2d
@@ -312,7 +312,7 @@ def test_markdown_table_renders() -> None:
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    parser = argparse.ArgumentParser(prog="sparsedit")
+    parser = Parser(prog="sparsedit")  # sparsedit's parser: one-line errors, post-parse checks
     bench_cmd.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", *argv])
     try:

@@ -8,7 +8,6 @@ the analytic MACs in the result are the flops module's; presets resolve to the s
 
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any
 
@@ -19,6 +18,7 @@ from torch import nn
 from sparsedit.bench import BenchSettings, ModelRunner, bench_pair, build_bench_model, format_markdown, run_timesteps
 from sparsedit.checkpoint import build_model, save_pretrained
 from sparsedit.commands import bench as bench_cmd
+from sparsedit.commands.common import Parser
 from sparsedit.errors import SparseditError
 from sparsedit.flops import latte_macs, pixart_macs, sparse_latte_macs, sparse_pixart_macs
 from sparsedit.latte import Latte, LatteConfig, SparseLatte, SparseLatteConfig
@@ -190,7 +190,7 @@ def test_family_presets_resolve_like_flops() -> None:
 
 
 def test_cli_benches_saved_pixart_and_latte(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    parser = argparse.ArgumentParser(prog="sparsedit")
+    parser = Parser(prog="sparsedit")  # sparsedit's parser: one-line errors, post-parse checks
     bench_cmd.register(parser.add_subparsers(dest="command"))
     for name, pair in (("pixart", pixart_pair()), ("latte", latte_pair(text=True))):
         dense = save_pretrained(pair[0], tmp_path / f"{name}-dense")

@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sparsedit.commands import extract_latents as X
+from sparsedit.commands.common import Parser
 from sparsedit.data import ImageFolderDataset, LatentsDataset
 from sparsedit.errors import SparseditError
 from sparsedit.train import open_dataset
@@ -53,7 +54,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def run(argv: list[str]) -> int:
     """Parse ``extract-latents`` arguments with the module's own ``register`` and run it."""
-    parser = argparse.ArgumentParser(prog="sparsedit")
+    parser = Parser(prog="sparsedit")  # sparsedit's parser: one-line errors, post-parse checks
     X.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["extract-latents", *argv])
     return args.func(args)

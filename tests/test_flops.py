@@ -7,7 +7,6 @@ paper's published numbers, and against the real modules' parameter counts.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -16,6 +15,7 @@ import torch
 
 from sparsedit.checkpoint import save_pretrained
 from sparsedit.commands import flops as flops_cmd
+from sparsedit.commands.common import Parser
 from sparsedit.diffusion import space_timesteps
 from sparsedit.dit import DiT, DiTConfig, dit_config
 from sparsedit.errors import SparseditError
@@ -235,7 +235,7 @@ def test_errors() -> None:
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    parser = argparse.ArgumentParser(prog="sparsedit")
+    parser = Parser(prog="sparsedit")  # sparsedit's parser: one-line errors, post-parse checks
     flops_cmd.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["flops", *argv])
     assert args.func(args) == 0

@@ -187,3 +187,25 @@ def test_sample_fid_takes_the_lock_and_refuses_a_file_as_out(tmp_path: Path, cap
     assert "is in use by sparsedit process" in error_line(capsys)
     assert sorted(p.name for p in (tmp_path / "fid").iterdir()) == [".lock"]
     assert main([*args, "--out", str(tmp_path / "fid")]) == 0
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_starts_afresh(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A refused start (a batch larger than the data) must not lock the corrected command out as 'a different run'."""
+    run_dir = tmp_path / "run"
+    assert main([*TINY, "--steps", "2", "--batch-size", "4096", "--run-dir", str(run_dir)]) == 2
+    assert "fewer than one global batch" in error_line(capsys)
+    assert train(run_dir, 2) == 0
+    assert [s for s, _ in losses(run_dir)] == [1, 2]
+
+
+def test_a_checkpoint_whose_step_disagrees_with_its_name_is_skipped(tmp_path: Path, reference: list,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    assert train(run_dir, 4) == 0
+    info = run_dir / "checkpoints" / "step_0000004" / "trainer.json"
+    info.write_text(json.dumps({**json.loads(info.read_text()), "step": 99}))
+    capsys.readouterr()
+    assert train(run_dir, 6) == 0
+    assert "skipping checkpoint step_0000004" in capsys.readouterr().out
+    assert losses(run_dir) == reference

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import torch
 
 import sparsedit.sample_fid as sf
 from sparsedit import DiT, DiTConfig, SparseditError, load_model, save_pretrained
+from sparsedit.commands.common import Parser
 from sparsedit.commands.sample_fid import main, register
 from sparsedit.sample_fid import FidSampling, balanced_labels, sample_fid, sample_shard, shard_path, shard_seed
 
@@ -44,7 +44,7 @@ def ckpt_rgb(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def cli(ckpt: Path, out: Path, *extra: str, n: int = 8, b: int = 3, steps: int = 2) -> int:
     """Run the sub-command through a fresh parser holding only it (as ``sparsedit sample-fid``)."""
-    parser = argparse.ArgumentParser(prog="sparsedit")
+    parser = Parser(prog="sparsedit")  # sparsedit's parser: one-line errors, post-parse checks
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["sample-fid", "--ckpt", str(ckpt), "--num-samples", str(n), "--batch-size", str(b),
                               "--steps", str(steps), "--out", str(out), "--device", "cpu", "--no-progress", *extra])
@@ -57,7 +57,7 @@ def packed(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_parser_defaults() -> None:
-    parser = argparse.ArgumentParser(prog="sparsedit")
+    parser = Parser(prog="sparsedit")  # sparsedit's parser: one-line errors, post-parse checks
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["sample-fid", "--ckpt", "c", "--num-samples", "50000", "--batch-size", "32", "--out", "d"])
     assert (args.steps, args.sampler, args.cfg_scale, args.cfg_mode, args.seed) == (250, "ddpm", 1.5, "first3", 0)

@@ -6,7 +6,6 @@ T5 (a 1-layer encoder and an in-memory tokenizer, saved to disk as a user's loca
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from PIL import Image
 import helpers
 import sparsedit
 from sparsedit.commands import sample as sample_cmd
+from sparsedit.commands.common import Parser
 from sparsedit.errors import SparseditError
 from sparsedit.images import save_grid
 from sparsedit.latte import generate_latte, save_video_gif, sparsify_latte
@@ -92,7 +92,7 @@ def test_missing_or_wrong_t5_directories_are_one_line_errors(local: dict[str, Pa
 
 
 def sample(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="sparsedit")
+    parser = Parser(prog="sparsedit")  # sparsedit's parser: one-line errors, post-parse checks
     sample_cmd.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["sample", *argv])
     return args.func(args)

@@ -228,6 +228,8 @@ def check_output_dir(out: str | Path, overwrite: bool = False, marker: str = CON
     if out.suffix.lower() in FILE_SUFFIXES:
         raise SparseditError(f"output {out} looks like a file name, but a {what} is a directory; give a directory "
                              "path")
+    if os.path.islink(out) and not out.exists():
+        raise SparseditError(f"output {out} is a symbolic link to nothing (or a loop); remove it or choose another path")
     if out.exists() and not out.is_dir():
         raise SparseditError(f"output {out} exists and is a file; choose a directory path")
     if out.is_dir() and any(out.iterdir()):

@@ -8,7 +8,6 @@ line and exit with status 2; bugs keep their traceback.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 from collections.abc import Sequence
 
@@ -21,7 +20,7 @@ COMMANDS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     parser = Parser(
         prog="sparsedit",
         description="SparseDiT: convert, fine-tune, sample and measure token-sparse Diffusion Transformers.",
@@ -38,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    return run_command(parser.parse_args(argv))
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # refused by the sub-command's parser, so that the error names it: `sparsedit sample: error: ...`
+        parser.subparser(args.command).error(f"unrecognized arguments: {' '.join(extra)}")
+    return run_command(args)
 
 
 if __name__ == "__main__":

@@ -508,7 +508,10 @@ class Trainer:
     def _check_run_dir(self) -> None:
         """Refuse a run dir that holds another run or something else (reads only; see :meth:`_prepare_run_dir`)."""
         run_file = self.run_dir / RUN_FILE
-        if run_file.exists():
+        # A run that never wrote a checkpoint (it stopped on bad data, say) has nothing to resume: the corrected
+        # command starts it afresh instead of being refused as "a different run".
+        ckpts = self.run_dir / "checkpoints"
+        if run_file.exists() and ckpts.is_dir() and any(p.name.startswith(("step_", "damaged-")) for p in ckpts.iterdir()):
             saved = read_json(run_file)
             saved["settings"] = {**LEGACY_SETTINGS, **saved.get("settings", {})}
             mine = json.loads(json.dumps(self.run_info))
@@ -526,7 +529,7 @@ class Trainer:
             if diff:
                 raise SparseditError(f"{self.run_dir} holds a different run (differs in {', '.join(diff)}); use a new "
                                      "--run-dir, or repeat the original command to resume it")
-        elif self.run_dir.exists() and any(p.name != LOCK_NAME for p in self.run_dir.iterdir()):
+        elif not run_file.exists() and self.run_dir.exists() and any(p.name != LOCK_NAME for p in self.run_dir.iterdir()):
             raise SparseditError(f"{self.run_dir} is not empty and is not a sparsedit run; choose a new --run-dir")
 
     def _prepare_run_dir(self) -> None:
@@ -603,6 +606,8 @@ class Trainer:
         )
 
         info = read_json(path / "trainer.json")
+        if not isinstance(info.get("step"), int) or step_dir_name(info["step"]) != path.name:
+            raise CheckpointError(f"{path / 'trainer.json'} says step {info.get('step')!r}, not the step of {path.name}")
         if info.get("world_size") != self.dist.world:
             raise SparseditError(f"{path} was written by {info.get('world_size')} ranks, this run has {self.dist.world}; "
                                  "resume with the same number of processes")
@@ -653,6 +658,7 @@ class Trainer:
         if skipped:
             raise CheckpointError(f"no checkpoint in {self.run_dir / 'checkpoints'} loads (all moved aside as damaged-*); "
                                   "use a new --run-dir to start over")
+        self._truncate_metrics()  # a fresh start: the log of a run that stopped before its first checkpoint goes
 
     def _truncate_metrics(self) -> None:
         """Drop log lines past the resumed step (they are logged again), and damaged ones: a process killed

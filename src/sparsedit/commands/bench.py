@@ -25,6 +25,7 @@ from sparsedit.commands.common import (
     positive_int,
     rate,
     seed,
+    threads,
 )
 from sparsedit.dit import CFG_MODES
 from sparsedit.presets import PRESET_HELP
@@ -65,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="respacing and update rule of the sampling run (default ddpm)")
     p.add_argument("--cfg-scale", type=finite_float, default=1.0, help="classifier-free guidance scale; != 1 doubles the "
                    "batch (default 1 = off)")
-    p.add_argument("--cfg-mode", choices=CFG_MODES, default="first3", help="guided channels (default first3)")
+    p.add_argument("--cfg-mode", choices=CFG_MODES, default=None, help="guided channels (default first3)")
     p.add_argument("--repeats", type=positive_int, default=None, help="timed forwards per model (default 3 on CPU, "
                    "10 on CUDA)")
     p.add_argument("--run-repeats", type=non_negative_int, default=None,
@@ -86,7 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture one CUDA graph per model and grid and replay it (CUDA only)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=threads, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the inputs (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the markdown table")
     p.set_defaults(func=run)
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     device = check_device(args.device)
-    if args.threads is not None:
+    if args.threads:  # 0 or unset: torch's own choice
         torch.set_num_threads(args.threads)
     if not args.compile and (args.compile_backend is not None or args.compile_mode is not None):
         raise SparseditError("--compile-backend / --compile-mode choose how --compile compiles; add --compile or drop "

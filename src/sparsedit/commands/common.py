@@ -8,7 +8,9 @@ import io
 import math
 import os
 import shlex
+import signal
 import sys
+import threading
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -30,8 +32,22 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
+    def subparser(self, name: str) -> argparse.ArgumentParser:
+        """The parser of sub-command ``name``."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return action.choices[name]
+        raise KeyError(name)
+
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         parsed, extra = super().parse_known_args(args, namespace)
+        if any(action.dest == "cfg_mode" for action in self._actions):
+            scales = getattr(parsed, "cfg_scales", None) or [getattr(parsed, "cfg_scale", 1.0)]
+            if parsed.cfg_mode is None:
+                parsed.cfg_mode = "first3"  # the official DiT's
+            elif all(scale == 1 for scale in scales):
+                self.error("argument --cfg-mode: guidance is off (a CFG scale of 1), so there is nothing to guide; set "
+                           "a CFG scale or drop --cfg-mode")
         for action in self._actions:
             value = getattr(parsed, action.dest, None)
             if action.dest in PATH_ARGS and isinstance(value, str) and not value.strip():
@@ -83,7 +99,7 @@ def command_line(argv: list[str]) -> str:
 
 def check_not_source(src: str, out: str) -> None:
     """Refuse an output that is the input: ``--overwrite`` would replace the checkpoint being converted."""
-    a, b = Path(src).resolve(), Path(out).resolve()
+    a, b = Path(os.path.realpath(src)), Path(os.path.realpath(out))  # realpath: a symbolic link loop is no error here
     if a == b or a.is_relative_to(b):
         raise SparseditError(f"the output {out} is (or holds) the source {src}; writing there would destroy the model "
                              "being read: choose another output path")
@@ -172,6 +188,13 @@ def seed(text: str) -> int:
     return _number(text, int, lambda v: 0 <= v < 2**63, "a seed must be in [0, 2**63)")
 
 
+def threads(text: str) -> int:
+    """A torch thread count: 0 (automatic, where a command allows it) up to the machine's CPUs. Far more threads
+    than CPUs only slow torch down, and tens of thousands crash its thread pool."""
+    cpus = os.cpu_count() or 1
+    return _number(text, int, lambda v: 0 <= v <= cpus, f"must be in [0, {cpus}] (this machine's CPUs)")
+
+
 def positive_float(text: str) -> float:
     return _number(text, float, lambda v: v > 0, "must be > 0")
 
@@ -194,12 +217,23 @@ def add_sampling_args(parser: argparse.ArgumentParser, cfg_scale: float, cfg_sca
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
     parser.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM eta (0 = deterministic)")
     parser.add_argument("--cfg-scale", type=finite_float, default=cfg_scale, help=cfg_scale_help)
-    parser.add_argument("--cfg-mode", choices=CFG_MODES, default="first3",
+    parser.add_argument("--cfg-mode", choices=CFG_MODES, default=None,
                         help="guide the first 3 latent channels (official DiT) or all channels")
 
 
+class Terminated(BaseException):
+    """SIGTERM (``kill PID``, a scheduler's time limit), raised so that half-written outputs are cleaned up on the way
+    out as after Ctrl-C; a BaseException like KeyboardInterrupt, so no ``except Exception`` swallows it."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def run_command(args: argparse.Namespace) -> int:
-    """Call the parsed sub-command: its exit code, 2 after a one-line user error, 130 on Ctrl-C."""
+    """Call the parsed sub-command: its exit code, 2 after a one-line user error, 130 on Ctrl-C, 143 on SIGTERM."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     for stream in (sys.stdout, sys.stderr):
         # A file name that is not valid UTF-8 (Linux names are bytes) must not crash a "wrote PATH" line:
         # such characters are printed as escapes instead.
@@ -213,6 +247,9 @@ def run_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"sparsedit {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"sparsedit {args.command}: terminated", file=sys.stderr)
+        return 143
     except BrokenPipeError:
         # The reader of our stdout went away (`sparsedit flops --json | head`): stop quietly, like a tool killed
         # by SIGPIPE, and point stdout at /dev/null so the interpreter's final flush cannot raise again.

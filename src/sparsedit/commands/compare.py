@@ -13,6 +13,7 @@ from sparsedit.commands.common import (
     positive_float,
     positive_int,
     seed,
+    threads,
 )
 from sparsedit.compare import CompareSettings
 
@@ -44,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--sampler-b", choices=SAMPLERS, default=None,
                    help="B's own sampler (default: --sampler), e.g. a SparseDiT at 25 DDIM steps vs the DiT at 250 DDPM")
     p.add_argument("--steps-b", type=positive_int, default=None, help="B's own step count (default: --steps)")
-    p.add_argument("--cfg-mode", choices=CFG_MODES, default=DEFAULTS.cfg_mode,
+    p.add_argument("--cfg-mode", choices=CFG_MODES, default=None,
                    help="guide the first 3 latent channels (official DiT) or all channels")
     p.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size,
                    help=f"images per sampling chunk; part of the noise layout (default {DEFAULTS.batch_size})")
@@ -55,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare", metavar="DIR", help="output folder (default runs/compare)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out (replaces only compare's own files; others are kept)")
-    p.add_argument("--threads", type=positive_int, default=None,
+    p.add_argument("--threads", type=threads, default=None,
                    help="torch (and BLAS) threads (default: all CPUs minus the current load average, at least 1)")
     add_device_arg(p)
     p.add_argument("--vae", default=None, metavar="DIR", help="local AutoencoderKL directory (latent models)")

@@ -7,11 +7,11 @@ import sys
 from dataclasses import fields
 
 from sparsedit.commands.common import (
-    non_negative_int,
     positive_float,
     positive_int,
     rate,
     seed,
+    threads,
     unit_float,
 )
 from sparsedit.demo import DemoSettings
@@ -29,7 +29,7 @@ HELP = {
 PARSE = {
     "r_min": rate, "r_max": rate, "lr": positive_float, "ema_decay": unit_float, "cfg_scales": positive_float,
     "finetune_steps": positive_int, "batch_size": positive_int, "num_samples": positive_int,
-    "sample_steps": positive_int, "per_class": positive_int, "image_scale": positive_int, "threads": non_negative_int,
+    "sample_steps": positive_int, "per_class": positive_int, "image_scale": positive_int, "threads": threads,
     "seeds": seed, "seed": seed,
 }
 
