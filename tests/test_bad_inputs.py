@@ -416,6 +416,19 @@ BAD_INPUTS: list[tuple[list[str], tuple[str, ...]]] = [
     # -- a pipe is no checkpoint (reading it would block); a dangling symbolic link is still the user's
     (["sparsify", "{W}/fifo", "--layout", TINY_LAYOUT, "--out", "{W}/new/s"], ("fifo", "regular file")),
     (["sample", "--ckpt", "{W}/dit", *SMALL, "--out", "{W}/dangling.png"], ("dangling.png", "--overwrite")),
+    # -- second probe round
+    (["sparsify", "{W}/dit", "--layout", "SparseDiT-B/3", "--out", "{W}/new/s"], ("patch size 3",)),
+    ([*ANALYZE, "--var-threshold", "0.3", "--out", "{W}/new/an"], ("--var-threshold", "--propose")),
+    (["analyze", "--ckpt", "{W}/dit", *SMALL, "--max-k", "0", "--vae", "{W}/busy", "--out", "{W}/new/an"],
+     ("--vae",)),
+    ([*ANALYZE, "--propose", "--target-gmacs", "1000", "--out", "{W}/new/an"], ("--target-gmacs",)),
+    (["compare", "{W}/dit", "{W}/sparse", "--cache-dir", "{W}/notes.txt", "--out", "{W}/new/cmp"], ("--cache-dir",)),
+    (["convert", "{W}/sparse", "{W}/new/c.pt", "--to", "official-sparsedit"], ("latent models",)),
+    (["sample", "--ckpt", "{W}/dit", "--steps", "2", "--cfg-scale", "1", "--cfg-mode", "all", "--out", "{W}/new/a.png"],
+     ("--cfg-mode", "guidance is off")),
+    (["sample", "--ckpt", "{W}/dit", *SMALL, "--bogus"], ("sparsedit sample: error: unrecognized arguments",)),
+    (["bench", "--a", "DiT-S/2", "--b", "SparseDiT-S/2", "--threads", "100000"], ("--threads",)),
+    (["demo", "--out", "{W}/new/d", "--dit", "{W}/sparse"], ("pixel-space class-conditional DiT",)),
     # -- eval
     (["eval", "--samples", "{W}/missing.npz", "--ref", "{W}/old.npz"], ("missing.npz",)),
     (["eval", "--samples", "{W}/notes.txt", "--ref", "{W}/old.npz"], ("notes.txt",)),
@@ -543,3 +556,28 @@ def test_a_failed_diffusers_export_leaves_nothing(workspace: Path, tmp_path: Pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{tmp_path / 'diff' / 'config.json'}: no space left" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_python_api_refuses_misuse_in_one_line(workspace: Path, tmp_path: Path) -> None:
+    """The documented functions take the wrong types with a SparseditError that says what to pass."""
+    import sparsedit
+    from sparsedit.errors import SparseditError
+
+    dit = sparsedit.load_model(workspace / "dit")
+    calls = [
+        (lambda: sparsedit.sparsify(dit, "SparseDiT-B/2"), "layout='SparseDiT-B/2'"),
+        (lambda: sparsedit.sparsify(dit, layout=5), "not a int"),
+        (lambda: sparsedit.sparsify(dit, layout="SparseDiT-B/4"), "patch size 4"),
+        (lambda: sparsedit.save_pretrained(dit, workspace / "dit", overwrite="no"), "True or False"),
+        (lambda: sparsedit.save_pretrained(dit.state_dict(), tmp_path / "x"), "not a OrderedDict"),
+        (lambda: sparsedit.load_model(None), "not None"),
+        (lambda: sparsedit.load_model(""), "not ''"),
+        (lambda: sparsedit.load_model(workspace / "dit", dtype="float16"), "torch.dtype"),
+        (lambda: sparsedit.load_model(workspace / "dit", device="tpu"), "unknown device"),
+    ]
+    before = files_under(workspace)
+    for call, words in calls:
+        with pytest.raises(SparseditError) as err:
+            call()
+        assert "\n" not in str(err.value) and words in str(err.value), str(err.value)
+    assert files_under(workspace) == before

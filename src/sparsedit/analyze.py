@@ -571,6 +571,25 @@ def _search_rates(dit_config: DiTConfig, layout: Layout, timesteps: list[int], t
     return (*rates(lo), cost(lo))
 
 
+def budget_gmacs(config: Any, target_gmacs: float | None = None, target_ratio: float | None = None) -> tuple[float, float]:
+    """(dense GMACs per forward, the budget in GMACs): exactly one of ``target_gmacs`` / ``target_ratio``, below the
+    dense cost (a budget at or above it asks for no sparsity). Cheap: call it before sampling to fail early."""
+    if (target_gmacs is None) == (target_ratio is None):
+        raise SparseditError("give exactly one budget: --target-gmacs G or --target-ratio R")
+    from sparsedit.flops import dit_macs
+
+    dense = dit_macs(config).gmacs
+    if target_ratio is not None:
+        if not 0 < target_ratio < 1:
+            raise SparseditError(f"--target-ratio is sparse / dense MACs, in (0, 1), got {target_ratio}; e.g. 0.6")
+        return dense, target_ratio * dense
+    assert target_gmacs is not None
+    if not 0 < target_gmacs < dense:
+        raise SparseditError(f"--target-gmacs must be in (0, {dense:.4g}), the dense model's GMACs per forward; got "
+                             f"{target_gmacs:g}")
+    return dense, float(target_gmacs)
+
+
 def propose(
     config: DiTConfig,
     variance: VarianceResult,
@@ -587,26 +606,13 @@ def propose(
     ``target_ratio`` (fraction of the dense DiT's GMACs) sets the budget. ``timesteps`` (default:
     those of the variance run) are the sampling steps the cost is averaged over.
     """
-    from sparsedit.flops import dit_macs
-
     rule = rule or ProposeRule()
     if isinstance(config, SparseDiTConfig):
         raise SparseditError("propose needs the dense DiT's config")
-    if (target_gmacs is None) == (target_ratio is None):
-        raise SparseditError("give exactly one budget: --target-gmacs G or --target-ratio R")
     depth = config.depth
     if variance.num_layers != depth:
         raise SparseditError(f"the variance has {variance.num_layers} layers but the model has {depth}")
-    dense = dit_macs(config).gmacs
-    if target_ratio is not None:
-        if not 0 < target_ratio:
-            raise SparseditError(f"--target-ratio must be > 0, got {target_ratio}")
-        target = target_ratio * dense
-    else:
-        assert target_gmacs is not None
-        if not target_gmacs > 0:
-            raise SparseditError(f"--target-gmacs must be > 0, got {target_gmacs}")
-        target = float(target_gmacs)
+    dense, target = budget_gmacs(config, target_gmacs, target_ratio)
     steps = [int(t) for t in (timesteps if timesteps is not None else variance.timesteps)]
     scores = variance.layer_mean
     why: list[str] = [f"dense DiT: {depth} layers, {dense:.4g} GMACs per forward; budget {target:.4g} GMACs "

@@ -375,6 +375,10 @@ def save_authors(model: SparseDiT, out: str | Path, overwrite: bool = False) -> 
     the model with no flags. An existing file is only replaced with ``overwrite``.
     """
     out = check_output_file(str(out), "output", (".pt", ".pth"), overwrite)  # one .pt file, as their code reads
+    if isinstance(model, SparseDiT) and model.config.data_space != "latent":
+        # Their code and file hold no data space: a pixel model would come back as a latent one.
+        raise SparseditError("the authors' format is for latent models (their code samples through the SD VAE); this "
+                             "model works in pixels: save it with --to sparsedit")
     ckpt = {"ema": authors_state_dict(model), "args": authors_args(model)}
     atomic_write(out, lambda tmp: torch.save(ckpt, tmp))
     return out

@@ -296,8 +296,16 @@ def error_in_place_of(err: OSError, tmp: Path, out: Path) -> OSError:
 
 def save_pretrained(model: nn.Module, out: str | Path, overwrite: bool = False) -> Path:
     """Write ``model`` as a sparsedit checkpoint directory; returns its path."""
+    if not isinstance(model, nn.Module) or not hasattr(getattr(model, "config", None), "to_dict"):
+        raise SparseditError(f"save_pretrained takes a sparsedit model (a module with a .config), not a "
+                             f"{type(model).__name__}; load or build one with sparsedit.load_model")
+    if not isinstance(overwrite, bool):
+        raise SparseditError(f"overwrite must be True or False, not {overwrite!r}")
     out = check_output_dir(out, overwrite)
     state = {k: v for k, v in model.state_dict().items()}
+    if any(v.is_meta for v in state.values()):
+        raise SparseditError("the model's weights are on the meta device (shapes without values); load or initialise "
+                             "them before saving")
 
     def write(tmp: Path) -> None:
         write_safetensors(tmp / WEIGHTS_NAME, state, metadata={"format": "pt"})

@@ -15,6 +15,7 @@ or anything the model needs is missing (diffusers' own converter silently drops 
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -506,6 +507,15 @@ def load_model(
     as ``"DiT-XL/2"``) and ``image_size`` are only needed when the file cannot tell; ``semantic_size``
     sets the SparseDiT authors' sparse grid side (default: their file's ``args``, else 8, their training default).
     """
+    if not isinstance(path, str | os.PathLike) or not str(path).strip():
+        raise SparseditError(f"load_model takes the path of a checkpoint (a str or Path), not {path!r}")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise SparseditError(f"dtype must be a torch.dtype such as torch.bfloat16, not {dtype!r}")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise SparseditError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
     path = Path(path)
     kind = detect_format(path)
     if kind == "official":

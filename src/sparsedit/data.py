@@ -506,6 +506,19 @@ class LatentsDataset(Dataset):
             raise SparseditError(f"{META_FILE} has no numeric scale_factor; add it or pass apply_scale_factor=False")
         self.scale_factor = float(self.meta.get("scale_factor", 1.0))
         self.num_classes = int(self.labels.max()) + 1 if self.labels is not None and self.num_samples else 0
+        self._check_meta_agrees()
+
+    def _check_meta_agrees(self) -> None:
+        """meta.json describes the tensors; a directory where the two disagree was edited or mixed up."""
+        fix = "rewrite the directory with save_latents"
+        if self.meta.get("num_samples", self.num_samples) != self.num_samples:
+            raise SparseditError(f"{META_FILE} says {self.meta['num_samples']} samples but {str(self.path)!r} holds "
+                                 f"{self.num_samples}; {fix}")
+        classes = self.meta.get("classes")
+        if self.labels is not None and self.num_samples and (int(self.labels.min()) < 0 or (
+                isinstance(classes, list) and classes and self.num_classes > len(classes))):
+            raise SparseditError(f"the labels of {str(self.path)!r} run from {int(self.labels.min())} to "
+                                 f"{self.num_classes - 1}, but {META_FILE} names {len(classes or [])} classes; {fix}")
 
     def _read_captions(self, handle: Any, keys: set[str]) -> None:
         """Check the caption tensors' shapes; keep the (small) mask and null caption in memory."""

@@ -99,6 +99,10 @@ def run_demo(settings: DemoSettings | None = None, dit_path: str | Path | None =
 
     dit_dir = Path(dit_path) if dit_path else shipped_dit_path()
     dit = load_pretrained(dit_dir)
+    cfg = dit.config
+    if cfg.model_type != "DiT" or cfg.data_space != "pixel" or cfg.in_channels not in (1, 3) or cfg.num_classes < 2:
+        raise SparseditError(f"{dit_dir} is not a pixel-space class-conditional DiT (1 or 3 channels); the demo trains on "
+                             "the embedded digits: pass such a DiT or drop --dit")
     log(f"[1/4] loaded DiT {dit_dir} ({sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M params); "
         f"{torch.get_num_threads()} torch threads")
 

@@ -581,7 +581,7 @@ class SparsePixArtConfig(SparseLayoutConfig, PixArtConfig):
     @classmethod
     def from_pixart(cls, config: PixArtConfig, layout: str | Layout, **kwargs: Any) -> SparsePixArtConfig:
         base = {f.name: getattr(config, f.name) for f in dataclasses.fields(PixArtConfig) if f.init}
-        return cls(**base, **layout_fields(parse_layout(layout)), **kwargs)
+        return cls(**base, **layout_fields(parse_layout(layout, config.patch_size)), **kwargs)
 
 
 class SparsePixArt(PixArt):

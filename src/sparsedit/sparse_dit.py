@@ -69,11 +69,20 @@ LAYOUTS: dict[str, Layout] = {
 LAYOUT_HELP = "a preset (" + ", ".join(f"{k}/2" for k in LAYOUTS) + ") or 7 counts 'P,K,g,s,r,d,T' such as 2,4,1,3,1,1,2"
 
 
-def parse_layout(spec: str | Layout) -> Layout:
-    """``"SparseDiT-XL/2"`` (the patch suffix is optional) or ``"P,K,g,s,r,d,T"`` -> :class:`Layout`."""
+def parse_layout(spec: str | Layout, patch_size: int | None = None) -> Layout:
+    """``"SparseDiT-XL/2"`` (the patch suffix is optional) or ``"P,K,g,s,r,d,T"`` -> :class:`Layout`.
+
+    A patch suffix must be the model's ``patch_size`` when that is given: ``SparseDiT-B/4`` names another model.
+    """
     if isinstance(spec, Layout):
         return spec
-    name = spec.split("/")[0]
+    if not isinstance(spec, str):
+        raise SparseditError(f"a layout is a preset name or 'P,K,g,s,r,d,T', not a {type(spec).__name__}; use "
+                             f"{LAYOUT_HELP}")
+    name, _, patch = spec.partition("/")
+    if patch and (not patch.isdigit() or (patch_size is not None and int(patch) != patch_size)):
+        raise SparseditError(f"layout {spec!r} is for patch size {patch}, but the model's patch size is {patch_size}; "
+                             f"write {name}/{patch_size} or {name}")
     if name in LAYOUTS:
         return LAYOUTS[name]
     parts = spec.replace(" ", "").split(",")
@@ -168,7 +177,7 @@ class SparseDiTConfig(SparseLayoutConfig, DiTConfig):
     def from_dit(cls, config: DiTConfig, layout: str | Layout, **kwargs: Any) -> SparseDiTConfig:
         """The SparseDiT config for a source DiT config, a layout and schedule options."""
         base = {k: v for k, v in config.to_dict().items() if k != "model_type"}
-        return cls(**base, **layout_fields(parse_layout(layout)), **kwargs)
+        return cls(**base, **layout_fields(parse_layout(layout, config.patch_size)), **kwargs)
 
 
 def timestep_bounds(t: Tensor, num_timesteps: int) -> tuple[int, int]:

@@ -70,6 +70,13 @@ def sparsify_with_rules(dit: DiT, config: SparseDiTConfig | None = None, *, layo
     """:func:`sparsify`, also returning the parameter-by-parameter initialisation map."""
     if isinstance(dit, SparseDiT) or type(dit) is not DiT:
         raise SparseditError(f"sparsify needs a dense DiT, got {type(dit).__name__}; pass the original DiT checkpoint")
+    if isinstance(config, str):  # sparsify(dit, "SparseDiT-XL/2"): the natural call, spelled as the API takes it
+        raise SparseditError(f"the second argument is a SparseDiTConfig; pass a layout by name: sparsify(dit, "
+                             f"layout={config!r})")
+    if config is not None and not isinstance(config, SparseDiTConfig):
+        raise SparseditError(f"config must be a SparseDiTConfig, not a {type(config).__name__}; or pass layout=...")
+    if config is not None and (layout is not None or schedule):
+        raise SparseditError("give either a SparseDiTConfig or a layout with schedule options, not both")
     if config is None:
         if layout is None:
             raise SparseditError("give a SparseDiTConfig or a layout such as 'SparseDiT-XL/2'")

@@ -915,6 +915,9 @@ def open_dataset(spec: str, image_size: int | None = None, channels: int = 1, se
     elif path.is_dir() and (path / D.META_FILE).exists():
         ds = D.LatentsDataset(path, seed=seed, apply_scale_factor=True)
         info = describe_latents(ds)
+        if image_size is not None and image_size != info.get("resolution"):
+            raise SparseditError(f"--image-size {image_size}: the latents in {path} were made at "
+                                 f"{info.get('resolution')} px; drop --image-size or extract latents at that size")
     elif path.is_dir():
         res = image_size or 32
         ds = D.ImageFolderDataset(path, resolution=res, channels=3 if channels == 1 else channels)

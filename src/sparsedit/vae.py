@@ -26,11 +26,14 @@ VAE_HELP = (
 
 @contextlib.contextmanager
 def _quiet_diffusers() -> Iterator[None]:
-    """diffusers' warnings off for the body (errors still raise)."""
+    """diffusers' log lines off for the body: its advice and its "error occurred while fetching" lines would stand
+    beside our one-line error (its errors still raise, and we report them)."""
+    import logging
+
     from diffusers.utils import logging as diffusers_logging
 
     level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity(logging.CRITICAL)
     try:
         yield
     finally:

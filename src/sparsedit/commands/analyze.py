@@ -66,9 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="budget as a fraction of the dense DiT's GMACs (default 0.6 with --propose)")
     budget.add_argument("--target-gmacs", type=positive_float, default=None,
                         help="budget in GMACs per forward (mean over the sampling steps)")
-    prop.add_argument("--var-threshold", type=positive_float, default=0.5,
+    prop.add_argument("--var-threshold", type=positive_float, default=None,
                       help="a bottom layer is 'global' when its variance <= this x the median layer's (default 0.5)")
-    prop.add_argument("--diff-tolerance", type=positive_float, default=0.25,
+    prop.add_argument("--diff-tolerance", type=positive_float, default=None,
                       help="largest relative sample difference of the constant-map experiment at k = P (default 0.25)")
     prop.add_argument("--rate-spread", type=non_negative_float, default=None,
                       help="fix r_max - r_min (default: derived from the variance trend over the steps)")
@@ -100,10 +100,12 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.target_ratio is not None or args.target_gmacs is not None) and not args.propose:
         raise SparseditError("--target-ratio/--target-gmacs only apply with --propose")
-    if args.sparse_out is not None and not args.propose:
-        raise SparseditError("--sparse-out names the output of the proposed sparsify command; it needs --propose")
-    if args.target_ratio is not None and args.target_ratio > 1:
-        raise SparseditError(f"--target-ratio is sparse MACs / dense MACs, at most 1, got {args.target_ratio}; e.g. 0.6")
+    proposal_flags = [f"--{name.replace('_', '-')}" for name in ("sparse_out", "var_threshold", "diff_tolerance",
+                                                                  "rate_spread") if getattr(args, name) is not None]
+    if proposal_flags and not args.propose:
+        raise SparseditError(f"{', '.join(proposal_flags)} shape(s) the layout proposal; add --propose or drop them")
+    if args.vae is not None and args.max_k == 0:
+        raise SparseditError("--vae decodes the constant-map samples, which --max-k 0 skips; drop --vae")
     if args.rate_spread is not None and not 0 <= args.rate_spread < 1:
         raise SparseditError(f"--rate-spread must be in [0, 1), got {args.rate_spread}")
     device = check_device(args.device)
@@ -117,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
     vae = vae_for(model, args.vae, device) if args.vae is not None else None  # optional: only for sample images
     labels = args.classes if args.classes is not None else an.default_labels(cfg.num_classes)
     parse_labels(labels, cfg.num_classes)  # out-of-range classes are refused before sampling starts
+    target_ratio = 0.6 if args.target_gmacs is None and args.target_ratio is None else args.target_ratio
+    if args.propose:
+        an.budget_gmacs(cfg, args.target_gmacs, target_ratio)  # a budget the model cannot use: refused now
     seeds = list(range(args.seed, args.seed + args.seeds))
     out = Path(args.out)
     check_output_dir(out, args.overwrite, marker=SUMMARY, what="analysis", owned=OUTPUTS)  # before sampling
@@ -145,9 +150,10 @@ def run(args: argparse.Namespace) -> int:
         "constant_map": constant.rows() if constant is not None else None,
     }
     if args.propose:
-        rule = an.ProposeRule(var_threshold=args.var_threshold, diff_tolerance=args.diff_tolerance,
+        defaults = an.ProposeRule()
+        rule = an.ProposeRule(var_threshold=args.var_threshold or defaults.var_threshold,
+                              diff_tolerance=args.diff_tolerance or defaults.diff_tolerance,
                               rate_spread=args.rate_spread)
-        target_ratio = 0.6 if args.target_gmacs is None and args.target_ratio is None else args.target_ratio
         proposal = an.propose(cfg, variance, constant, target_gmacs=args.target_gmacs, target_ratio=target_ratio,
                               rule=rule)
         sparse_out = args.sparse_out if args.sparse_out is not None else str(out / "sparse_dit")

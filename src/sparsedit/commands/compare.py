@@ -80,7 +80,9 @@ def _default_names(a: str, b: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
     import sys
+    from pathlib import Path
 
     import torch
 
@@ -98,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
                                                                          for n in args.names)):
         raise SparseditError(f"--names {args.names[0]!r} {args.names[1]!r}: give two different, non-empty names "
                              "without '|' or line breaks (they head the report's table)")
+    if args.cache_dir is not None and (os.path.lexists(args.cache_dir) and not Path(args.cache_dir).is_dir()):
+        raise SparseditError(f"--cache-dir {args.cache_dir} is not a directory; give a directory for the cached samples")
     device = check_device(args.device)
     prepare_out(args.out, args.overwrite)  # refuse a non-empty --out before loading anything
     torch.set_num_threads(args.threads or default_threads())

@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a DiT preset (DiT-XL/2), a SparseDiT preset (SparseDiT-XL/2: that DiT with the paper's "
                    "layout) or a checkpoint (sparsedit directory, diffusers directory, official .pt)")
     p.add_argument("--image-size", type=positive_int, default=None,
-                   help="image size in pixels (default: 256 for presets, the checkpoint's own size otherwise)")
+                   help="image size in pixels (default: 256 for presets, the checkpoint's own size otherwise; a "
+                   "checkpoint's MACs at another size are counted at that size: the cost of running it there)")
     p.add_argument("--layout", default=None,
                    help=f"SparseDiT layout, {LAYOUT_HELP}; turns a DiT into a SparseDiT, overrides a SparseDiT's")
     p.add_argument("--r-min", type=rate, default=None, help="smallest pruning rate (default: the model's, else 0.61)")

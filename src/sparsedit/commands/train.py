@@ -180,6 +180,8 @@ def run_train(args: argparse.Namespace) -> int:
     dataset, info = open_dataset(args.data, args.image_size, args.channels or 1, args.seed)
     if args.vae is not None and info["data_space"] != "latent":
         raise SparseditError("--vae decodes the sample grids of latent models; this data is pixels: drop --vae")
+    if args.vae is not None and not args.sample_every:
+        raise SparseditError("--vae only decodes the --sample-every grids; add --sample-every N or drop --vae")
     torch.manual_seed(args.seed)  # the initialisation of a from-scratch model is part of the run
     model = build_model(args, info)
     check_model_fits_data(model.config, info)
