@@ -581,3 +581,29 @@ def test_the_python_api_refuses_misuse_in_one_line(workspace: Path, tmp_path: Pa
             call()
         assert "\n" not in str(err.value) and words in str(err.value), str(err.value)
     assert files_under(workspace) == before
+
+
+def test_sigterm_cleans_up_and_exits_143(tmp_path: Path) -> None:
+    """`kill PID` mid-write: the hidden temporary directory goes, the earlier checkpoint stays, exit 143."""
+    child = textwrap.dedent(f"""
+        import argparse, sys, time
+        from pathlib import Path
+        from sparsedit.checkpoint import write_dir
+        from sparsedit.commands.common import run_command
+        def slow(tmp):
+            (tmp / "half.bin").write_bytes(b"x")
+            print("writing", flush=True)
+            time.sleep(60)
+        def cmd(args):
+            write_dir(Path({str(tmp_path / "out")!r}), slow)
+        sys.exit(run_command(argparse.Namespace(func=cmd, command="convert")))
+    """)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text("{}")
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "writing\n"
+    proc.terminate()
+    assert proc.wait(timeout=60) == 143
+    assert proc.stderr is not None and proc.stderr.read() == "sparsedit convert: terminated\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json"]

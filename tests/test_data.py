@@ -418,3 +418,14 @@ def test_latents_dataset_refuses_inconsistent_caption_tensors(tmp_path: Path) ->
     save_file({"latents": torch.zeros(2, 4, 4, 4)}, str(tmp_path / "latents.safetensors"))
     with pytest.raises(SparseditError, match="must hold exactly one of 'latents'/'moments' and 'labels' and/or"):
         LatentsDataset(tmp_path)
+
+
+@pytest.mark.parametrize(("change", "words"), [({"num_samples": 60}, "says 60 samples but"),
+                                               ({"classes": ["a", "b"]}, "names 2 classes")])
+def test_a_latents_directory_whose_meta_disagrees_is_refused(change: dict, words: str, tmp_path: Path) -> None:
+    """An edited or mixed-up meta.json would build a model for the wrong number of classes, or lie about N."""
+    save_latents(tmp_path / "lat", torch.randn(6, 4, 8, 8), torch.tensor([0, 1, 5, 1, 0, 1]), META, kind="latents")
+    meta = tmp_path / "lat" / "meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), **change}))
+    with pytest.raises(SparseditError, match=words):
+        LatentsDataset(tmp_path / "lat")
