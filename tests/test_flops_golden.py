@@ -1,0 +1,51 @@
+"""`sparsedit flops --json` for every preset, pinned: a refactor of how MACs are counted must not move a number.
+
+The golden file holds the JSON the command printed for every preset (DiT, SparseDiT, PixArt, SparsePixArt,
+Latte, SparseLatte; 256 and 512 px; DDPM 250 and DDIM 50). MACs are integer counts, so the file is the same on
+every machine. After a deliberate change of what is counted, regenerate it and explain the change in the commit:
+
+    SPARSEDIT_WRITE_GOLDEN=1 .venv/bin/python -m pytest tests/test_flops_golden.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from sparsedit.commands import flops as flops_cmd
+from sparsedit.commands.common import Parser
+from sparsedit.dit import DIT_PRESETS
+from sparsedit.latte import LATTE_PRESETS
+
+GOLDEN = Path(__file__).parent / "golden" / "flops_presets.json"
+PRESETS = [*DIT_PRESETS, *(f"Sparse{name}" for name in DIT_PRESETS), "PixArt-XL/2", "SparsePixArt-XL/2",
+           *LATTE_PRESETS, "SparseLatte-XL/2"]
+RUNS = [("256", "ddpm", "250"), ("512", "ddim", "50")]
+
+
+def measure(preset: str, size: str, sampler: str, steps: str) -> dict:
+    parser = Parser(prog="sparsedit")
+    flops_cmd.register(parser.add_subparsers(dest="command"))
+    args: argparse.Namespace = parser.parse_args(["flops", "--model", preset, "--image-size", size, "--sampler", sampler,
+                                                  "--steps", steps, "--json"])
+    return json.loads(json.dumps(flops_cmd.measure(args)))  # exactly what --json prints
+
+
+def current() -> dict[str, dict]:
+    return {f"{preset} {size}px {sampler}{steps}": measure(preset, size, sampler, steps)
+            for preset in PRESETS for size, sampler, steps in RUNS}
+
+
+def test_flops_json_of_every_preset_is_unchanged() -> None:
+    now = current()
+    if os.environ.get("SPARSEDIT_WRITE_GOLDEN"):
+        GOLDEN.write_text(json.dumps(now, indent=1, sort_keys=True) + "\n")
+        pytest.skip(f"wrote {GOLDEN}")
+    golden = json.loads(GOLDEN.read_text())
+    assert sorted(now) == sorted(golden)
+    changed = [key for key in golden if now[key] != golden[key]]
+    assert not changed, f"flops --json changed for {len(changed)} runs, e.g. {changed[:3]}"
