@@ -429,6 +429,17 @@ BAD_INPUTS: list[tuple[list[str], tuple[str, ...]]] = [
     (["sample", "--ckpt", "{W}/dit", *SMALL, "--bogus"], ("sparsedit sample: error: unrecognized arguments",)),
     (["bench", "--a", "DiT-S/2", "--b", "SparseDiT-S/2", "--threads", "100000"], ("--threads",)),
     (["demo", "--out", "{W}/new/d", "--dit", "{W}/sparse"], ("pixel-space class-conditional DiT",)),
+    # -- third probe round: another library's config.json, caption embeddings of the wrong shape or type
+    (["convert", "{W}/diff_patch_str", "{W}/new/c", "--to", "sparsedit"], ("patch_size must be a positive integer",)),
+    (["convert", "{W}/diff_sample0", "{W}/new/c", "--to", "sparsedit"], ("sample_size must be a positive integer",)),
+    (["sample", "--ckpt", "{W}/pixart", *SMALL, "--prompt-embeds", "{W}/embeds_2d.safetensors",
+      "--out", "{W}/new/a.png"], ("prompt_embeds", "(N, L, 16)")),
+    (["sample", "--ckpt", "{W}/pixart", *SMALL, "--prompt-embeds", "{W}/embeds_wide.safetensors",
+      "--out", "{W}/new/a.png"], ("prompt_embeds", "(N, L, 16)")),
+    (["sample", "--ckpt", "{W}/pixart", *SMALL, "--prompt-embeds", "{W}/embeds_int.safetensors",
+      "--out", "{W}/new/a.png"], ("prompt_embeds", "float")),
+    (["sample", "--ckpt", "{W}/pixart", *SMALL, "--prompt-embeds", "{W}/embeds_empty.safetensors",
+      "--out", "{W}/new/a.png"], ("prompt_embeds", "L >= 1")),
     # -- eval
     (["eval", "--samples", "{W}/missing.npz", "--ref", "{W}/old.npz"], ("missing.npz",)),
     (["eval", "--samples", "{W}/notes.txt", "--ref", "{W}/old.npz"], ("notes.txt",)),
@@ -471,6 +482,21 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (w / "pickle.pt").write_bytes(__import__("pickle").dumps({"model": Exploit(w / "executed")}))
     (w / "old.png").write_bytes(b"\x89PNG not really")
     np.savez(w / "old.npz", arr_0=np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    from safetensors.torch import save_file
+
+    from sparsedit.convert import save_model
+    from sparsedit.pixart import PixArt, PixArtConfig
+
+    for name, change in (("diff_patch_str", {"patch_size": "2"}), ("diff_sample0", {"sample_size": 0})):
+        save_model(dit, w / name, fmt="diffusers")
+        config = json.loads((w / name / "config.json").read_text())
+        (w / name / "config.json").write_text(json.dumps({**config, **change}))
+    save_pretrained(PixArt(PixArtConfig(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2,
+                                        num_heads=2, caption_channels=16, null_caption_length=4, data_space="pixel")),
+                    w / "pixart")
+    for name, embeds in (("embeds_2d", torch.randn(4, 16)), ("embeds_wide", torch.randn(1, 4, 32)),
+                         ("embeds_int", torch.ones(1, 4, 16, dtype=torch.int64)), ("embeds_empty", torch.randn(1, 0, 16))):
+        save_file({"prompt_embeds": embeds}, str(w / f"{name}.safetensors"))
     (w / "empty_dir").mkdir()
     os.mkfifo(w / "fifo")
     (w / "dangling.png").symlink_to(w / "nowhere.png")

@@ -30,6 +30,9 @@ from sparsedit.errors import CheckpointError, SparseditError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# Size fields of every diffusers transformer config we read: positive integers when present.
+DIFFUSERS_SIZE_FIELDS = ("sample_size", "patch_size", "in_channels", "out_channels", "num_attention_heads",
+                         "attention_head_dim", "num_layers")
 # Names that are files, never the directory an output such as a checkpoint is (``--out model.pt`` is a mistake).
 FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npz", ".npy", ".json", ".png", ".gif", ".txt")
 
@@ -84,6 +87,20 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Any:
         return config_cls(**values)
     except (SparseditError, TypeError, ValueError, ZeroDivisionError) as err:  # the dataclass's own checks
         raise CheckpointError(f"{source}: invalid {kind} config: {err}") from None
+
+
+def check_json_fields(cfg: dict[str, Any], source: str, positive_ints: tuple[str, ...] = (),
+                      numbers: tuple[str, ...] = ()) -> None:
+    """Types of another library's config.json (diffusers') before its values are used: a size that is a string or
+    0 must be a one-line error naming the field, not a TypeError or ZeroDivisionError deep in a conversion."""
+    for key in positive_ints:
+        value = cfg.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise CheckpointError(f"{source}: {key} must be a positive integer, got {value!r}; fix the config file")
+    for key in numbers:
+        value = cfg.get(key)
+        if value is not None and not _fits(value, float):
+            raise CheckpointError(f"{source}: {key} must be a finite number, got {value!r}; fix the config file")
 
 
 def _fits(value: Any, hint: Any) -> bool:

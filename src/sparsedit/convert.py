@@ -26,6 +26,8 @@ from torch import Tensor, nn
 
 from sparsedit.checkpoint import (
     CONFIG_NAME,
+    DIFFUSERS_SIZE_FIELDS,
+    check_json_fields,
     check_output_dir,
     load_pretrained,
     load_state_strict,
@@ -223,6 +225,7 @@ def _diffusers_config(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     for key, want in unsupported.items():
         if cfg.get(key, want) != want:
             raise CheckpointError(f"{name}: {key}={cfg[key]!r} is not supported (only {want!r}); not a standard DiT")
+    check_json_fields(cfg, name, positive_ints=(*DIFFUSERS_SIZE_FIELDS, "num_embeds_ada_norm"), numbers=("norm_eps",))
     in_ch = cfg.get("in_channels", 4)
     out_ch = cfg.get("out_channels") or in_ch
     if out_ch not in (in_ch, 2 * in_ch):

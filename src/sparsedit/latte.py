@@ -37,7 +37,14 @@ import torch
 from torch import Tensor, nn
 
 from sparsedit.blocks import UPSAMPLE_MODES, DenseRecoveryBlock, Poolingformer, SparseGenerationBlock, reset_merges
-from sparsedit.checkpoint import CONFIG_NAME, load_state_strict, read_json, register_model_type
+from sparsedit.checkpoint import (
+    CONFIG_NAME,
+    DIFFUSERS_SIZE_FIELDS,
+    check_json_fields,
+    load_state_strict,
+    read_json,
+    register_model_type,
+)
 from sparsedit.dit import CFG_MODES, DIT_SIZES, DiT, GridConfig, GuidanceMixin
 from sparsedit.errors import CheckpointError, SparseditError
 from sparsedit.layers import (
@@ -682,6 +689,8 @@ def latte_config_from_diffusers(cfg: dict[str, Any], name: str = "config.json") 
     for key, want in required.items():
         if cfg.get(key) != want:
             raise CheckpointError(f"{name}: {key}={cfg.get(key)!r} is not supported (only {want!r})")
+    check_json_fields(cfg, name, positive_ints=(*DIFFUSERS_SIZE_FIELDS, "caption_channels", "cross_attention_dim",
+                                                "video_length"), numbers=("norm_eps",))
     heads, head_dim = cfg.get("num_attention_heads", 16), cfg.get("attention_head_dim", 88)
     hidden = heads * head_dim
     if cfg.get("caption_channels") is None:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sparsedit.checkpoint import CONFIG_NAME, load_state_strict, read_json
+from sparsedit.checkpoint import CONFIG_NAME, DIFFUSERS_SIZE_FIELDS, check_json_fields, load_state_strict, read_json
 from sparsedit.convert import (
     _diffusers_model_dir,
     _load_diffusers_mapped,
@@ -101,6 +101,8 @@ def pixart_config_from_diffusers(cfg: dict[str, Any], name: str = "config.json")
     for key, want in required.items():
         if cfg.get(key, want) != want:
             raise CheckpointError(f"{name}: {key}={cfg[key]!r} is not supported (only {want!r})")
+    check_json_fields(cfg, name, positive_ints=(*DIFFUSERS_SIZE_FIELDS, "caption_channels", "cross_attention_dim"),
+                      numbers=("norm_eps", "interpolation_scale"))
     heads, head_dim = cfg.get("num_attention_heads", 16), cfg.get("attention_head_dim", 72)
     hidden = heads * head_dim
     if cfg.get("caption_channels") is None:

@@ -93,8 +93,29 @@ def _captions(args: argparse.Namespace, model: Any, device: Any) -> Captions:
     tensors = read_safetensors(Path(args.prompt_embeds))
     if "prompt_embeds" not in tensors:
         raise SparseditError(f"{args.prompt_embeds} has no 'prompt_embeds' tensor (found {', '.join(sorted(tensors))})")
-    return (tensors["prompt_embeds"], tensors.get("prompt_mask"), tensors.get("negative_embeds"),
-            tensors.get("negative_mask"))
+    embeds = tensors["prompt_embeds"]
+    _check_embeds(args.prompt_embeds, "prompt_embeds", embeds, model.config.caption_channels)
+    n, length = embeds.shape[:2]
+    neg = tensors.get("negative_embeds")
+    if neg is not None:
+        _check_embeds(args.prompt_embeds, "negative_embeds", neg, model.config.caption_channels)
+    for key, like in (("prompt_mask", embeds), ("negative_mask", neg)):
+        mask = tensors.get(key)
+        if mask is not None and (like is None or tuple(mask.shape) != tuple(like.shape[:2])
+                                 or mask.is_floating_point() or mask.is_complex()):
+            raise SparseditError(f"{args.prompt_embeds}: '{key}' must be an integer (N, L) keep-mask matching its "
+                                 f"embeddings, got {mask.dtype} {tuple(mask.shape)}")
+    return embeds, tensors.get("prompt_mask"), neg, tensors.get("negative_mask")
+
+
+def _check_embeds(path: str, key: str, embeds: Any, channels: int) -> None:
+    """Caption embeddings are (N >= 1, L >= 1, channels) floats: anything else fails deep inside the model."""
+    from sparsedit.errors import SparseditError
+
+    if (embeds.ndim != 3 or embeds.shape[0] < 1 or embeds.shape[1] < 1 or embeds.shape[2] != channels
+            or not embeds.is_floating_point()):
+        raise SparseditError(f"{path}: '{key}' must be float (N, L, {channels}) T5 embeddings with N, L >= 1, got "
+                             f"{embeds.dtype} {tuple(embeds.shape)}")
 
 
 def _decode(model: Any, samples: Any, vae: Any) -> Any:
