@@ -384,7 +384,12 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    # An integer tensor where the model has floats would be cast silently: the file is damaged or not weights.
+    kinds = sorted(k for k in set(expected) & set(state)
+                   if expected[k].is_floating_point() and not state[k].is_floating_point())
     problems = []
+    if kinds:
+        problems.append("non-float tensors " + _short([f"{k} ({state[k].dtype})" for k in kinds]))
     if missing:
         problems.append(f"missing keys {_short(missing)}")
     if unexpected:

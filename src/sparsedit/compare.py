@@ -99,6 +99,9 @@ class CompareSettings:
         from sparsedit.dit import CFG_MODES
         from sparsedit.samplers import SAMPLERS
 
+        for name in ("cfg_scales", "seeds"):  # a string would be split into characters
+            if not isinstance(getattr(self, name), tuple | list):
+                raise SparseditError(f"{name} must be a tuple or list, not {getattr(self, name)!r}; e.g. (0, 1, 2)")
         object.__setattr__(self, "cfg_scales", tuple(float(c) for c in self.cfg_scales))
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
         if not self.cfg_scales or len(set(self.cfg_scales)) != len(self.cfg_scales):

@@ -61,7 +61,7 @@ class _Source:
 
     def take(self, key: str) -> Tensor:
         if key not in self.state:
-            raise CheckpointError(f"{self.name}: missing key {key!r}; the file is not a complete DiT checkpoint")
+            raise CheckpointError(f"{self.name}: missing key {key!r}; the checkpoint is incomplete")
         return self.state.pop(key)
 
     def has(self, key: str) -> bool:
@@ -246,9 +246,19 @@ def _read_diffusers_weights(path: Path) -> dict[str, Tensor]:
     if single.exists():
         return read_safetensors(single)
     if index.exists():  # sharded: {"weight_map": {key: shard file}}
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index} has no weight_map of key -> shard file; the index is damaged")
         state: dict[str, Tensor] = {}
-        for shard in sorted(set(read_json(index).get("weight_map", {}).values())):
+        for shard in sorted(set(weight_map.values())):
+            if Path(shard).name != shard:  # a shard outside the directory is no part of this checkpoint
+                raise CheckpointError(f"{index} names the shard {shard!r}, which is not a file of {path}; the index is "
+                                      "damaged")
             state.update(read_safetensors(path / shard))
+        absent = sorted(set(weight_map) - set(state))
+        if absent:
+            raise CheckpointError(f"{index} lists {', '.join(absent[:3])} but no shard holds it; the checkpoint is "
+                                  "incomplete")
         return state
     if (path / "diffusion_pytorch_model.bin").exists():
         return _pick_state_dict(read_torch_file(path / "diffusion_pytorch_model.bin"), path, use_ema=False)

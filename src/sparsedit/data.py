@@ -238,6 +238,9 @@ class ImageFolderDataset(Dataset):
                 and p.suffix.lower() in exts
                 and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
             )
+            if not files and len(class_dirs) > 1:  # one (unlabelled) folder is checked as a whole below
+                raise SparseditError(f"class folder {str(class_dir)!r} holds no images ({', '.join(exts)}); remove it "
+                                     "or add images (its class would exist with no example)")
             samples.extend((p, label) for p in files)
         if not samples:
             raise SparseditError(
@@ -259,6 +262,8 @@ class ImageFolderDataset(Dataset):
         try:
             with Image.open(path) as img:
                 img.load()
+                if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: convert() would clip it to white
+                    img = Image.fromarray((np.asarray(img, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8))
                 image = img.convert(mode)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise SparseditError(f"cannot read image {str(path)!r} ({exc}); remove or replace the file") from exc

@@ -371,7 +371,9 @@ class Latte(GuidanceMixin, nn.Module):
 
     def null_caption(self, batch: int) -> Tensor:
         raise SparseditError(
-            "Latte-T2V (diffusers) stores no null caption; pass null_embeds (the T5 embedding of the negative prompt)"
+            "Latte-T2V (diffusers) stores no null caption for guidance: give the T5 embedding of the negative prompt "
+            "(null_embeds; in the CLI --prompt with --negative-prompt, or 'negative_embeds' in --prompt-embeds) or use "
+            "no guidance (cfg_scale 1)"
         )
 
     def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float, cfg_mode: str = "all",

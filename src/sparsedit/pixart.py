@@ -474,8 +474,9 @@ class PixArt(nn.Module):
         """The stored null caption, (batch, L, C_text); an error if the checkpoint has none."""
         if self.y_embedder.y_embedding is None:
             raise SparseditError(
-                "this PixArt has no stored null caption (diffusers checkpoints drop y_embedding); pass "
-                "null_embeds (e.g. the T5 embedding of the empty prompt)"
+                "this PixArt has no stored null caption for guidance (diffusers checkpoints drop y_embedding): give the "
+                "T5 embedding of the negative prompt (null_embeds; in the CLI --prompt with --negative-prompt, or "
+                "'negative_embeds' in --prompt-embeds) or use no guidance (cfg_scale 1)"
             )
         return self.y_embedder.y_embedding[None].expand(batch, -1, -1)
 

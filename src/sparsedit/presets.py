@@ -46,6 +46,11 @@ def resolve_preset(name: str, image_size: int = 256) -> tuple[Any, str | None]:
     ``SparseDiT-XL/2`` is DiT-XL/2 with the paper's XL layout; ``SparsePixArt-XL/2`` is PixArt-alpha
     (XL/2) with the same layout; ``SparseLatte-XL/2`` is Latte-XL/2 with the paper's video layout.
     """
+    from sparsedit.vae import VAE_DOWNSAMPLE
+
+    if image_size % VAE_DOWNSAMPLE:  # every preset is a latent model of the SD VAE
+        raise SparseditError(f"image size {image_size} is not a multiple of the VAE factor {VAE_DOWNSAMPLE}; pick e.g. "
+                             f"{max(VAE_DOWNSAMPLE, image_size // VAE_DOWNSAMPLE * VAE_DOWNSAMPLE)}")
     if name in ("PixArt-XL/2", "SparsePixArt-XL/2"):
         return pixart_config(image_size), ("SparseDiT-XL" if name.startswith("Sparse") else None)
     if name.startswith("SparseLatte-") and name[len("Sparse"):] in LATTE_PRESETS:
@@ -72,8 +77,9 @@ def with_sparsity(config: Any, layout: str | None, rates: dict[str, Any]) -> Any
     layout / rates; rates without a layout on a dense config are an error (they would be ignored).
     """
     given = {k: v for k, v in rates.items() if v is not None}
-    if isinstance(config, LatteConfig):
-        given.pop("num_pieces", None)  # Latte's schedule is continuous (no training pieces)
+    if isinstance(config, LatteConfig) and given.pop("num_pieces", None) is not None:
+        raise SparseditError("--num-pieces does not apply to Latte: its schedule is continuous (no training pieces); "
+                             "drop it")
     if is_sparse(config):
         fields: dict[str, Any] = dict(given)
         if layout is not None:

@@ -334,8 +334,9 @@ def sample_fid(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise SparseditError(f"--out {out_dir} is a file; give a directory for the run (manifest, shards, packed .npz)")
-    if (out_dir.is_dir() and not (out_dir / MANIFEST_NAME).exists() and not (out_dir / SHARDS_DIR).is_dir()
-            and any(p.name != LOCK_NAME for p in out_dir.iterdir())):
+    # Rank 0 only: the other ranks would race its first writes (a temporary manifest) into the folder.
+    if (rank == 0 and out_dir.is_dir() and not (out_dir / MANIFEST_NAME).exists()
+            and not (out_dir / SHARDS_DIR).is_dir() and any(p.name != LOCK_NAME for p in out_dir.iterdir())):
         raise SparseditError(f"--out {out_dir} is not empty and is not a sample-fid run folder (it has no "
                              f"{MANIFEST_NAME}); choose a new or empty --out")
     # One process per run folder (rank 0 holds the lock for all ranks): two would sample the same shards.

@@ -51,13 +51,19 @@ class T5Encoder:
         except ImportError as err:
             raise SparseditError("encoding prompts needs transformers: pip install transformers sentencepiece "
                                  "(or pass precomputed --prompt-embeds)") from err
+        from transformers.utils import logging as transformers_logging
+
         encoder_dir, tokenizer_dir = _folders(Path(path))
+        level = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()  # its warnings would stand beside our one-line error
         try:
             self.tokenizer: Any = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
             self.encoder: Any = T5EncoderModel.from_pretrained(encoder_dir, local_files_only=True, torch_dtype=dtype)
         except (OSError, ValueError) as err:
             raise SparseditError(f"cannot load a T5 encoder and tokenizer from {path}: "
                                  f"{str(err).splitlines()[0]}; pass {WHERE}") from err
+        finally:
+            transformers_logging.set_verbosity(level)
         self.encoder = self.encoder.to(device).eval()
         self.device = torch.device(device)
 

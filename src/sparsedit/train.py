@@ -389,6 +389,17 @@ class Trainer:
     def __init__(self, model: nn.Module, dataset: Dataset, run_dir: str | Path, settings: TrainSettings,
                  run_info: dict[str, Any] | None = None, device: str | None = None,
                  vae_path: str | None = None, progress: bool = True, teacher: nn.Module | None = None):
+        if not isinstance(model, nn.Module) or not hasattr(getattr(model, "config", None), "to_dict"):
+            raise SparseditError(f"Trainer takes a sparsedit model (a module with a .config), not a "
+                                 f"{type(model).__name__}; build one or load it with sparsedit.load_model")
+        if not isinstance(settings, TrainSettings):
+            raise SparseditError(f"settings must be a TrainSettings, not a {type(settings).__name__}; e.g. "
+                                 "TrainSettings(steps=1000, batch_size=32)")
+        data_free = dataset is None and settings.data_free  # the teacher's samples are drawn later, in fit()
+        if not data_free and (not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"))
+                              or isinstance(dataset, str | bytes)):
+            raise SparseditError(f"dataset must be a map-style dataset (len() and [i]), not a {type(dataset).__name__}; "
+                                 "see sparsedit.train.open_dataset")
         self.dist = init_distributed(device)
         settings.validate(self.dist.world)
         if self.dist.device.type == "cpu":
@@ -507,6 +518,8 @@ class Trainer:
 
     def _check_run_dir(self) -> None:
         """Refuse a run dir that holds another run or something else (reads only; see :meth:`_prepare_run_dir`)."""
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise SparseditError(f"the run directory {self.run_dir} is a file; choose a directory path")
         run_file = self.run_dir / RUN_FILE
         # A run that never wrote a checkpoint (it stopped on bad data, say) has nothing to resume: the corrected
         # command starts it afresh instead of being refused as "a different run".

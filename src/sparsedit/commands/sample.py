@@ -101,10 +101,18 @@ def _captions(args: argparse.Namespace, model: Any, device: Any) -> Captions:
         _check_embeds(args.prompt_embeds, "negative_embeds", neg, model.config.caption_channels)
     for key, like in (("prompt_mask", embeds), ("negative_mask", neg)):
         mask = tensors.get(key)
-        if mask is not None and (like is None or tuple(mask.shape) != tuple(like.shape[:2])
-                                 or mask.is_floating_point() or mask.is_complex()):
-            raise SparseditError(f"{args.prompt_embeds}: '{key}' must be an integer (N, L) keep-mask matching its "
-                                 f"embeddings, got {mask.dtype} {tuple(mask.shape)}")
+        if mask is not None and (like is None or tuple(mask.shape) != tuple(like.shape[:2]) or mask.is_complex()
+                                 or not ((mask == 0) | (mask == 1)).all() or not (mask == 1).any(dim=1).all()):
+            raise SparseditError(f"{args.prompt_embeds}: '{key}' must be an (N, L) keep-mask of 0s and 1s matching its "
+                                 f"embeddings, with at least one token kept per caption; got {mask.dtype} "
+                                 f"{tuple(mask.shape)}")
+    unknown = sorted(set(tensors) - {"prompt_embeds", "prompt_mask", "negative_embeds", "negative_mask"})
+    if unknown:
+        raise SparseditError(f"{args.prompt_embeds} holds tensors sparsedit does not read ({', '.join(unknown)}); the "
+                             "file takes prompt_embeds, prompt_mask, negative_embeds and negative_mask")
+    if neg is not None and args.cfg_scale == 1:
+        raise SparseditError(f"{args.prompt_embeds} holds negative_embeds, which only guidance uses; set --cfg-scale or "
+                             "drop them")
     return embeds, tensors.get("prompt_mask"), neg, tensors.get("negative_mask")
 
 
@@ -135,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     from sparsedit.images import save_grid
     from sparsedit.latte import Latte, generate_latte, save_video_gif, save_video_strip
     from sparsedit.pixart import PixArt, generate_pixart
-    from sparsedit.sampling import generate
+    from sparsedit.sampling import generate, parse_labels
     from sparsedit.train import text_conditioned
 
     # Refuse a path we would clobber or mislabel before spending minutes sampling.
@@ -147,8 +155,6 @@ def run(args: argparse.Namespace) -> int:
                              "use a .png name")
     # Fail on a missing or needless VAE before spending minutes sampling.
     vae = vae_for(model, args.vae, device)
-    if args.class_labels is None:
-        args.class_labels = default_labels(getattr(model.config, "num_classes", 0), count=8)
     common = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, cfg_scale=args.cfg_scale, cfg_mode=args.cfg_mode,
                   seed=args.seed, device=device, progress=not args.no_progress)
     start = time.perf_counter()
@@ -159,8 +165,21 @@ def run(args: argparse.Namespace) -> int:
     if not text and text_flags:
         raise SparseditError(f"this {type(model).__name__} is class-conditional: drop {' / '.join(text_flags)} "
                              "and pass --class-labels")
+    if text and args.class_labels is not None:
+        raise SparseditError(f"this {type(model).__name__} is text-conditional: drop --class-labels and pass --prompt "
+                             "or --prompt-embeds")
+    prompt_only = [flag for flag, value in (("--negative-prompt", args.negative_prompt), ("--t5", args.t5))
+                   if value is not None]
+    if text and args.prompt is None and prompt_only:
+        raise SparseditError(f"{' / '.join(prompt_only)} go(es) with --prompt (the T5 encodes the prompts); with "
+                             "--prompt-embeds put 'negative_embeds' in the file instead")
     if args.fps is not None and out.suffix.lower() != ".gif":
         raise SparseditError(f"--fps sets the frame rate of a GIF; --out {out} is a PNG: drop --fps or write a .gif")
+    if not text:
+        if args.class_labels is None:
+            args.class_labels = default_labels(getattr(model.config, "num_classes", 0), count=8)
+        if model.config.num_classes:  # out of range: refused before sampling (not an IndexError inside it)
+            parse_labels(args.class_labels, model.config.num_classes)
     if text:
         embeds, mask, neg, neg_mask = (None if v is None else v.to(device) for v in _captions(args, model, device))
     if isinstance(model, PixArt):

@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recovery-pos-embed", action=argparse.BooleanOptionalAction, default=True,
                    help="re-add the position table in the recovery merge (default: on, as the paper; off: the "
                    "authors' code, docs/official.md)")
-    p.add_argument("--extra-recovery", choices=EXTRA_RECOVERY_MODES, default="cross",
+    p.add_argument("--extra-recovery", choices=EXTRA_RECOVERY_MODES, default=None,
                    help="the 2nd.. recovery blocks of an SDTM (r > 1): cross-attention to the sparse tokens (cross, "
                    "ours) or the recovery block repeated (repeat, the authors' code); DiT and PixArt only")
     p.add_argument("--out", required=True, help="output directory for the SparseDiT checkpoint")
@@ -72,7 +72,7 @@ def _convert(src, args: argparse.Namespace, variant: dict | None = None):  # noq
     if isinstance(src, Latte):
         if args.num_pieces is not None:
             raise SparseditError("--num-pieces is not supported for Latte (its schedule is continuous); drop it")
-        if rates.pop("extra_recovery", "cross") != "cross":
+        if rates.pop("extra_recovery", None) is not None:
             raise SparseditError("--extra-recovery does not apply to Latte: a video SDTM's two recovery blocks restore "
                                  "time, then space; drop it")
         return sparsify_latte(src, args.layout, **rates)
@@ -90,13 +90,20 @@ def _token_sets(cfg) -> list[str]:  # noqa: ANN001
 
 def run(args: argparse.Namespace) -> int:
     from sparsedit.checkpoint import check_output_dir, save_pretrained
+    from sparsedit.errors import SparseditError
     from sparsedit.sparsify import init_rules
 
     check_rates(args)
     check_not_source(args.src, args.out)
     check_output_dir(args.out, args.overwrite)  # fail before the (slow) load, creating nothing
     src = load_cli_model(args.src, args)
-    model = _convert(src, args, {"recovery_pos_embed": args.recovery_pos_embed, "extra_recovery": args.extra_recovery})
+    variant = {"recovery_pos_embed": args.recovery_pos_embed}
+    if args.extra_recovery is not None:
+        variant["extra_recovery"] = args.extra_recovery
+    model = _convert(src, args, variant)
+    if args.extra_recovery is not None and model.config.recovery_blocks < 2:
+        raise SparseditError(f"--extra-recovery sets the 2nd.. recovery blocks of an SDTM; layout "
+                             f"{model.config.layout.as_string()} has one (r = {model.config.recovery_blocks}): drop it")
     if args.verbose:
         for rule in init_rules(model.config, list(model.state_dict())):
             print(rule.describe())
