@@ -440,6 +440,16 @@ BAD_INPUTS: list[tuple[list[str], tuple[str, ...]]] = [
       "--out", "{W}/new/a.png"], ("prompt_embeds", "float")),
     (["sample", "--ckpt", "{W}/pixart", *SMALL, "--prompt-embeds", "{W}/embeds_empty.safetensors",
       "--out", "{W}/new/a.png"], ("prompt_embeds", "L >= 1")),
+    (["sample", "--ckpt", "{W}/pixart", *SMALL, "--prompt-embeds", "{W}/embeds_ok.safetensors", "--class-labels", "1",
+      "--out", "{W}/new/a.png"], ("text-conditional", "--class-labels")),
+    (["sample", "--ckpt", "{W}/pixart", *SMALL, "--prompt-embeds", "{W}/embeds_ok.safetensors", "--t5", "{W}/busy",
+      "--out", "{W}/new/a.png"], ("--t5", "--prompt")),
+    (["sample", "--ckpt", "{W}/pixart", *SMALL, "--prompt-embeds", "{W}/embeds_extra.safetensors",
+      "--out", "{W}/new/a.png"], ("extra",)),
+    (["sample", "--ckpt", "{W}/pixart", *SMALL, "--prompt-embeds", "{W}/embeds_mask0.safetensors",
+      "--out", "{W}/new/a.png"], ("prompt_mask", "at least one token")),
+    (["sample", "--ckpt", "{W}/pixart", *SMALL, "--prompt-embeds", "{W}/embeds_neg.safetensors", "--cfg-scale", "1",
+      "--out", "{W}/new/a.png"], ("negative_embeds", "guidance")),
     # -- eval
     (["eval", "--samples", "{W}/missing.npz", "--ref", "{W}/old.npz"], ("missing.npz",)),
     (["eval", "--samples", "{W}/notes.txt", "--ref", "{W}/old.npz"], ("notes.txt",)),
@@ -497,6 +507,11 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, embeds in (("embeds_2d", torch.randn(4, 16)), ("embeds_wide", torch.randn(1, 4, 32)),
                          ("embeds_int", torch.ones(1, 4, 16, dtype=torch.int64)), ("embeds_empty", torch.randn(1, 0, 16))):
         save_file({"prompt_embeds": embeds}, str(w / f"{name}.safetensors"))
+    ok = torch.randn(1, 4, 16)
+    save_file({"prompt_embeds": ok}, str(w / "embeds_ok.safetensors"))
+    save_file({"prompt_embeds": ok, "extra": ok.clone()}, str(w / "embeds_extra.safetensors"))
+    save_file({"prompt_embeds": ok, "prompt_mask": torch.zeros(1, 4)}, str(w / "embeds_mask0.safetensors"))
+    save_file({"prompt_embeds": ok, "negative_embeds": ok.clone()}, str(w / "embeds_neg.safetensors"))
     (w / "empty_dir").mkdir()
     os.mkfifo(w / "fifo")
     (w / "dangling.png").symlink_to(w / "nowhere.png")

@@ -429,3 +429,16 @@ def test_a_latents_directory_whose_meta_disagrees_is_refused(change: dict, words
     meta.write_text(json.dumps({**json.loads(meta.read_text()), **change}))
     with pytest.raises(SparseditError, match=words):
         LatentsDataset(tmp_path / "lat")
+
+
+def test_image_folder_refuses_an_empty_class_and_reads_16_bit_grey(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    grey16 = (np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)  # 0 .. 63000 of 65535
+    Image.fromarray(grey16).save(tmp_path / "a" / "x.png")
+    with pytest.raises(SparseditError, match="holds no images"):
+        ImageFolderDataset(tmp_path, resolution=8, channels=3)
+    Image.fromarray(grey16).save(tmp_path / "b" / "y.png")
+    x = ImageFolderDataset(tmp_path, resolution=8, channels=1).load_image(0)  # in [-1, 1]
+    expected = torch.from_numpy((grey16 >> 8).astype(np.float32)) / 127.5 - 1  # the high byte, not clipped to white
+    assert torch.allclose(x[0], expected)
