@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sparsedit.errors import CheckpointError, SparseditError
+from sparsedit.errors import CheckpointError, SparseditError, os_error_at
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -150,7 +150,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:  # read-only, no permission: name the file asked for, not the temporary one
-        raise OSError(err.errno, err.strerror, str(path)) from None
+        raise os_error_at(err, path) from None
     os.close(fd)
     try:
         write(Path(tmp))
@@ -160,7 +160,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         Path(tmp).unlink(missing_ok=True)
         remove_empty(made)
         if err.filename is None:  # a failed write() names no file: name the one the user asked for
-            raise OSError(err.errno, err.strerror, str(path)) from None
+            raise os_error_at(err, path) from None
         raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -174,7 +174,7 @@ def make_parents(path: Path) -> list[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise OSError(err.errno, err.strerror, str(path)) from None
+        raise os_error_at(err, path) from None
     return missing
 
 
@@ -286,7 +286,7 @@ def write_dir(out: Path, write: Callable[[Path], None]) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     except OSError as err:
         remove_empty(made)
-        raise OSError(err.errno, err.strerror, str(out)) from None
+        raise os_error_at(err, out) from None
     try:
         write(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp creates 0700; a checkpoint is an ordinary readable directory
@@ -308,7 +308,7 @@ def error_in_place_of(err: OSError, tmp: Path, out: Path) -> OSError:
         name = out / Path(err.filename).relative_to(tmp)
     except (TypeError, ValueError):
         return err
-    return OSError(err.errno, err.strerror, str(name))
+    return os_error_at(err, name)
 
 
 def save_pretrained(model: nn.Module, out: str | Path, overwrite: bool = False) -> Path:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparsedit.errors import SparseditError
+from sparsedit.errors import SparseditError, os_error_at
 from sparsedit.locking import LOCK_NAME, run_lock
 
 MANIFEST_NAME = "manifest.json"
@@ -201,7 +201,7 @@ def write_shard(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
         os.replace(tmp, path)
     except OSError as err:  # a full disk: name the shard (the failed write() names no file)
         Path(tmp).unlink(missing_ok=True)
-        raise OSError(err.errno, err.strerror, str(path)) from None
+        raise os_error_at(err, path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -234,7 +234,7 @@ def _reserve(path: Path, target: Path) -> None:
     try:
         os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
     except OSError as err:
-        raise OSError(err.errno, err.strerror, str(target)) from None
+        raise os_error_at(err, target) from None
     finally:
         os.close(fd)
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sparsedit.errors import SparseditError
+from sparsedit.errors import SparseditError, quiet_logs
 from sparsedit.pixart import CAPTION_TOKENS  # 120, diffusers' max_sequence_length default
 
 __all__ = ["T5Encoder", "encode_prompts"]
@@ -54,16 +54,14 @@ class T5Encoder:
         from transformers.utils import logging as transformers_logging
 
         encoder_dir, tokenizer_dir = _folders(Path(path))
-        level = transformers_logging.get_verbosity()
-        transformers_logging.set_verbosity_error()  # its warnings would stand beside our one-line error
         try:
-            self.tokenizer: Any = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-            self.encoder: Any = T5EncoderModel.from_pretrained(encoder_dir, local_files_only=True, torch_dtype=dtype)
+            with quiet_logs(transformers_logging, transformers_logging.ERROR):
+                self.tokenizer: Any = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+                self.encoder: Any = T5EncoderModel.from_pretrained(encoder_dir, local_files_only=True,
+                                                                   torch_dtype=dtype)
         except (OSError, ValueError) as err:
             raise SparseditError(f"cannot load a T5 encoder and tokenizer from {path}: "
                                  f"{str(err).splitlines()[0]}; pass {WHERE}") from err
-        finally:
-            transformers_logging.set_verbosity(level)
         self.encoder = self.encoder.to(device).eval()
         self.device = torch.device(device)
 

@@ -65,7 +65,7 @@ from sparsedit.distill import (
     teacher_samples,
 )
 from sparsedit.dit import DiT
-from sparsedit.errors import CheckpointError, SparseditError
+from sparsedit.errors import CheckpointError, SparseditError, os_error_at
 from sparsedit.latte import LatteConfig, SparseLatte, SparseLatteConfig
 from sparsedit.locking import LOCK_NAME, run_lock
 from sparsedit.pixart import PixArtConfig, SparsePixArt, size_conditions
@@ -816,7 +816,7 @@ class Trainer:
             with open(path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
         except OSError as err:  # a full disk: name the log (resume drops a line cut in half)
-            raise OSError(err.errno, err.strerror, str(path)) from None
+            raise os_error_at(err, path) from None
         if self.writer is not None:
             for key in (*LOSS_NAMES, "steps_per_sec"):
                 self.writer.add_scalar(f"train/{key}", record[key], record["step"])

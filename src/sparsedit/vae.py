@@ -6,14 +6,12 @@ Nothing is downloaded: the user passes a local directory.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from sparsedit.errors import SparseditError
+from sparsedit.errors import SparseditError, quiet_logs
 
 LATENT_SCALE = 0.18215
 #: Image pixels per latent pixel of the SD VAE (also PixArt's and Latte's): 256 px <-> 32 latent px.
@@ -22,22 +20,6 @@ VAE_HELP = (
     "download stabilityai/sd-vae-ft-ema (or sd-vae-ft-mse) once, e.g. "
     "`huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir sd-vae-ft-ema`, then pass --vae sd-vae-ft-ema"
 )
-
-
-@contextlib.contextmanager
-def _quiet_diffusers() -> Iterator[None]:
-    """diffusers' log lines off for the body: its advice and its "error occurred while fetching" lines would stand
-    beside our one-line error (its errors still raise, and we report them)."""
-    import logging
-
-    from diffusers.utils import logging as diffusers_logging
-
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        diffusers_logging.set_verbosity(level)
 
 
 def load_vae(path: str | Path | None, device: str | torch.device = "cpu", latent_channels: int | None = None) -> nn.Module:
@@ -54,7 +36,9 @@ def load_vae(path: str | Path | None, device: str | torch.device = "cpu", latent
     from diffusers import AutoencoderKL
 
     try:
-        with _quiet_diffusers():  # its advice to install accelerate is noise on every load
+        from diffusers.utils import logging as diffusers_logging
+
+        with quiet_logs(diffusers_logging):  # its advice to install accelerate is noise on every load
             vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as err:
         raise SparseditError(f"cannot load the VAE in {path} ({str(err).splitlines()[0][:160]}); {VAE_HELP}") from None
