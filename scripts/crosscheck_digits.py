@@ -25,8 +25,8 @@ from sklearn.decomposition import PCA
 from sklearn.svm import SVC
 
 from sparsedit import load_model
-from sparsedit.data import DigitsDataset
-from sparsedit.sampling import generate
+from sparsedit.diffusion.sampling import generate
+from sparsedit.train.data import DigitsDataset
 
 
 def to_native(images: torch.Tensor) -> np.ndarray:

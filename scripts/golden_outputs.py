@@ -22,11 +22,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sparsedit.dit import DiT, DiTConfig
-from sparsedit.latte import Latte, LatteConfig, SparseLatte, SparseLatteConfig, generate_latte
-from sparsedit.pixart import PixArt, PixArtConfig, SparsePixArt, SparsePixArtConfig, generate_pixart
-from sparsedit.sampling import generate
-from sparsedit.sparse_dit import SparseDiT, SparseDiTConfig
+from sparsedit.diffusion.sampling import generate
+from sparsedit.families.dit.model import DiT, DiTConfig
+from sparsedit.families.dit.sparse import SparseDiT, SparseDiTConfig
+from sparsedit.families.latte.model import Latte, LatteConfig
+from sparsedit.families.latte.sparse import SparseLatte, SparseLatteConfig
+from sparsedit.families.latte.video import generate_latte
+from sparsedit.families.pixart.model import PixArt, PixArtConfig
+from sparsedit.families.pixart.sampling import generate_pixart
+from sparsedit.families.pixart.sparse import SparsePixArt, SparsePixArtConfig
 
 LAYOUT = dict(pool_blocks=1, num_sdtm=1, gen_blocks=1, sparse_blocks=1, recovery_blocks=1, dense_blocks=1, top_blocks=1)
 DIT = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=48, depth=6, num_heads=2, num_classes=5)

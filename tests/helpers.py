@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from sparsedit.data import DigitsDataset
-from sparsedit.train import TrainSettings
+from sparsedit.train.data import DigitsDataset
+from sparsedit.train.trainer import TrainSettings
 
 
 @torch.no_grad()

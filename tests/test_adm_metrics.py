@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsedit.commands import eval as eval_cmd
-from sparsedit.commands.common import Parser
+from sparsedit.cli import eval as eval_cmd
+from sparsedit.cli.common import Parser
 from sparsedit.errors import SparseditError
-from sparsedit.metrics import adm
-from sparsedit.metrics import inception as inception_mod
-from sparsedit.metrics.stats import feature_stats, frechet_distance
+from sparsedit.eval.metrics import adm
+from sparsedit.eval.metrics import inception as inception_mod
+from sparsedit.eval.metrics.stats import feature_stats, frechet_distance
 
 
 class TinyFeatures:

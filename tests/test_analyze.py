@@ -16,7 +16,14 @@ from PIL import Image
 from torch import Tensor
 
 import sparsedit
-from sparsedit.analyze import (
+from sparsedit.cli import analyze as analyze_cmd
+from sparsedit.cli import main
+from sparsedit.cli.common import Parser
+from sparsedit.core.layers import modulate
+from sparsedit.core.layout import parse_layout
+from sparsedit.diffusion.process import space_timesteps
+from sparsedit.errors import SparseditError
+from sparsedit.eval.analyze import (
     ConstantMapResult,
     ProposeRule,
     VarianceRecorder,
@@ -30,15 +37,9 @@ from sparsedit.analyze import (
     sparsify_command,
     uniform_attention,
 )
-from sparsedit.cli import main
-from sparsedit.commands import analyze as analyze_cmd
-from sparsedit.commands.common import Parser
-from sparsedit.diffusion import space_timesteps
-from sparsedit.dit import DiT, DiTConfig, dit_config
-from sparsedit.errors import SparseditError
-from sparsedit.flops import dit_macs, schedule_macs
-from sparsedit.layers import modulate
-from sparsedit.sparse_dit import SparseDiT, SparseDiTConfig, parse_layout
+from sparsedit.eval.flops import dit_macs, schedule_macs
+from sparsedit.families.dit.model import DiT, DiTConfig, dit_config
+from sparsedit.families.dit.sparse import SparseDiT, SparseDiTConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -23,11 +23,11 @@ from torch import Tensor
 
 import sparsedit
 from helpers import Exploit, one_line, run_doc_snippets
-from sparsedit.authors import authors_state_dict, save_authors, sparse_dit_from_authors
 from sparsedit.cli import main
-from sparsedit.dit import DiT, DiTConfig
 from sparsedit.errors import CheckpointError, SparseditError
-from sparsedit.sparse_dit import SparseDiT, SparseDiTConfig
+from sparsedit.families.dit.authors import authors_state_dict, save_authors, sparse_dit_from_authors
+from sparsedit.families.dit.model import DiT, DiTConfig
+from sparsedit.families.dit.sparse import SparseDiT, SparseDiTConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsedit.checkpoint import save_pretrained
 from sparsedit.cli import main
-from sparsedit.commands.common import run_command
-from sparsedit.dit import DiT, DiTConfig
+from sparsedit.cli.common import run_command
+from sparsedit.core.checkpoint import save_pretrained
+from sparsedit.families.dit.model import DiT, DiTConfig
 
 TINY_TRAIN = ["train", "--model", "DiT-S/2", "--hidden-size", "32", "--depth", "2", "--num-heads", "2",
               "--batch-size", "8", "--steps", "1", "--no-progress"]
@@ -81,7 +81,7 @@ def test_a_closed_stdout_ends_quietly() -> None:
     """`sparsedit ... | head`: when the reader goes away, no BrokenPipeError traceback, exit 141 (SIGPIPE's code)."""
     child = textwrap.dedent("""
         import argparse, sys
-        from sparsedit.commands.common import run_command
+        from sparsedit.cli.common import run_command
         def talk(args):
             for i in range(10**6):
                 print("line", i)
@@ -173,7 +173,7 @@ def tiny_model(seed: int) -> DiT:
 def test_overwriting_a_checkpoint_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure while writing the config (disk full) must leave the old checkpoint whole: old weights beside the
     old config, loadable, and no hidden temporary directory behind."""
-    import sparsedit.checkpoint as ckpt_module
+    import sparsedit.core.checkpoint as ckpt_module
 
     out = save_pretrained(tiny_model(0), tmp_path / "ckpt")
     before = files_under(tmp_path)
@@ -465,7 +465,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import numpy as np
 
     from helpers import Exploit
-    from sparsedit.sparsify import sparsify
+    from sparsedit.families.dit.sparsify import sparsify
 
     w = tmp_path_factory.mktemp("workspace")
     torch.manual_seed(0)
@@ -494,8 +494,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     np.savez(w / "old.npz", arr_0=np.zeros((2, 8, 8, 3), dtype=np.uint8))
     from safetensors.torch import save_file
 
-    from sparsedit.convert import save_model
-    from sparsedit.pixart import PixArt, PixArtConfig
+    from sparsedit.families.pixart.model import PixArt, PixArtConfig
+    from sparsedit.loading import save_model
 
     for name, change in (("diff_patch_str", {"patch_size": "2"}), ("diff_sample0", {"sample_size": 0})):
         save_model(dit, w / name, fmt="diffusers")
@@ -554,7 +554,7 @@ def test_the_table_covers_every_sub_command() -> None:
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="non-UTF-8 file names are a Linux matter")
 def test_a_checkpoint_at_a_non_utf8_path_loads_again(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Linux file names are bytes; safetensors only opens UTF-8 paths. What sparsedit writes there it must read."""
-    from sparsedit.checkpoint import load_pretrained
+    from sparsedit.core.checkpoint import load_pretrained
 
     out = tmp_path / os.fsdecode(b"ckpt-\xff")
     save_pretrained(tiny_model(0), out)
@@ -587,7 +587,7 @@ def test_analyze_output_is_replaced_whole_and_only_with_overwrite(workspace: Pat
 
 def test_a_failed_diffusers_export_leaves_nothing(workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    import sparsedit.convert as convert_module
+    import sparsedit.core.formats as convert_module
 
     def disk_full(path: Path, data: dict[str, object]) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
@@ -629,8 +629,8 @@ def test_sigterm_cleans_up_and_exits_143(tmp_path: Path) -> None:
     child = textwrap.dedent(f"""
         import argparse, sys, time
         from pathlib import Path
-        from sparsedit.checkpoint import write_dir
-        from sparsedit.commands.common import run_command
+        from sparsedit.core.checkpoint import write_dir
+        from sparsedit.cli.common import run_command
         def slow(tmp):
             (tmp / "half.bin").write_bytes(b"x")
             print("writing", flush=True)

@@ -1,4 +1,4 @@
-"""Tests for the throughput benchmark (sparsedit.bench) and the ``sparsedit bench`` command.
+"""Tests for the throughput benchmark (sparsedit.eval.bench) and the ``sparsedit bench`` command.
 
 Everything runs on tiny models; nothing asserts on measured time. Where timing logic is checked
 (warm-up excluded, speedup arithmetic) a fake clock advanced by forward hooks replaces
@@ -16,7 +16,12 @@ import torch
 import torch._dynamo
 from torch import nn
 
-from sparsedit.bench import (
+from sparsedit.cli import bench as bench_cmd
+from sparsedit.cli.common import Parser
+from sparsedit.core.checkpoint import save_pretrained
+from sparsedit.core.layers import sincos_pos_embed_2d
+from sparsedit.errors import SparseditError
+from sparsedit.eval.bench import (
     BenchSettings,
     Stats,
     bench_forward,
@@ -26,13 +31,8 @@ from sparsedit.bench import (
     format_markdown,
     run_timesteps,
 )
-from sparsedit.checkpoint import save_pretrained
-from sparsedit.commands import bench as bench_cmd
-from sparsedit.commands.common import Parser
-from sparsedit.dit import DiT, DiTConfig
-from sparsedit.errors import SparseditError
-from sparsedit.layers import sincos_pos_embed_2d
-from sparsedit.sparse_dit import SparseDiT, SparseDiTConfig
+from sparsedit.families.dit.model import DiT, DiTConfig
+from sparsedit.families.dit.sparse import SparseDiT, SparseDiTConfig
 
 TINY = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=32, depth=6, num_heads=2, num_classes=10)
 LAYOUT = dict(pool_blocks=1, num_sdtm=1, gen_blocks=1, sparse_blocks=1, recovery_blocks=1, dense_blocks=1,

@@ -15,16 +15,25 @@ import pytest
 import torch
 from torch import nn
 
-from sparsedit.bench import BenchSettings, ModelRunner, bench_pair, build_bench_model, format_markdown, run_timesteps
-from sparsedit.checkpoint import build_model, save_pretrained
-from sparsedit.commands import bench as bench_cmd
-from sparsedit.commands.common import Parser
+from sparsedit.cli import bench as bench_cmd
+from sparsedit.cli.common import Parser
+from sparsedit.core.checkpoint import build_model, save_pretrained
+from sparsedit.core.layout import LAYOUTS
 from sparsedit.errors import SparseditError
-from sparsedit.flops import latte_macs, pixart_macs, sparse_latte_macs, sparse_pixart_macs
-from sparsedit.latte import Latte, LatteConfig, SparseLatte, SparseLatteConfig
-from sparsedit.pixart import PixArt, PixArtConfig, SparsePixArt, SparsePixArtConfig
-from sparsedit.presets import preset_config
-from sparsedit.sparse_dit import LAYOUTS
+from sparsedit.eval.bench import (
+    BenchSettings,
+    ModelRunner,
+    bench_pair,
+    build_bench_model,
+    format_markdown,
+    run_timesteps,
+)
+from sparsedit.eval.flops import latte_macs, pixart_macs, sparse_latte_macs, sparse_pixart_macs
+from sparsedit.families.latte.model import Latte, LatteConfig
+from sparsedit.families.latte.sparse import SparseLatte, SparseLatteConfig
+from sparsedit.families.pixart.model import PixArt, PixArtConfig
+from sparsedit.families.pixart.sparse import SparsePixArt, SparsePixArtConfig
+from sparsedit.families.presets import preset_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

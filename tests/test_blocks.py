@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import randomize
-from sparsedit.blocks import DenseRecoveryBlock, Poolingformer, SparseGenerationBlock
-from sparsedit.layers import DiTBlock, sincos_pos_embed_2d
+from sparsedit.core.blocks import DenseRecoveryBlock, Poolingformer, SparseGenerationBlock
+from sparsedit.core.layers import DiTBlock, sincos_pos_embed_2d
 
 TOL = 1e-5
 

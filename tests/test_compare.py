@@ -17,11 +17,10 @@ from PIL import Image
 from torch import nn
 
 import sparsedit
-import sparsedit.compare as cmp
+import sparsedit.eval.compare as cmp
 from sparsedit import SparseditError
-from sparsedit.cli import main
-from sparsedit.commands import common
-from sparsedit.compare import (
+from sparsedit.cli import common, main
+from sparsedit.eval.compare import (
     CompareSettings,
     aggregate,
     compare_models,
@@ -32,10 +31,10 @@ from sparsedit.compare import (
     render_markdown,
     spread,
 )
-from sparsedit.data import DigitsDataset
-from sparsedit.dit import DiT, DiTConfig
-from sparsedit.metrics.adm import save_sample_batch
-from sparsedit.metrics.digits import digits_score
+from sparsedit.eval.metrics.adm import save_sample_batch
+from sparsedit.eval.metrics.digits import digits_score
+from sparsedit.families.dit.model import DiT, DiTConfig
+from sparsedit.train.data import DigitsDataset
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -15,9 +15,10 @@ from diffusers import DiTTransformer2DModel
 
 import sparsedit
 from helpers import Exploit, one_line, run_doc_snippets
-from sparsedit.convert import export_differences, official_state_dict
-from sparsedit.dit import DiT, DiTConfig
 from sparsedit.errors import CheckpointError, SparseditError
+from sparsedit.families.dit.convert import official_state_dict
+from sparsedit.families.dit.model import DiT, DiTConfig
+from sparsedit.loading import export_differences
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -205,8 +206,10 @@ def test_convert_cli_exports_pixart_and_latte_to_diffusers(tmp_path, randomize, 
     from diffusers import LatteTransformer3DModel, PixArtTransformer2DModel
 
     from sparsedit.cli import main
-    from sparsedit.latte import Latte, LatteConfig, sparsify_latte
-    from sparsedit.pixart import PixArt, PixArtConfig, sparsify_pixart
+    from sparsedit.families.latte.model import Latte, LatteConfig
+    from sparsedit.families.latte.sparse import sparsify_latte
+    from sparsedit.families.pixart.model import PixArt, PixArtConfig
+    from sparsedit.families.pixart.sparse import sparsify_pixart
 
     pixart = randomize(PixArt(PixArtConfig(input_size=8, hidden_size=32, depth=5, num_heads=2, caption_channels=12,
                                            null_caption_length=5))).eval()

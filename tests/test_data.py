@@ -1,4 +1,4 @@
-"""Tests for sparsedit.data: embedded digits, image folders, precomputed latents."""
+"""Tests for sparsedit.train.data: embedded digits, image folders, precomputed latents."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sparsedit.data import (
+from sparsedit.errors import SparseditError
+from sparsedit.train.data import (
     DigitsDataset,
     ImageFolderDataset,
     LatentsDataset,
@@ -23,7 +24,6 @@ from sparsedit.data import (
     load_digits_raw,
     save_latents,
 )
-from sparsedit.errors import SparseditError
 
 # Tiny tensors: one intra-op thread is faster (fixture in conftest.py).
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -10,9 +10,9 @@ from PIL import Image
 
 import sparsedit
 from sparsedit.cli import main
-from sparsedit.demo import DemoSettings, run_demo
-from sparsedit.dit import DiT, DiTConfig
-from sparsedit.train import DEFAULT_RECIPE
+from sparsedit.eval.demo import DemoSettings, run_demo
+from sparsedit.families.dit.model import DiT, DiTConfig
+from sparsedit.train.trainer import DEFAULT_RECIPE
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -93,7 +93,7 @@ def test_demo_cli_twice_and_never_clobbers_other_files(tmp_path, tiny_digits_dit
 
 
 def test_a_demo_that_fails_half_way_keeps_the_earlier_report(tmp_path, tiny_digits_dit, monkeypatch, capsys):
-    import sparsedit.demo as demo_module
+    import sparsedit.eval.demo as demo_module
 
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--dit", str(tiny_digits_dit), "--finetune-steps", "2", "--batch-size", "8",

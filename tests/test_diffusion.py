@@ -1,4 +1,4 @@
-"""Tests for sparsedit.diffusion: schedule, forward process, posterior, losses, respacing."""
+"""Tests for sparsedit.diffusion.process: schedule, forward process, posterior, losses, respacing."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from sparsedit.diffusion import (
+from sparsedit.diffusion.process import (
     GaussianDiffusion,
     approx_standard_normal_cdf,
     create_diffusion,

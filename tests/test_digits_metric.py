@@ -1,4 +1,4 @@
-"""Tests for sparsedit.metrics.digits: the shipped digits CNN and the FID (digits-CNN features) score."""
+"""Tests for sparsedit.eval.metrics.digits: the shipped digits CNN and the FID (digits-CNN features) score."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsedit.data import DigitsDataset, load_digits_array
 from sparsedit.errors import SparseditError
-from sparsedit.metrics.digits import (
+from sparsedit.eval.metrics.digits import (
     DigitsClassifier,
     digits_score,
     load_digits_classifier,
     train_digits_classifier,
 )
+from sparsedit.train.data import DigitsDataset, load_digits_array
 
 # Small convolutions: one intra-op thread is faster (fixture in conftest.py).
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -48,7 +48,7 @@ def test_shipped_weights_are_package_data() -> None:
     config = json.loads((base / "config.json").read_text())
     assert config["resolution"] == 16 and 64 <= config["feature_dim"] <= 128
     assert config["training"]["test_accuracy"] >= 0.97
-    assert "python -m sparsedit.metrics.digits train" in (base / "TRAINING.md").read_text()
+    assert "python -m sparsedit.eval.metrics.digits train" in (base / "TRAINING.md").read_text()
 
 
 def test_shipped_classifier_accuracy(clf: DigitsClassifier, heldout16: DigitsDataset) -> None:

@@ -21,8 +21,8 @@ from torch import Tensor
 from torch.nn import functional as F
 
 import sparsedit
-from sparsedit.dit import DIT_PRESETS, DiT, DiTConfig, dit_config
 from sparsedit.errors import CheckpointError, SparseditError
+from sparsedit.families.dit.model import DIT_PRESETS, DiT, DiTConfig, dit_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from sparsedit.commands import extract_latents as X
-from sparsedit.commands.common import Parser
-from sparsedit.data import ImageFolderDataset, LatentsDataset
+from sparsedit.cli import extract_latents as X
+from sparsedit.cli.common import Parser
+from sparsedit.diffusion.vae import LATENT_SCALE
 from sparsedit.errors import SparseditError
-from sparsedit.train import open_dataset
-from sparsedit.vae import LATENT_SCALE
+from sparsedit.train.data import ImageFolderDataset, LatentsDataset
+from sparsedit.train.trainer import open_dataset
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -62,7 +62,7 @@ def run(argv: list[str]) -> int:
 
 def reference_encoding(workspace: dict[str, Path], flip: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean, logvar and labels computed here, image by image, with the preprocessing of ImageFolderDataset."""
-    from sparsedit.vae import load_vae
+    from sparsedit.diffusion.vae import load_vae
 
     vae = load_vae(workspace["vae"])
     ds = ImageFolderDataset(workspace["images"], resolution=IMAGE_SIZE, channels=3)
@@ -183,8 +183,8 @@ def test_train_two_steps_on_extracted_latents(workspace: dict[str, Path], tmp_pa
 
 def test_train_on_latents_of_a_factor_2_vae(workspace: dict[str, Path], tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    from sparsedit.commands.train import build_model
-    from sparsedit.train import check_model_fits_data
+    from sparsedit.cli.train import build_model
+    from sparsedit.train.trainer import check_model_fits_data
 
     vae2 = tiny_vae_dir(tmp_path, levels=2)  # 16 px -> 8 x 8 latents
     out = tmp_path / "lat2"

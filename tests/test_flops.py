@@ -1,4 +1,4 @@
-"""Tests for the analytic MAC / parameter counts (sparsedit.flops) and the ``sparsedit flops`` command.
+"""Tests for the analytic MAC / parameter counts (sparsedit.eval.flops) and the ``sparsedit flops`` command.
 
 The analytic counts are checked against ``torch.utils.flop_counter.FlopCounterMode`` run on tiny
 models (and on DiT-XL-sized models on the meta device, which computes nothing), against the DiT
@@ -13,13 +13,13 @@ import math
 import pytest
 import torch
 
-from sparsedit.checkpoint import save_pretrained
-from sparsedit.commands import flops as flops_cmd
-from sparsedit.commands.common import Parser
-from sparsedit.diffusion import space_timesteps
-from sparsedit.dit import DiT, DiTConfig, dit_config
+from sparsedit.cli import flops as flops_cmd
+from sparsedit.cli.common import Parser
+from sparsedit.core.checkpoint import save_pretrained
+from sparsedit.core.layout import parse_layout
+from sparsedit.diffusion.process import space_timesteps
 from sparsedit.errors import SparseditError
-from sparsedit.flops import (
+from sparsedit.eval.flops import (
     dit_macs,
     measure_macs,
     measure_macs_by_kind,
@@ -28,7 +28,8 @@ from sparsedit.flops import (
     schedule_macs,
     sparse_dit_macs,
 )
-from sparsedit.sparse_dit import SparseDiT, SparseDiTConfig, parse_layout
+from sparsedit.families.dit.model import DiT, DiTConfig, dit_config
+from sparsedit.families.dit.sparse import SparseDiT, SparseDiTConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -294,7 +295,7 @@ def test_cli_checkpoint_and_text(tmp_path: pytest.TempPathFactory, capsys: pytes
 
 
 def test_cli_official_checkpoint(tmp_path: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]) -> None:
-    from sparsedit.convert import official_state_dict
+    from sparsedit.families.dit.convert import official_state_dict
 
     config = DiTConfig(input_size=8, depth=2, hidden_size=384, num_heads=6, num_classes=10)  # DiT-S width
     path = tmp_path / "tiny.pt"  # type: ignore[operator]

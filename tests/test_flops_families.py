@@ -7,10 +7,11 @@ import json
 import pytest
 
 from sparsedit.cli import main
-from sparsedit.diffusion import space_timesteps
-from sparsedit.flops import latte_macs, pixart_macs, sparse_pixart_macs
-from sparsedit.latte import latte_config
-from sparsedit.pixart import SparsePixArtConfig, pixart_config
+from sparsedit.diffusion.process import space_timesteps
+from sparsedit.eval.flops import latte_macs, pixart_macs, sparse_pixart_macs
+from sparsedit.families.latte.model import latte_config
+from sparsedit.families.pixart.model import pixart_config
+from sparsedit.families.pixart.sparse import SparsePixArtConfig
 
 
 def flops_json(capsys, *args: str) -> dict:

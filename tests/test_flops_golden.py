@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from sparsedit.commands import flops as flops_cmd
-from sparsedit.commands.common import Parser
-from sparsedit.dit import DIT_PRESETS
-from sparsedit.latte import LATTE_PRESETS
+from sparsedit.cli import flops as flops_cmd
+from sparsedit.cli.common import Parser
+from sparsedit.families.dit.model import DIT_PRESETS
+from sparsedit.families.latte.model import LATTE_PRESETS
 
 GOLDEN = Path(__file__).parent / "golden" / "flops_presets.json"
 PRESETS = [*DIT_PRESETS, *(f"Sparse{name}" for name in DIT_PRESETS), "PixArt-XL/2", "SparsePixArt-XL/2",

@@ -1,7 +1,7 @@
 """CUDA-only checks: the bf16, compiled and CUDA-graph paths agree with fp32 eager, at full model size.
 
 Skipped without a GPU (CI has none). Run on a GPU machine with ``pytest -q tests/test_gpu.py``;
-results are recorded in docs/BENCHMARKS.md. Weights are random (:func:`sparsedit.bench.cheap_init_`,
+results are recorded in docs/BENCHMARKS.md. Weights are random (:func:`sparsedit.eval.bench.cheap_init_`,
 N(0, 0.02^2), so no layer is zero-initialised and every block contributes); inputs are seeded.
 
 Tolerances: bf16 keeps 8 mantissa bits, and with random weights the error grows through the blocks;
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from sparsedit.bench import BenchSettings, ModelRunner, build_bench_model
+from sparsedit.eval.bench import BenchSettings, ModelRunner, build_bench_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

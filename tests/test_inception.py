@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsedit.errors import SparseditError
-from sparsedit.metrics import inception as inc
+from sparsedit.eval.metrics import inception as inc
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2
 
 import sparsedit
 from sparsedit.errors import SparseditError
+from sparsedit.families.dit.sparse import SparseDiT
 from sparsedit.interop import use_in_pipeline
-from sparsedit.sparse_dit import SparseDiT
 
 
 def tiny_vae(blocks: int = 1) -> AutoencoderKL:

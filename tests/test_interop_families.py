@@ -18,11 +18,12 @@ from torch import Tensor, nn
 
 import helpers
 import sparsedit
+from sparsedit.core.schedule import discrete_timestep
 from sparsedit.errors import SparseditError
+from sparsedit.families.latte.model import Latte, LatteConfig
+from sparsedit.families.latte.sparse import SparseLatte, sparsify_latte
+from sparsedit.families.pixart.sparse import SparsePixArt, sparsify_pixart
 from sparsedit.interop import DiffusersLatte, DiffusersPixArt, to_diffusers, use_in_pipeline
-from sparsedit.latte import Latte, LatteConfig, SparseLatte, sparsify_latte
-from sparsedit.pixart import SparsePixArt, sparsify_pixart
-from sparsedit.schedule import discrete_timestep
 
 pytest.importorskip("transformers")  # diffusers only provides PixArtAlphaPipeline / LattePipeline with it
 from diffusers import (  # noqa: E402
@@ -310,7 +311,7 @@ def build_readme_stand_ins(root: Path) -> None:
     an 8x VAE. Latte: the pipeline's defaults (512 px, 16 frames) become 64 x 64 latents, 4 x 4 tokens
     per frame at patch 16.
     """
-    from sparsedit.sparsify import sparsify
+    from sparsedit.families.dit.sparsify import sparsify
 
     DiTPipeline(transformer=dit_transformer(), vae=tiny_vae(), scheduler=DDIMScheduler()).save_pretrained(root / "DiT-XL-2-256")
     sparsedit.save_pretrained(sparsify(sparsedit.load_model(root / "DiT-XL-2-256"), layout="1,1,1,1,1,0,1", **RATES),

@@ -16,23 +16,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 import helpers
-from sparsedit.checkpoint import save_pretrained
-from sparsedit.convert import detect_format, export_differences, load_model, save_model
-from sparsedit.diffusion import space_timesteps
+from sparsedit.core.checkpoint import save_pretrained
+from sparsedit.diffusion.process import space_timesteps
 from sparsedit.errors import CheckpointError, SparseditError
-from sparsedit.flops import latte_macs, latte_schedule_macs, measure_macs, model_params, sparse_latte_macs
-from sparsedit.latte import (
-    Latte,
-    LatteConfig,
-    SparseLatte,
-    SparseLatteConfig,
-    generate_latte,
-    latte_config,
-    latte_from_original_state,
-    save_video_gif,
-    save_video_strip,
-    sparsify_latte,
-)
+from sparsedit.eval.flops import latte_macs, latte_schedule_macs, measure_macs, model_params, sparse_latte_macs
+from sparsedit.families.latte.convert import latte_from_original_state
+from sparsedit.families.latte.model import Latte, LatteConfig, latte_config
+from sparsedit.families.latte.sparse import SparseLatte, SparseLatteConfig, sparsify_latte
+from sparsedit.families.latte.video import generate_latte, save_video_gif, save_video_strip
+from sparsedit.loading import detect_format, export_differences, load_model, save_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 diffusers = pytest.importorskip("diffusers")

@@ -4,7 +4,7 @@ checkpoints, guidance/generation and analytic FLOPs.
 The reference is diffusers' own ``PixArtTransformer2DModel`` built from tiny configs with every
 parameter re-randomised (N(0, 0.2^2)), so zero-initialised layers cannot hide mapping errors. The
 original-format files are written from the diffusers model by an inverse key map written here,
-independently of :mod:`sparsedit.pixart_convert`.
+independently of :mod:`sparsedit.families.pixart.convert`.
 """
 
 from __future__ import annotations
@@ -17,29 +17,26 @@ from torch import Tensor, nn
 
 import sparsedit
 from helpers import randomize
-from sparsedit.checkpoint import save_pretrained
+from sparsedit.core.checkpoint import save_pretrained
 from sparsedit.errors import CheckpointError, SparseditError
-from sparsedit.flops import (
+from sparsedit.eval.flops import (
     measure_macs,
     model_params,
     pixart_macs,
     schedule_macs,
     sparse_pixart_macs,
 )
-from sparsedit.pixart import (
-    PixArt,
-    PixArtBlock,
-    PixArtConfig,
+from sparsedit.families.pixart.convert import original_state_dict, save_pixart_diffusers
+from sparsedit.families.pixart.model import PixArt, PixArtBlock, PixArtConfig, pixart_config
+from sparsedit.families.pixart.sampling import generate_pixart
+from sparsedit.families.pixart.sparse import (
     PixArtGenerationBlock,
     PixArtPoolingformer,
     PixArtRecoveryBlock,
     SparsePixArt,
     SparsePixArtConfig,
-    generate_pixart,
-    pixart_config,
     sparsify_pixart,
 )
-from sparsedit.pixart_convert import original_state_dict, save_pixart_diffusers
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -195,7 +192,7 @@ def test_original_pth_matches_diffusers(tmp_path: Path, additional: bool) -> Non
     null = torch.randn(TOKENS, CAPTION)
     path = tmp_path / "PixArt-XL-2-tiny.pth"
     torch.save({"state_dict": original_from_diffusers(ref, null)}, path)
-    assert sparsedit.convert.detect_format(path) == "official"
+    assert sparsedit.loading.detect_format(path) == "official"
     model = sparsedit.load_model(path)
     assert type(model) is PixArt
     cfg = model.config
@@ -355,7 +352,7 @@ def test_generation_block_at_r0_equals_dense_block() -> None:
     block = randomize(PixArtBlock(HIDDEN, HEADS)).eval()
     gen = PixArtGenerationBlock(HIDDEN, HEADS).eval()
     gen.load_state_dict(block.state_dict())
-    from sparsedit.pixart import PixArtCond, text_attention_mask
+    from sparsedit.families.pixart.model import PixArtCond, text_attention_mask
 
     x = torch.randn(2, 16, HIDDEN)
     mask = torch.ones(2, TOKENS)
@@ -438,7 +435,7 @@ def test_sparse_pixart_macs_match_flop_counter(grid: tuple[int, int]) -> None:
 
 def test_paper_table3_at_256px() -> None:
     """Paper Table 3: PixArt-alpha 148.73 G, SparseDiT 91.62 G (r in [0.61, 0.86], 100 IDDPM steps)."""
-    from sparsedit.diffusion import space_timesteps
+    from sparsedit.diffusion.process import space_timesteps
 
     dense = pixart_config(256)
     assert abs(pixart_macs(dense).gmacs - 148.73) / 148.73 < 0.005

@@ -20,17 +20,19 @@ import torch
 
 from helpers import digits, settings
 from sparsedit import save_model
-from sparsedit.checkpoint import read_safetensors
 from sparsedit.cli import main
-from sparsedit.diffusion import create_diffusion
-from sparsedit.distill import capture_block_outputs, feature_layers, feature_loss, output_loss
-from sparsedit.dit import DiT, dit_config
+from sparsedit.core.checkpoint import read_safetensors
+from sparsedit.core.layout import parse_layout
+from sparsedit.diffusion.process import create_diffusion
 from sparsedit.errors import SparseditError
-from sparsedit.latte import Latte, LatteConfig, sparsify_latte
-from sparsedit.pixart import PixArt, PixArtConfig, sparsify_pixart
-from sparsedit.sparse_dit import parse_layout
-from sparsedit.sparsify import sparsify
-from sparsedit.train import RECIPES, Trainer, list_checkpoints
+from sparsedit.families.dit.model import DiT, dit_config
+from sparsedit.families.dit.sparsify import sparsify
+from sparsedit.families.latte.model import Latte, LatteConfig
+from sparsedit.families.latte.sparse import sparsify_latte
+from sparsedit.families.pixart.model import PixArt, PixArtConfig
+from sparsedit.families.pixart.sparse import sparsify_pixart
+from sparsedit.train.distill import capture_block_outputs, feature_layers, feature_loss, output_loss
+from sparsedit.train.trainer import RECIPES, Trainer, list_checkpoints
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -350,7 +352,7 @@ def cli_args(run_dir: Path, source: Path, steps: int, *extra: str) -> list[str]:
 
 
 def test_cli_default_recipe_with_layout(tmp_path: Path, source_ckpt: Path) -> None:
-    from sparsedit.train import DEFAULT_RECIPE
+    from sparsedit.train.trainer import DEFAULT_RECIPE
 
     assert main(cli_args(tmp_path / "run", source_ckpt, 2)) == 0
     run = json.loads((tmp_path / "run" / "run.json").read_text())

@@ -22,7 +22,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from sparsedit.convert import load_model
+from sparsedit.loading import load_model
 
 MODELS_PY = os.environ.get("SPARSEDIT_DIT_MODELS")
 

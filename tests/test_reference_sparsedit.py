@@ -39,8 +39,8 @@ import torch
 from torch import Tensor, nn
 
 import sparsedit
-from sparsedit.authors import sparse_dit_from_authors
-from sparsedit.sparse_dit import SparseDiT
+from sparsedit.families.dit.authors import sparse_dit_from_authors
+from sparsedit.families.dit.sparse import SparseDiT
 
 MODELS_PY = os.environ.get("SPARSEDIT_AUTHORS_MODELS")
 _TIMM_MODULES = ("timm", "timm.data", "timm.layers", "timm.models", "timm.models._builder",

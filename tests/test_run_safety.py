@@ -22,7 +22,7 @@ import torch
 
 from helpers import Exploit
 from sparsedit.cli import main
-from sparsedit.locking import run_lock
+from sparsedit.core.locking import run_lock
 
 TINY = ["train", "--model", "DiT-S/2", "--hidden-size", "32", "--depth", "2", "--num-heads", "2", "--batch-size", "8",
         "--ckpt-every", "2", "--keep-last", "3", "--log-every", "1", "--no-progress", "--device", "cpu"]
@@ -110,7 +110,7 @@ def test_a_torn_or_foreign_metrics_line_is_dropped_on_resume(tail: bytes, tmp_pa
 
 def test_a_full_disk_while_checkpointing_keeps_the_earlier_checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    import sparsedit.train as train_module
+    import sparsedit.train.trainer as train_module
 
     run_dir = tmp_path / "run"
     assert train(run_dir, 2) == 0
@@ -171,8 +171,8 @@ def test_two_trains_started_together_never_share_a_run(tmp_path: Path) -> None:
 
 
 def test_sample_fid_takes_the_lock_and_refuses_a_file_as_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from sparsedit.checkpoint import save_pretrained
-    from sparsedit.dit import DiT, DiTConfig
+    from sparsedit.core.checkpoint import save_pretrained
+    from sparsedit.families.dit.model import DiT, DiTConfig
 
     torch.manual_seed(0)
     ckpt = save_pretrained(DiT(DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1,

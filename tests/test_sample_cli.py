@@ -10,9 +10,9 @@ from PIL import Image
 
 import sparsedit
 from sparsedit.cli import main
-from sparsedit.dit import DiT, DiTConfig
-from sparsedit.images import make_grid
-from sparsedit.sampling import generate, to_images
+from sparsedit.core.images import make_grid
+from sparsedit.diffusion.sampling import generate, to_images
+from sparsedit.families.dit.model import DiT, DiTConfig
 
 
 def tiny(tmp_path, data_space: str, channels: int, name: str):

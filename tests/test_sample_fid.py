@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-import sparsedit.sample_fid as sf
+import sparsedit.eval.sample_fid as sf
 from sparsedit import DiT, DiTConfig, SparseditError, load_model, save_pretrained
-from sparsedit.commands.common import Parser
-from sparsedit.commands.sample_fid import main, register
-from sparsedit.sample_fid import FidSampling, balanced_labels, sample_fid, sample_shard, shard_path, shard_seed
+from sparsedit.cli.common import Parser
+from sparsedit.cli.sample_fid import main, register
+from sparsedit.eval.sample_fid import FidSampling, balanced_labels, sample_fid, sample_shard, shard_path, shard_seed
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -215,7 +215,7 @@ def test_torchrun_two_processes_match_single_process(ckpt: Path, tmp_path: Path)
     assert cli(ckpt, tmp_path / "single", n=8, b=3) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "sparsedit.commands.sample_fid", "--ckpt", str(ckpt), "--num-samples", "8", "--batch-size", "3",
+           "-m", "sparsedit.cli.sample_fid", "--ckpt", str(ckpt), "--num-samples", "8", "--batch-size", "3",
            "--steps", "2", "--out", str(tmp_path / "multi"), "--device", "cpu", "--no-progress"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

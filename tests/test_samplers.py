@@ -1,4 +1,4 @@
-"""Tests for sparsedit.samplers with oracle models whose exact epsilon is known in closed form."""
+"""Tests for sparsedit.diffusion.samplers with oracle models whose exact epsilon is known in closed form."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from sparsedit.diffusion import create_diffusion, space_timesteps
+from sparsedit.diffusion.process import create_diffusion, space_timesteps
+from sparsedit.diffusion.samplers import SAMPLERS, sample
 from sparsedit.errors import SparseditError
-from sparsedit.samplers import SAMPLERS, sample
 
 T = 1000
 ACP = torch.tensor(np.cumprod(1.0 - np.linspace(1e-4, 0.02, T)), dtype=torch.float64)

@@ -15,14 +15,14 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from sparsedit.errors import SparseditError
-from sparsedit.schedule import (
+from sparsedit.core.schedule import (
     Piece,
     PieceSampler,
     PruningSchedule,
     grid_for_rate,
     pruning_rate,
 )
+from sparsedit.errors import SparseditError
 
 T = 1000
 PAPER = (0.61, 0.86)  # DiT-XL/2 256 px setting of the paper

@@ -10,10 +10,11 @@ from torch import Tensor, nn
 
 import sparsedit
 from helpers import randomize
-from sparsedit.blocks import CrossDenseBlock, DenseRecoveryBlock, Poolingformer, SparseGenerationBlock
+from sparsedit.core.blocks import CrossDenseBlock, DenseRecoveryBlock, Poolingformer, SparseGenerationBlock
+from sparsedit.core.layers import DiTBlock
+from sparsedit.core.layout import LAYOUTS, Layout, block_kinds, parse_layout
 from sparsedit.errors import SparseditError
-from sparsedit.layers import DiTBlock
-from sparsedit.sparse_dit import LAYOUTS, Layout, SparseDiT, SparseDiTConfig, block_kinds, parse_layout
+from sparsedit.families.dit.sparse import SparseDiT, SparseDiTConfig
 
 
 def tiny_config(layout: str = "1,1,1,1,1,1,1", **kw) -> SparseDiTConfig:

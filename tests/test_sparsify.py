@@ -14,14 +14,14 @@ from torch import Tensor, nn
 
 import sparsedit
 from helpers import randomize
-from sparsedit.blocks import DenseRecoveryBlock, SparseGenerationBlock
 from sparsedit.cli import main
-from sparsedit.diffusion import space_timesteps
-from sparsedit.dit import DiT, DiTConfig
+from sparsedit.core.blocks import DenseRecoveryBlock, SparseGenerationBlock
+from sparsedit.diffusion.process import space_timesteps
+from sparsedit.diffusion.sampling import generate
 from sparsedit.errors import SparseditError
-from sparsedit.sampling import generate
-from sparsedit.sparse_dit import SparseDiT, SparseDiTConfig
-from sparsedit.sparsify import sparsify, sparsify_with_rules
+from sparsedit.families.dit.model import DiT, DiTConfig
+from sparsedit.families.dit.sparse import SparseDiT, SparseDiTConfig
+from sparsedit.families.dit.sparsify import sparsify, sparsify_with_rules
 
 LAYOUT = "1,2,1,1,1,1,1"  # P=1, K=2 SDTMs of (g, s, r, d) = (1, 1, 1, 1), T=1 -> depth 10
 KINDS = ["pool"] + ["gen", "sparse", "recover", "dense"] * 2 + ["top"]

@@ -6,8 +6,10 @@ import torch
 
 import sparsedit
 from sparsedit.cli import main
-from sparsedit.latte import Latte, LatteConfig, SparseLatte
-from sparsedit.pixart import PixArt, PixArtConfig, SparsePixArt
+from sparsedit.families.latte.model import Latte, LatteConfig
+from sparsedit.families.latte.sparse import SparseLatte
+from sparsedit.families.pixart.model import PixArt, PixArtConfig
+from sparsedit.families.pixart.sparse import SparsePixArt
 
 
 def test_pixart_checkpoint_sparsifies_to_sparse_pixart(tmp_path, capsys):

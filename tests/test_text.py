@@ -1,4 +1,4 @@
-"""Prompts through a local T5 (sparsedit.text) and ``sparsedit sample --prompt --t5`` for PixArt and text Latte.
+"""Prompts through a local T5 (sparsedit.diffusion.text) and ``sparsedit sample --prompt --t5`` for PixArt and text Latte.
 
 The reference for the embeddings is diffusers' own ``PixArtAlphaPipeline.encode_prompt`` on the same tiny
 T5 (a 1-layer encoder and an in-memory tokenizer, saved to disk as a user's local copy would be).
@@ -15,15 +15,16 @@ from PIL import Image
 
 import helpers
 import sparsedit
-from sparsedit.commands import sample as sample_cmd
-from sparsedit.commands.common import Parser
+from sparsedit.cli import sample as sample_cmd
+from sparsedit.cli.common import Parser
+from sparsedit.core.images import save_grid
+from sparsedit.diffusion.sampling import to_images
+from sparsedit.diffusion.text import T5Encoder, encode_prompts
+from sparsedit.diffusion.vae import load_vae
 from sparsedit.errors import SparseditError
-from sparsedit.images import save_grid
-from sparsedit.latte import generate_latte, save_video_gif, sparsify_latte
-from sparsedit.pixart import generate_pixart
-from sparsedit.sampling import to_images
-from sparsedit.text import T5Encoder, encode_prompts
-from sparsedit.vae import load_vae
+from sparsedit.families.latte.sparse import sparsify_latte
+from sparsedit.families.latte.video import generate_latte, save_video_gif
+from sparsedit.families.pixart.sampling import generate_pixart
 
 pytest.importorskip("transformers")
 from diffusers import DDIMScheduler, PixArtAlphaPipeline  # noqa: E402
@@ -152,7 +153,7 @@ def test_cli_text_errors(local: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_cli_refuses_prompts_for_a_class_model(tmp_path: Path) -> None:
-    from sparsedit.dit import DiT, DiTConfig
+    from sparsedit.families.dit.model import DiT, DiTConfig
 
     ckpt = sparsedit.save_pretrained(DiT(DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2,
                                                    num_heads=2, num_classes=3, data_space="pixel")), tmp_path / "dit")

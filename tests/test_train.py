@@ -1,4 +1,4 @@
-"""Tests for training (:mod:`sparsedit.train`, ``sparsedit train``): determinism, a tiny overfit,
+"""Tests for training (:mod:`sparsedit.train.trainer`, ``sparsedit train``): determinism, a tiny overfit,
 kill-and-resume equivalence with a real subprocess and SIGKILL (DiT and SparseDiT fine-tuning),
 settings validation, run-directory safety, NaN handling, checkpoint pruning and the final model.
 
@@ -23,12 +23,12 @@ import torch
 
 from helpers import digits, settings
 from sparsedit import load_model, save_model
-from sparsedit.checkpoint import read_safetensors
 from sparsedit.cli import main
-from sparsedit.dit import DiT, dit_config
+from sparsedit.core.checkpoint import read_safetensors
 from sparsedit.errors import SparseditError
-from sparsedit.sparse_dit import SparseDiT
-from sparsedit.train import StepBatchSampler, Trainer, list_checkpoints
+from sparsedit.families.dit.model import DiT, dit_config
+from sparsedit.families.dit.sparse import SparseDiT
+from sparsedit.train.trainer import StepBatchSampler, Trainer, list_checkpoints
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -354,7 +354,7 @@ def test_training_flags_run(kw: dict[str, Any], tmp_path: Path) -> None:
 
 
 def test_sparsedit_batches_share_one_grid_per_step(tmp_path: Path, sparse_source: Path) -> None:
-    from sparsedit.sparsify import sparsify
+    from sparsedit.families.dit.sparsify import sparsify
 
     model = sparsify(load_model(sparse_source), layout=SPARSE_LAYOUT).train()
     trainer = Trainer(model, digits(), tmp_path / "run", settings(steps=6, grad_accum=2), progress=False)

@@ -27,8 +27,8 @@ import pytest
 import torch
 
 from sparsedit import load_model
-from sparsedit.checkpoint import read_safetensors
 from sparsedit.cli import main
+from sparsedit.core.checkpoint import read_safetensors
 
 # The marker is not registered in pyproject/conftest (a ``pytest_configure`` hook in a test module is
 # never called: pytest only runs hooks of plugins and conftest files); selecting by an unregistered
@@ -108,10 +108,10 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from sparsedit.cli import main
-from sparsedit.data import DigitsDataset
-from sparsedit.dit import DiT, dit_config
-from sparsedit.sparsify import sparsify
-from sparsedit.train import Trainer, TrainSettings, init_distributed
+from sparsedit.train.data import DigitsDataset
+from sparsedit.families.dit.model import DiT, dit_config
+from sparsedit.families.dit.sparsify import sparsify
+from sparsedit.train.trainer import Trainer, TrainSettings, init_distributed
 
 OUT = Path(sys.argv[1])
 D = init_distributed("cpu")
@@ -313,9 +313,9 @@ def test_distillation_under_fsdp_and_data_free_under_ddp(worker_out: Path) -> No
 
 
 def test_fresh_run_dir_has_no_rank_race(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sparsedit import train as T
-    from sparsedit.data import DigitsDataset
-    from sparsedit.dit import DiT, dit_config
+    from sparsedit.families.dit.model import DiT, dit_config
+    from sparsedit.train import trainer as T
+    from sparsedit.train.data import DigitsDataset
 
     barrier = threading.Barrier(2, timeout=20)
     writing = threading.Event()  # rank 0 has started writing run.json

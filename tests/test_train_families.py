@@ -1,5 +1,5 @@
 """Training PixArt-alpha / SparsePixArt and Latte / SparseLatte (class and text variants) with
-:class:`sparsedit.train.Trainer` and ``sparsedit train``.
+:class:`sparsedit.train.trainer.Trainer` and ``sparsedit train``.
 
 The central check recomputes the first step's loss outside the trainer: the documented data order,
 timestep and noise draws (and caption/label dropout from the global RNG) are redone here and the
@@ -28,12 +28,14 @@ from torch import Tensor, nn
 from helpers import randomize
 from sparsedit import load_model, save_model
 from sparsedit.cli import main
-from sparsedit.data import LatentsDataset, save_latents
-from sparsedit.diffusion import create_diffusion
+from sparsedit.diffusion.process import create_diffusion
 from sparsedit.errors import SparseditError
-from sparsedit.latte import Latte, LatteConfig, SparseLatte, sparsify_latte
-from sparsedit.pixart import PixArt, PixArtConfig, SparsePixArt, sparsify_pixart
-from sparsedit.train import Trainer, TrainSettings, VideoPieceSampler, list_checkpoints, video_pieces
+from sparsedit.families.latte.model import Latte, LatteConfig
+from sparsedit.families.latte.sparse import SparseLatte, VideoPieceSampler, sparsify_latte, video_pieces
+from sparsedit.families.pixart.model import PixArt, PixArtConfig
+from sparsedit.families.pixart.sparse import SparsePixArt, sparsify_pixart
+from sparsedit.train.data import LatentsDataset, save_latents
+from sparsedit.train.trainer import Trainer, TrainSettings, list_checkpoints
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

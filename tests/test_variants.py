@@ -16,15 +16,18 @@ import torch
 from torch import Tensor, nn
 
 from helpers import randomize
-from sparsedit.blocks import DenseRecoveryBlock, RecoveryMerge
-from sparsedit.checkpoint import load_pretrained, save_pretrained
 from sparsedit.cli import main
-from sparsedit.dit import DiT, DiTConfig
+from sparsedit.core.blocks import DenseRecoveryBlock, RecoveryMerge
+from sparsedit.core.checkpoint import load_pretrained, save_pretrained
+from sparsedit.core.layout import block_kinds, parse_layout
 from sparsedit.errors import SparseditError
-from sparsedit.flops import measure_macs_by_kind, model_params, sparse_dit_macs, sparse_pixart_macs
-from sparsedit.latte import LatteConfig, SparseLatte, SparseLatteConfig
-from sparsedit.pixart import PixArtConfig, PixArtRecoveryBlock, SparsePixArt, SparsePixArtConfig
-from sparsedit.sparse_dit import SparseDiT, SparseDiTConfig, block_kinds, parse_layout
+from sparsedit.eval.flops import measure_macs_by_kind, model_params, sparse_dit_macs, sparse_pixart_macs
+from sparsedit.families.dit.model import DiT, DiTConfig
+from sparsedit.families.dit.sparse import SparseDiT, SparseDiTConfig
+from sparsedit.families.latte.model import LatteConfig
+from sparsedit.families.latte.sparse import SparseLatte, SparseLatteConfig
+from sparsedit.families.pixart.model import PixArtConfig
+from sparsedit.families.pixart.sparse import PixArtRecoveryBlock, SparsePixArt, SparsePixArtConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

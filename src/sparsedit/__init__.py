@@ -11,13 +11,15 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from sparsedit.checkpoint import load_pretrained, save_pretrained
-from sparsedit.convert import load_model, save_model
-from sparsedit.dit import DIT_PRESETS, DiT, DiTConfig, dit_config
+from sparsedit import _moved  # noqa: F401  (old import paths keep working, with a DeprecationWarning)
+from sparsedit.core.checkpoint import load_pretrained, save_pretrained
+from sparsedit.core.layout import LAYOUTS
+from sparsedit.core.schedule import PieceSampler, PruningSchedule
 from sparsedit.errors import CheckpointError, SparseditError
-from sparsedit.schedule import PieceSampler, PruningSchedule
-from sparsedit.sparse_dit import LAYOUTS, SparseDiT, SparseDiTConfig
-from sparsedit.sparsify import sparsify
+from sparsedit.families.dit.model import DIT_PRESETS, DiT, DiTConfig, dit_config
+from sparsedit.families.dit.sparse import SparseDiT, SparseDiTConfig
+from sparsedit.families.dit.sparsify import sparsify
+from sparsedit.loading import load_model, save_model
 
 __all__ = [
     "DIT_PRESETS",

@@ -1,0 +1,256 @@
+"""The model-family interface: everything that differs between DiT, PixArt-alpha and Latte, in one class.
+
+Commands and library functions never ask "which family is this?"; they call
+:func:`sparsedit.families.family_of` on a model or config and use the answer. A family is found by the
+``model_type`` its configs write into ``config.json`` (a dense and a sparse one per family).
+
+An instance is bound to one config (dense or sparse). What does not need a config (presets, recognising
+and reading checkpoint files) is a classmethod. ``Tokens`` is a family's sparse token set: ``(h, w)`` for
+image families, ``((h, w), frames)`` for video ones, None for the dense model.
+
+To add a family, subclass :class:`Family` in ``sparsedit/families/NAME/family.py``, register it with
+:func:`sparsedit.families.register` and list the module in ``sparsedit.families.BUILTIN`` (docs/architecture.md
+has the checklist).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from sparsedit.errors import SparseditError
+
+Grid = tuple[int, int]
+Tokens = Any
+
+
+class Family:
+    """One model family. Subclasses set the class attributes and override what their models do differently."""
+
+    name: ClassVar[str]  # "dit": the folder under sparsedit/families
+    dense_type: ClassVar[str]  # model_type of the dense model ("DiT")
+    sparse_type: ClassVar[str]  # model_type of its sparse model ("SparseDiT")
+    presets: ClassVar[tuple[str, ...]] = ()  # dense preset names ("DiT-XL/2", ...)
+    preset_help: ClassVar[str] = ""  # how `--model` help lists this family's presets
+    diffusers_format: ClassVar[str | None] = None  # detect_format's name for this family's diffusers directories
+    default_rates: ClassVar[tuple[float, float]] = (0.61, 0.86)  # the paper's (r_min, r_max) for this family
+    sample_suffixes: ClassVar[tuple[str, ...]] = (".png",)  # what `sparsedit sample --out` may write
+    catch_all: ClassVar[bool] = False  # tried last when recognising a file or diffusers directory
+
+    def __init__(self, config: Any):
+        self.config = config
+        self.sparse = config.model_type == self.sparse_type
+
+    # ---- classes, configs, presets ------------------------------------------------------------
+
+    @classmethod
+    def model_types(cls) -> dict[str, tuple[type, type[nn.Module]]]:
+        """``{model_type: (config class, model class)}`` for the dense and the sparse model."""
+        raise NotImplementedError
+
+    @classmethod
+    def resolve_preset(cls, name: str, image_size: int) -> tuple[Any, str | None] | None:
+        """(dense config, layout of a sparse preset or None) for a preset name of this family, else None."""
+        return None
+
+    def dense_config(self) -> Any:
+        """The dense config a sparse config extends (same fields, no layout); a dense config as is."""
+        if not self.sparse:
+            return self.config
+        dense_cls = self.model_types()[self.dense_type][0]
+        import dataclasses
+
+        fields = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(dense_cls) if f.init}
+        return dense_cls(**fields)
+
+    def check_rates(self, rates: dict[str, Any]) -> None:
+        """Refuse schedule options this family has no use for (given as non-None values in ``rates``)."""
+
+    def sparse_config(self, layout: str, **rates: Any) -> Any:
+        """The sparse config of this dense config with ``layout`` and schedule options."""
+        raise NotImplementedError
+
+    def block_kinds(self) -> list[str]:
+        """The kind of every block, in order (``pool``, ``gen``, ``sparse``, ``recover``, ``dense``, ``top``, ...)."""
+        if not self.sparse:
+            return ["top"] * self.config.depth
+        from sparsedit.core.layout import block_kinds
+
+        return block_kinds(self.config.layout, self.config.extra_recovery)
+
+    # ---- sparsify --------------------------------------------------------------------------------
+
+    def sparsify(self, model: nn.Module, layout: str | None, num_pieces: int | None, **options: Any) -> nn.Module:
+        """The sparse model of the dense ``model`` (``options``: r_min, r_max, upsample, recovery_pos_embed,
+        extra_recovery; absent ones take the family's defaults)."""
+        raise NotImplementedError
+
+    def refuse_sparse_source(self) -> None:
+        if self.sparse:
+            raise SparseditError(f"the source is already a {self.sparse_type}; pass the dense model it came from")
+
+    def token_sets(self) -> list[Tokens]:
+        """The distinct sparse token sets a full sampling run of a sparse model can use, fewest tokens first."""
+        grids = {p.grid for p in self.config.schedule.pieces(self.config.grid)}
+        return sorted(grids, key=lambda g: g[0] * g[1])
+
+    @staticmethod
+    def tokens_label(tokens: Tokens) -> str:
+        """How logs and messages name a token set: ``5x5`` (a grid), ``4x4x2f`` (grid x frames)."""
+        return f"{tokens[0]}x{tokens[1]}"
+
+    # ---- checkpoint formats ------------------------------------------------------------------------
+
+    @classmethod
+    def reads_diffusers(cls, cfg: dict[str, Any]) -> bool:
+        """Whether a diffusers ``config.json`` (with ``_class_name``) is one of this family's transformers."""
+        return False
+
+    @classmethod
+    def from_diffusers(cls, path: Path) -> nn.Module:
+        raise NotImplementedError
+
+    @classmethod
+    def reads_file(cls, obj: Any) -> bool:
+        """Whether the contents of a single checkpoint file (a state dict or training dict) are this family's."""
+        return False
+
+    @classmethod
+    def from_file(cls, obj: Any, path: Path, preset: str | None, image_size: int | None, use_ema: bool) -> nn.Module:
+        raise NotImplementedError
+
+    def save_diffusers(self, model: nn.Module, out: str | Path, overwrite: bool, drop_null_caption: bool) -> Path:
+        raise SparseditError(f"a {type(model).__name__} has no diffusers format; use --to sparsedit")
+
+    def export_differences(self) -> list[str]:
+        """Numerical settings a diffusers export cannot keep (empty when it is exact)."""
+        if getattr(self.config, "text_mask_bias", -10000.0) is None:
+            return ["caption padding: excluded exactly -> a -10000 logit bias (diffusers; equal unless logits reach ~1e4)"]
+        return []
+
+    # ---- conditioning and sampling ----------------------------------------------------------------
+
+    @property
+    def text_conditioned(self) -> bool:
+        """True when the model takes T5 caption embeddings; False for class labels (or none)."""
+        return False
+
+    @property
+    def frames(self) -> int | None:
+        """Frames of a video model's samples (None for an image model)."""
+        return None
+
+    def generate(self, model: nn.Module, labels: Sequence[int] | None = None, text: dict[str, Tensor | None] | None = None,
+                 **common: Any) -> Tensor:
+        """Samples of ``model``: by class ``labels``, or by caption embeddings ``text`` (``embeds``, ``mask``,
+        ``null_embeds``, ``null_mask``); ``common``: sampler, steps, eta, cfg_scale, cfg_mode, seed, device, progress."""
+        raise NotImplementedError
+
+    def write_samples(self, images: Tensor, out: Path, nrow: int | None, fps: int | None) -> Path:
+        """Write decoded samples (images in [-1, 1]) to ``out``: a PNG grid."""
+        from sparsedit.core.images import save_grid
+
+        return save_grid(images, out, nrow=nrow)
+
+    def timestep_sampler(self, generator: torch.Generator) -> Any:
+        """The training timestep sampler of a sparse model (None: uniform timesteps, a dense model)."""
+        if not self.sparse:
+            return None
+        from sparsedit.core.schedule import PieceSampler
+
+        return PieceSampler(self.config.schedule, self.config.grid, generator)
+
+    def draws_training_grids(self) -> bool:
+        """Whether the trainer can draw sample grids of this model (``--sample-every``): class-conditional images."""
+        return False
+
+    def diffusers_face(self, model: nn.Module) -> nn.Module:
+        """``model`` behind the call signature of its diffusers transformer (for ``use_in_pipeline``)."""
+        raise SparseditError(f"no diffusers pipeline takes a {type(model).__name__}; pass a DiT, PixArt or Latte model")
+
+    def attention_layers(self, model: nn.Module) -> list[nn.Module]:
+        """The self-attention of every block (``sparsedit analyze``); families without one per block refuse."""
+        raise not_analyzable(model)
+
+    # ---- one model evaluation, as bench and flops run it --------------------------------------------
+
+    def check_guidance(self, name: str) -> None:
+        """Refuse guidance for a model trained without an unconditional input (a null class)."""
+        if self.config.class_dropout_prob <= 0:
+            raise SparseditError(f"{name} was trained without a null class, so --cfg-scale must be 1")
+
+    def sample_shape(self, rows: int) -> tuple[int, ...]:
+        return (rows, self.config.in_channels, *self.config.latent_hw)
+
+    def conditioning(self, model: nn.Module, batch: int, guided: bool, gen: torch.Generator) -> dict[str, Tensor]:
+        """Random non-noise inputs of one evaluation with ``batch`` rows (twice that under guidance, the second
+        half unconditional), as a dict of CPU tensors."""
+        raise NotImplementedError
+
+    def call(self, fn: Callable[..., Tensor], x: Tensor, t: Tensor, cond: dict[str, Tensor], tokens: Tokens) -> Tensor:
+        """Run ``fn`` (the model or its compiled forward) on ``x``, ``t`` and ``cond`` with explicit sparse tokens."""
+        raise NotImplementedError
+
+    def tokens_at(self, t: int) -> Tokens:
+        """The token set the schedule uses at timestep ``t`` (None for a dense model)."""
+        return self.config.schedule.grid(int(t), self.config.grid) if self.sparse else None
+
+    def describe(self, tokens: Tokens) -> dict[str, Any]:
+        """JSON fields naming ``tokens`` (the dense grid for a dense model)."""
+        return {"forward_grid": list(self.config.grid if tokens is None else tokens)}
+
+    def reset_buffers(self, model: nn.Module) -> None:
+        """Recompute the non-learned buffers (position tables) after ``to_empty``: they are not random."""
+        model.pos_embed.copy_(model.position_table(self.config.grid)[None])
+
+
+def not_analyzable(model: object) -> SparseditError:
+    return SparseditError(
+        f"analyze needs a dense DiT, got {type(model).__name__}; pass the original DiT checkpoint (a SparseDiT "
+        "has no self-attention in its poolingformers and mixes token grids)"
+    )
+
+
+def refuse_drop_null_caption(model: nn.Module, drop_null_caption: bool) -> None:
+    if drop_null_caption:
+        raise SparseditError(f"drop_null_caption (--drop-null-caption) is for PixArt; a {type(model).__name__} has no "
+                             "null caption: drop it")
+
+
+def label_conditioning(num_classes: int, batch: int, guided: bool, gen: torch.Generator) -> dict[str, Tensor]:
+    """Random class labels for :meth:`Family.conditioning`; under guidance the second half is the null class."""
+    y = torch.randint(0, num_classes, (batch,), generator=gen)
+    if guided:
+        y = torch.cat([y, torch.full_like(y, num_classes)])
+    return {"y": y}
+
+
+def caption_conditioning(model: nn.Module, config: Any, batch: int, guided: bool, gen: torch.Generator,
+                         length: int) -> dict[str, Tensor]:
+    """Random T5-sized caption embeddings of ``length`` tokens, all attended (a mask of ones), for the caption
+    families' :meth:`Family.conditioning`.
+
+    Under guidance the unconditional half gets the model's stored null caption (zeros when the checkpoint has
+    none). A 1024 px PixArt also gets resolution and aspect-ratio conditions.
+    """
+    rows = 2 * batch if guided else batch
+    text = torch.randn(batch, length, config.caption_channels, generator=gen)
+    mask = torch.ones(rows, length)
+    if guided:
+        null = torch.zeros_like(text)
+        stored = getattr(model.y_embedder, "y_embedding", None)
+        if stored is not None:  # fit a stored null caption of another length into the static caption length
+            k = min(length, stored.shape[0])
+            null[:, :k] = stored[:k].detach().float().cpu()
+            mask[batch:, k:] = 0
+        text = torch.cat([text, null])
+    cond = {"encoder_hidden_states": text, "encoder_attention_mask": mask}
+    if getattr(config, "use_additional_conditions", False):
+        from sparsedit.families.pixart.model import size_conditions
+
+        cond.update(size_conditions(config.latent_hw, rows))
+    return cond

@@ -1,1 +1,0 @@
-"""Sample-quality metrics: ADM-compatible ImageNet metrics and the embedded digits score."""

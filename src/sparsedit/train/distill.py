@@ -1,0 +1,187 @@
+"""Distillation from the source model: the pieces :class:`sparsedit.train.trainer.Trainer` uses.
+
+A SparseDiT keeps the L layers of the dense model it was sparsified from, layer i initialised from
+layer i, so that source is a natural frozen teacher:
+
+* **output distillation**: on the same ``(x_t, t, conditions)`` the student's prediction (epsilon,
+  and for learned-sigma models the variance channels) is pulled to the teacher's with an MSE;
+* **feature distillation**: the dense tokens at the end of every sparse-dense token module and after
+  the last block (before the final layer) are pulled to the teacher's tokens at the same layers. Those
+  layers hold the full dense token set in both models, so the alignment is exact, token for token;
+* **data-free distillation**: without the source training set, ``x_0`` comes from the teacher's own
+  samples (:func:`teacher_samples`), cached once per run.
+
+The teacher never receives gradients and is never written into the student's checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from sparsedit.core.checkpoint import atomic_write, read_safetensors, write_safetensors
+from sparsedit.diffusion.process import mean_flat
+from sparsedit.errors import SparseditError
+
+TEACHER_SAMPLES_FILE = "teacher_samples.safetensors"
+TEACHER_SAMPLES_META = "teacher_samples.json"
+
+
+def feature_layers(model: nn.Module) -> list[int]:
+    """The layers of a sparse model whose outputs are distilled: the end of every SDTM and the last block."""
+    layout = getattr(model.config, "layout", None)
+    if layout is None:
+        raise SparseditError(f"feature distillation needs a sparse student (SparseDiT, SparsePixArt, SparseLatte), "
+                             f"not a {type(model).__name__}; use output distillation only (--feature-weight 0)")
+    return layout.feature_layers()
+
+
+@contextmanager
+def capture_block_outputs(model: nn.Module, layers: list[int], batch: int) -> Iterator[dict[int, Tensor]]:
+    """Record ``model.blocks[i]``'s output for every i in ``layers`` while the context is open.
+
+    The outputs are stored as ``model.block_tokens(i, output, batch)``: (B, tokens, D), whatever
+    layout the family keeps its hidden states in (Latte alternates frame-major and token-major rows).
+    Forward hooks, so the models' forward code is untouched; they are removed on exit.
+    """
+    captured: dict[int, Tensor] = {}
+    handles = []
+    for i in layers:
+        def hook(_module: nn.Module, _args: Any, output: Tensor, i: int = i) -> None:
+            captured[i] = model.block_tokens(i, output, batch)
+
+        handles.append(model.blocks[i].register_forward_hook(hook))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def output_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """(B,) MSE between the two predictions over every output channel (epsilon and, if learned, variance)."""
+    if student.shape != teacher.shape:
+        raise SparseditError(f"the teacher predicts {tuple(teacher.shape)} but the student {tuple(student.shape)}; "
+                             "distil from the dense model the student was sparsified from")
+    return mean_flat((student.float() - teacher.float()) ** 2)
+
+
+def feature_loss(student: dict[int, Tensor], teacher: dict[int, Tensor]) -> Tensor:
+    """(B,) mean over the tapped layers of the relative token MSE ``|s - t|^2 / mean(t^2)``.
+
+    Each layer's error is divided by the mean square of the teacher's tokens at that layer (a constant,
+    no gradient), because the residual stream grows with depth and deep layers would otherwise dominate.
+    """
+    terms = []
+    for i, t_tokens in teacher.items():
+        s_tokens = student[i]
+        if s_tokens.shape != t_tokens.shape:
+            raise SparseditError(f"layer {i}: the student holds {tuple(s_tokens.shape)} tokens, the teacher "
+                                 f"{tuple(t_tokens.shape)}; distil from the dense model the student was sparsified from")
+        t32 = t_tokens.float()
+        scale = t32.pow(2).mean().clamp_min(1e-12)
+        terms.append(mean_flat((s_tokens.float() - t32) ** 2) / scale)
+    return torch.stack(terms).mean(dim=0)
+
+
+def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
+    """A one-line error unless ``teacher`` can be the dense source of ``student`` (same depth, sizes, outputs)."""
+    s, t = student.config, teacher.config
+    fields = ("depth", "hidden_size", "in_channels", "out_channels", "latent_hw", "num_classes")
+    diff = [f"{name} {getattr(t, name, None)} vs {getattr(s, name, None)}" for name in fields
+            if getattr(t, name, None) != getattr(s, name, None)]
+    if getattr(t, "layout", None) is not None:
+        diff.append("the teacher is itself sparse")
+    if diff:
+        raise SparseditError(f"the teacher does not match the student ({'; '.join(diff)}); distil from the dense "
+                             "model the student was sparsified from (--teacher, default: --init-from)")
+
+
+# --------------------------------------------------------------------------------------------
+# data-free distillation: the teacher's own samples as x_0
+# --------------------------------------------------------------------------------------------
+
+
+def check_samplable(teacher: nn.Module) -> None:
+    """Data-free distillation draws x_0 with :func:`sparsedit.diffusion.sampling.generate`: class-conditional DiTs."""
+    cfg = teacher.config
+    if cfg.model_type != "DiT" or cfg.num_classes <= 0:
+        raise SparseditError(f"data-free distillation samples class-conditional DiT teachers, not a "
+                             f"{type(teacher).__name__}; train PixArt / Latte on their latents directories instead")
+
+
+class TeacherSamples(Dataset):
+    """``(x_0, label)`` pairs sampled from the teacher (:func:`teacher_samples`); an in-memory data set."""
+
+    def __init__(self, samples: Tensor, labels: Tensor):
+        if samples.shape[0] != labels.shape[0]:
+            raise SparseditError(f"{samples.shape[0]} teacher samples but {labels.shape[0]} labels")
+        self.samples, self.labels = samples.float(), labels.long()
+
+    def __len__(self) -> int:
+        return self.samples.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.samples[i], int(self.labels[i])
+
+
+def teacher_samples(teacher: nn.Module, num: int, cache_dir: str | Path, *, sampler: str = "ddim", steps: int = 50,
+                    cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 250, device: str | torch.device = "cpu",
+                    progress: bool = True) -> TeacherSamples:
+    """``num`` class-balanced samples (label ``i % num_classes``) of a class-conditional teacher, cached.
+
+    The samples are written to ``cache_dir`` (all-or-nothing) with the settings that made them; a
+    later call with the same settings reads them back (a resumed run does not sample again), other
+    settings are refused rather than mixed. Chunk k is drawn with seed ``seed * 100003 + k``.
+    """
+    from sparsedit.diffusion.sampling import generate
+
+    check_samplable(teacher)
+    cfg = teacher.config
+    if num < 1:
+        raise SparseditError(f"--data-free needs at least 1 sample, got {num}")
+    settings = {"num": num, "sampler": sampler, "steps": steps, "cfg_scale": cfg_scale, "seed": seed,
+                "batch_size": batch_size, "teacher": cfg.to_dict()}
+    cache = Path(cache_dir)
+    data_path, meta_path = cache / TEACHER_SAMPLES_FILE, cache / TEACHER_SAMPLES_META
+    if data_path.exists() and meta_path.exists():
+        saved = json.loads(meta_path.read_text())
+        if saved != json.loads(json.dumps(settings)):
+            raise SparseditError(f"{cache} holds teacher samples made with other settings; use a new --run-dir")
+        tensors = read_safetensors(data_path)
+        return TeacherSamples(tensors["samples"], tensors["labels"])
+    labels = torch.arange(num) % cfg.num_classes
+    chunks = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num, desc="teacher samples", unit="img", dynamic_ncols=True)
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        for k, start in enumerate(range(0, num, batch_size)):
+            part = labels[start:start + batch_size]
+            chunks.append(generate(teacher, part, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                                   seed=seed * 100003 + k, device=device, progress=False).cpu())
+            if bar is not None:
+                bar.update(len(part))
+    finally:
+        teacher.train(was_training)
+        if bar is not None:
+            bar.close()
+    samples = torch.cat(chunks)
+    if cfg.data_space == "pixel":
+        samples = samples.clamp(-1, 1)  # what an image of the teacher is
+    cache.mkdir(parents=True, exist_ok=True)
+    write_safetensors(data_path, {"samples": samples.contiguous(), "labels": labels},
+                      metadata={"format": "pt"})
+    atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(settings, indent=1, sort_keys=True)))
+    return TeacherSamples(samples, labels)
