@@ -27,7 +27,8 @@ from sparsedit.eval.flops import (
     sparse_pixart_macs,
 )
 from sparsedit.families.pixart.convert import original_state_dict, save_pixart_diffusers
-from sparsedit.families.pixart.model import PixArt, PixArtBlock, PixArtConfig, pixart_config
+from sparsedit.families.pixart.layers import PixArtBlock
+from sparsedit.families.pixart.model import PixArt, PixArtConfig, pixart_config
 from sparsedit.families.pixart.sampling import generate_pixart
 from sparsedit.families.pixart.sparse import (
     PixArtGenerationBlock,
@@ -352,7 +353,7 @@ def test_generation_block_at_r0_equals_dense_block() -> None:
     block = randomize(PixArtBlock(HIDDEN, HEADS)).eval()
     gen = PixArtGenerationBlock(HIDDEN, HEADS).eval()
     gen.load_state_dict(block.state_dict())
-    from sparsedit.families.pixart.model import PixArtCond, text_attention_mask
+    from sparsedit.families.pixart.layers import PixArtCond, text_attention_mask
 
     x = torch.randn(2, 16, HIDDEN)
     mask = torch.ones(2, TOKENS)

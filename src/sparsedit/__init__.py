@@ -9,9 +9,8 @@ Public API::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from sparsedit import _moved  # noqa: F401  (old import paths keep working, with a DeprecationWarning)
+from sparsedit._version import __version__
 from sparsedit.core.checkpoint import load_pretrained, save_pretrained
 from sparsedit.core.layout import LAYOUTS
 from sparsedit.core.schedule import PieceSampler, PruningSchedule

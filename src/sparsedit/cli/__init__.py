@@ -25,7 +25,7 @@ def build_parser() -> Parser:
         prog="sparsedit",
         description="SparseDiT: convert, fine-tune, sample and measure token-sparse Diffusion Transformers.",
     )
-    from sparsedit import __version__
+    from sparsedit._version import __version__
 
     parser.add_argument("--version", action="version", version=f"sparsedit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

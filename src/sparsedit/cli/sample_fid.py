@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from sparsedit import __version__
+    from sparsedit._version import __version__
     from sparsedit.eval.sample_fid import FidSampling, manifest_settings, sample_fid, weights_sha256
     from sparsedit.train.trainer import init_distributed
 

@@ -185,7 +185,7 @@ def write_diffusers_model(out: str | Path, state: dict[str, Tensor], class_name:
     All or nothing: the directory is written beside ``out`` and swapped in whole; an existing checkpoint in
     ``out`` is only replaced with ``overwrite``.
     """
-    from sparsedit import __version__
+    from sparsedit._version import __version__
 
     out = check_output_dir(out, overwrite, owned=(CONFIG_NAME, DIFFUSERS_WEIGHTS))
 

@@ -47,17 +47,15 @@ from sparsedit.core.layers import (
 from sparsedit.core.layout import Layout
 from sparsedit.errors import SparseditError
 from sparsedit.families.dit.model import CFG_MODES, DIT_SIZES, DiT, GridConfig, GuidanceMixin
-from sparsedit.families.pixart.model import (
-    T5_CHANNELS,
+from sparsedit.families.pixart.layers import (
     CaptionEmbedder,
-    PixArt,
     PixArtBlock,
     PixArtCond,
     PixArtFinalLayer,
-    _match_batch,
-    pixart_pos_embed,
+    match_batch,
     text_attention_mask,
 )
+from sparsedit.families.pixart.model import T5_CHANNELS, PixArt, pixart_pos_embed
 from sparsedit.families.pixart.sparse import PixArtGenerationBlock, PixArtPoolingformer, PixArtRecoveryBlock
 
 Grid = tuple[int, int]
@@ -294,7 +292,7 @@ class Latte(GuidanceMixin, nn.Module):
             if self.y_embedder is not None:
                 if y is None:
                     raise SparseditError("this Latte is class-conditional: pass class labels y of shape (B,)")
-                emb = emb + self.y_embedder(_match_batch(y.reshape(-1), batch, "labels"))
+                emb = emb + self.y_embedder(match_batch(y.reshape(-1), batch, "labels"))
             return _Conditions(emb, None)
         if y is None:
             raise SparseditError("this Latte is text-conditional: pass T5 embeddings (B, L, C_text)")
@@ -303,7 +301,7 @@ class Latte(GuidanceMixin, nn.Module):
             raise SparseditError(
                 f"encoder_hidden_states of shape {tuple(caption.shape)}: expected (B, L, {self.config.caption_channels})"
             )
-        text = self.y_embedder(_match_batch(caption, batch, "encoder_hidden_states").to(emb.dtype))  # (B, L, D)
+        text = self.y_embedder(match_batch(caption, batch, "encoder_hidden_states").to(emb.dtype))  # (B, L, D)
         attn_mask = text_attention_mask(mask, batch, text.shape[1], self.config.text_mask_bias, text.dtype)
         return _Conditions(emb, PixArtCond(t0=self.t_block(emb), emb=emb, text=text, mask=attn_mask))
 

@@ -15,24 +15,26 @@ from sparsedit.families.pixart.convert import (
     pixart_from_original_state,
     save_pixart_diffusers,
 )
+from sparsedit.families.pixart.layers import (
+    CaptionEmbedder,
+    PixArtBlock,
+    PixArtCond,
+    PixArtFinalLayer,
+    TextCrossAttention,
+    text_attention_mask,
+)
 from sparsedit.families.pixart.model import (
     CAPTION_TOKENS,
     PIXART_HEAD_DIM,
     PIXART_INTERPOLATION,
     PIXART_XL,
     T5_CHANNELS,
-    CaptionEmbedder,
     PixArt,
-    PixArtBlock,
-    PixArtCond,
     PixArtConfig,
-    PixArtFinalLayer,
     PixArtInputs,
-    TextCrossAttention,
     pixart_config,
     pixart_pos_embed,
     size_conditions,
-    text_attention_mask,
 )
 from sparsedit.families.pixart.sampling import (
     generate_pixart,

@@ -15,7 +15,8 @@ from sparsedit.core.layout import Layout, SparseLayoutConfig, block_kinds, layou
 from sparsedit.errors import SparseditError
 from sparsedit.families.dit.sparse import SparseDiT
 from sparsedit.families.dit.sparsify import apply_init_rules, init_rules, pooled_qkv_keys
-from sparsedit.families.pixart.model import Grid, PixArt, PixArtBlock, PixArtCond, PixArtConfig, PixArtInputs
+from sparsedit.families.pixart.layers import PixArtBlock, PixArtCond
+from sparsedit.families.pixart.model import Grid, PixArt, PixArtConfig, PixArtInputs
 
 
 class PixArtPoolingformer(PixArtBlock):
