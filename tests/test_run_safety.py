@@ -110,7 +110,7 @@ def test_a_torn_or_foreign_metrics_line_is_dropped_on_resume(tail: bytes, tmp_pa
 
 def test_a_full_disk_while_checkpointing_keeps_the_earlier_checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    import sparsedit.train.trainer as train_module
+    import sparsedit.train.runs as train_module  # where the checkpoint writing lives
 
     run_dir = tmp_path / "run"
     assert train(run_dir, 2) == 0

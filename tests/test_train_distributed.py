@@ -314,6 +314,7 @@ def test_distillation_under_fsdp_and_data_free_under_ddp(worker_out: Path) -> No
 
 def test_fresh_run_dir_has_no_rank_race(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from sparsedit.families.dit.model import DiT, dit_config
+    from sparsedit.train import runs
     from sparsedit.train import trainer as T
     from sparsedit.train.data import DigitsDataset
 
@@ -327,7 +328,7 @@ def test_fresh_run_dir_has_no_rank_race(tmp_path: Path, monkeypatch: pytest.Monk
                 checked.set()
             barrier.wait()
 
-    real_write_json = T.write_json
+    real_write_json = runs.write_json
 
     def in_flight_write_json(path: Path, data: dict[str, Any]) -> None:
         # what atomic_write does: a temp file next to run.json, then a rename; hold it in flight
@@ -338,7 +339,7 @@ def test_fresh_run_dir_has_no_rank_race(tmp_path: Path, monkeypatch: pytest.Monk
         os.unlink(tmp)
         real_write_json(path, data)
 
-    monkeypatch.setattr(T, "write_json", in_flight_write_json)
+    monkeypatch.setattr(runs, "write_json", in_flight_write_json)  # _prepare_run_dir writes run.json there
     cfg = dit_config("DiT-S/2", 16, vae_downsample=1, in_channels=1, num_classes=10, hidden_size=32, depth=2,
                      num_heads=2, data_space="pixel")
     data = DigitsDataset(split="train", resolution=16)

@@ -18,37 +18,54 @@ Analytic MACs come from :mod:`sparsedit.eval.flops` (per image; a SparseDiT's pe
 over the run's steps), so achieved GMAC/s and the FLOPs ratio sit next to the measured speedup.
 Timers: ``time.perf_counter`` with a CUDA synchronize on both sides; everything under
 ``torch.inference_mode()``.
+
+The parts live in :mod:`sparsedit.eval.bench_setup` (statistics, settings, the models),
+:mod:`sparsedit.eval.bench_runner` (one model prepared for timing) and :mod:`sparsedit.eval.bench_report`
+(markdown); all are re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import platform
-import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from sparsedit.core.checkpoint import build_model
 from sparsedit.diffusion.vae import VAE_DOWNSAMPLE
 from sparsedit.errors import SparseditError
+from sparsedit.eval.bench_report import format_markdown
+from sparsedit.eval.bench_runner import ModelRunner
+from sparsedit.eval.bench_setup import (
+    COMPILE_MODES,
+    DTYPES,
+    SAMPLERS,
+    BenchSettings,
+    Clock,
+    Grid,
+    Stats,
+    Tokens,
+    build_bench_model,
+    cheap_init_,
+    run_timesteps,
+)
 from sparsedit.eval.flops import forward_macs, schedule_macs
-from sparsedit.families import family_of
-from sparsedit.families.dit.model import CFG_MODES
-from sparsedit.families.presets import is_sparse, preset_config, with_sparsity
 
 __all__ = [
+    "COMPILE_MODES",
     "DTYPES",
+    "SAMPLERS",
     "BenchSettings",
+    "Clock",
+    "Grid",
     "ModelRunner",
     "Stats",
+    "Tokens",
     "bench_forward",
     "bench_pair",
     "bench_run",
@@ -58,224 +75,12 @@ __all__ = [
     "run_timesteps",
 ]
 
-Grid = tuple[int, int]
-# The sparse token set of one model call: a grid (h, w) for DiT / PixArt, (grid, frames) for Latte;
-# None for a dense model.
-Tokens = Any
-Clock = Callable[[], float]
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SAMPLERS = ("ddpm", "ddim")
 SCHEMA = "sparsedit.eval.bench/1"
 
 
 # ------------------------------------------------------------------------------------------------
-# statistics
+# timed units
 # ------------------------------------------------------------------------------------------------
-
-
-def _quantile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear-interpolation quantile (numpy's default) of already sorted values."""
-    pos = (len(sorted_values) - 1) * q
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
-@dataclass(frozen=True)
-class Stats:
-    """Summary of timed samples (all in one unit): median, min, max, interquartile range, mean, n."""
-
-    median: float
-    min: float
-    max: float
-    iqr: float
-    mean: float
-    n: int
-    samples: tuple[float, ...] = ()
-
-    @classmethod
-    def of(cls, samples: Sequence[float], scale: float = 1.0) -> Stats:
-        """Stats of ``samples`` multiplied by ``scale`` (e.g. 1e3 for seconds -> milliseconds)."""
-        if not samples:
-            raise SparseditError("no timed samples; use at least one repeat")
-        values = sorted(float(v) * scale for v in samples)
-        return cls(
-            median=statistics.median(values), min=values[0], max=values[-1],
-            iqr=_quantile(values, 0.75) - _quantile(values, 0.25), mean=statistics.fmean(values), n=len(values),
-            samples=tuple(float(v) * scale for v in samples),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"median": self.median, "min": self.min, "max": self.max, "iqr": self.iqr, "mean": self.mean,
-                "n": self.n, "samples": list(self.samples)}
-
-
-# ------------------------------------------------------------------------------------------------
-# settings and models
-# ------------------------------------------------------------------------------------------------
-
-
-# torch.compile's modes (None: its default).
-COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-@dataclass
-class BenchSettings:
-    """How to benchmark. The defaults are the light CPU ones (see ``for_device`` for CUDA's).
-
-    ``repeats`` timed forwards and ``run_repeats`` timed sampling runs per model, interleaved;
-    ``warmup`` untimed forwards per model and per distinct grid before any timing (this is where
-    ``compile`` compiles and ``cuda_graphs`` captures, one graph per grid); ``run_warmup`` untimed
-    sampling runs per model before the timed runs. ``forward_t`` (default ``T // 2``) is the
-    timestep of the timed forward pass.
-    """
-
-    batch_size: int = 1
-    dtype: torch.dtype = torch.float32
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    steps: int = 10
-    sampler: str = "ddpm"
-    cfg_scale: float = 1.0
-    cfg_mode: str = "first3"
-    repeats: int = 3
-    run_repeats: int = 2
-    warmup: int = 1
-    run_warmup: int = 0
-    forward_t: int | None = None
-    compile: bool = False
-    compile_backend: str | Callable[..., Any] = "inductor"
-    compile_mode: str | None = None
-    cuda_graphs: bool = False
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self.device = torch.device(self.device)
-        if self.sampler not in SAMPLERS:
-            raise SparseditError(f"unknown sampler {self.sampler!r} for bench; choose one of {', '.join(SAMPLERS)}")
-        if self.cfg_mode not in CFG_MODES:
-            raise SparseditError(f"unknown cfg mode {self.cfg_mode!r}; choose one of {', '.join(CFG_MODES)}")
-        for name in ("batch_size", "steps", "repeats"):
-            if getattr(self, name) < 1:
-                raise SparseditError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("run_repeats", "warmup", "run_warmup"):
-            if getattr(self, name) < 0:
-                raise SparseditError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.compile and isinstance(self.compile_backend, str):
-            backends = torch.compiler.list_backends(exclude_tags=())
-            if self.compile_backend not in backends:
-                raise SparseditError(f"unknown torch.compile backend {self.compile_backend!r}; use one of "
-                                     f"{', '.join(b for b in backends if 'TESTING' not in b)}")
-        if self.compile_mode not in COMPILE_MODES:
-            raise SparseditError(f"unknown torch.compile mode {self.compile_mode!r}; use one of "
-                                 f"{', '.join(m for m in COMPILE_MODES if m)}")
-        if self.compile and self.warmup < 1:
-            raise SparseditError("--compile needs at least one warm-up forward per grid (it compiles there)")
-        if self.cuda_graphs and self.device.type != "cuda":
-            raise SparseditError(
-                f"CUDA graphs need a CUDA device, but the device is {self.device.type}; drop --cuda-graphs "
-                "(or run with --device cuda on a GPU machine)"
-            )
-
-    @property
-    def guided(self) -> bool:
-        return self.cfg_scale != 1.0
-
-    @property
-    def rows(self) -> int:
-        """Batch rows of one model evaluation: ``batch_size``, doubled under classifier-free guidance."""
-        return self.batch_size * (2 if self.guided else 1)
-
-    @classmethod
-    def for_device(cls, device: str | torch.device, **overrides: Any) -> BenchSettings:
-        """Defaults for ``device``: light on CPU; on CUDA batch 128 and more repeats (paper-like)."""
-        dev = torch.device(device)
-        base: dict[str, Any] = {"device": dev}
-        if dev.type == "cuda":
-            base.update(batch_size=128, steps=50, repeats=10, run_repeats=3, warmup=3, run_warmup=1)
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**base)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["dtype"] = next(k for k, v in DTYPES.items() if v == self.dtype)
-        d["device"] = str(self.device)
-        if not isinstance(self.compile_backend, str):
-            d["compile_backend"] = getattr(self.compile_backend, "__name__", type(self.compile_backend).__name__)
-        return d
-
-
-@torch.no_grad()
-def cheap_init_(model: nn.Module, std: float = 0.02, seed: int = 0) -> nn.Module:
-    """Fill every parameter and buffer with a tiled block of N(0, std^2) values, then rebuild the tables.
-
-    Meant for models built on the meta device and ``to_empty``'d: drawing ~700 M fresh random numbers
-    costs more than the whole CPU benchmark's warm-up, while speed does not depend on the values (as
-    long as they are finite and not denormal, which uninitialised memory might be). Buffers (PixArt's
-    null caption, the sin-cos tables) are filled too; the position tables are then recomputed.
-    """
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    pool = (torch.randn(1 << 20, generator=gen) * std).to(device)
-    tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
-    for i, p in enumerate(tensors):
-        flat = p.view(-1)
-        offset = (i * 7919) % pool.numel()  # different tensors start at different places of the pool
-        tiled = torch.cat([pool[offset:], pool[:offset]])
-        for start in range(0, flat.numel(), tiled.numel()):
-            chunk = flat[start:start + tiled.numel()]
-            chunk.copy_(tiled[: chunk.numel()])
-    if hasattr(model, "config"):
-        family_of(model).reset_buffers(model)
-    return model
-
-
-def _with_rates(config: Any, r_min: float | None, r_max: float | None) -> Any:
-    """A sparse config with the given rates (None keeps the model's); a dense config unchanged (they do not apply)."""
-    return with_sparsity(config, None, {"r_min": r_min, "r_max": r_max}) if is_sparse(config) else config
-
-
-def build_bench_model(
-    spec: str | Path | Any,
-    image_size: int = 256,
-    r_min: float | None = None,
-    r_max: float | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> nn.Module:
-    """A model to benchmark, in eval mode on ``device`` in ``dtype``.
-
-    ``spec``: a preset of any family (``"DiT-XL/2"``, ``"SparseDiT-XL/2"``, ``"PixArt-XL/2"``,
-    ``"SparseLatte-XL/2"``, ... see :mod:`sparsedit.families.presets`; random weights, built on the meta
-    device and filled by :func:`cheap_init_`), a checkpoint path (anything
-    :func:`sparsedit.loading.load_model` reads; ``image_size`` only helps files that cannot tell),
-    a config (built like a preset) or a ready model. ``r_min`` / ``r_max`` replace a sparse model's
-    pruning-rate range and are ignored for a dense one (so one pair of flags serves both sides).
-    """
-    if isinstance(spec, (str, Path)) and Path(spec).exists():
-        from sparsedit.loading import load_model
-
-        spec = load_model(spec, image_size=image_size, device=device, dtype=dtype)
-    if isinstance(spec, nn.Module):
-        if is_sparse(getattr(spec, "config", None)):
-            spec.config = _with_rates(spec.config, r_min, r_max)
-        return spec.to(device=device, dtype=dtype).eval()
-    if isinstance(spec, (str, Path)):
-        config = preset_config(str(spec), image_size, r_min=r_min, r_max=r_max)
-    else:
-        config = _with_rates(spec, r_min, r_max)
-    with torch.device("meta"):
-        model = build_model(config)
-    model = model.to_empty(device=device)
-    cheap_init_(model)
-    return model.to(dtype=dtype).eval()
-
-
-def run_timesteps(steps: int, sampler: str = "ddpm", num_timesteps: int = 1000) -> list[int]:
-    """Original timesteps of a ``steps``-step DDPM / DDIM run, in the order the sampler visits them."""
-    from sparsedit.diffusion.process import space_timesteps
-
-    spec: str | int = f"ddim{steps}" if sampler == "ddim" else steps
-    return sorted(space_timesteps(num_timesteps, spec), reverse=True)
 
 
 def _sync(device: torch.device) -> None:
@@ -291,115 +96,6 @@ def _raise_recompile_limit(needed: int) -> None:
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(cfg, name) and getattr(cfg, name) < needed:
             setattr(cfg, name, needed)
-
-
-# ------------------------------------------------------------------------------------------------
-# calling a model the way it is timed
-# ------------------------------------------------------------------------------------------------
-
-
-class ModelRunner:
-    """One model prepared for timing: dtype cast, explicit sparse tokens, guidance, compile, CUDA graphs.
-
-    ``runner(x, t, cond, tokens)`` is one model evaluation (under guidance: on ``cat([x[:B/2], x[:B/2]])``
-    followed by the guidance arithmetic, as ``forward_with_cfg`` does) and returns the output in
-    ``x.dtype``. ``cond`` is the family's conditioning dict (:meth:`Family.conditioning`). A sparse
-    model always gets its tokens explicitly, so a compiled model keeps one graph per token shape
-    (``dynamic=False``) and a CUDA graph is captured per token set.
-    """
-
-    def __init__(self, model: nn.Module, settings: BenchSettings, name: str = "model"):
-        self.family = family_of(model)
-        if settings.guided:
-            self.family.check_guidance(name)
-        self.model = model
-        self.settings = settings
-        self.name = name
-        self.config = self.family.config
-        self.sparse = self.family.sparse
-        self.dtype = next(model.parameters()).dtype
-        self.num_timesteps = self.config.num_timesteps if self.sparse else 1000
-        self.calls = 0
-        self._fn: Callable[..., Tensor] = model
-        if settings.compile:
-            if not hasattr(torch, "compile"):
-                raise SparseditError("this torch has no torch.compile; drop --compile")
-            import torch._dynamo as dynamo
-
-            if not dynamo.is_dynamo_supported():
-                raise SparseditError("torch.compile is not supported on this Python / platform; drop --compile")
-            self._fn = torch.compile(model, backend=settings.compile_backend, mode=settings.compile_mode, dynamic=False)
-        self._graphs: dict[tuple[Any, ...], tuple[Tensor, Tensor, dict[str, Tensor], Tensor, Any]] = {}
-        self._pool = torch.cuda.graph_pool_handle() if settings.cuda_graphs else None
-
-    # -- sparse tokens -------------------------------------------------------------------------
-
-    def grid_at(self, t: int) -> Tokens:
-        """Sparse tokens the schedule gives timestep ``t`` (None for a dense model)."""
-        return self.family.tokens_at(t)
-
-    def grids_for(self, timesteps: Sequence[int]) -> list[Tokens]:
-        return [self.grid_at(t) for t in timesteps]
-
-    # -- one evaluation ------------------------------------------------------------------------
-
-    def _evaluate(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], tokens: Tokens) -> Tensor:
-        s = self.settings
-        if s.guided:
-            half = x[: len(x) // 2]
-            x = torch.cat([half, half])
-        cond = {k: (v.to(self.dtype) if v.is_floating_point() else v) for k, v in cond.items()}
-        out = self.family.call(self._fn, x.to(self.dtype), t, cond, tokens)
-        if s.guided:
-            n = 3 if s.cfg_mode == "first3" else self.config.in_channels
-            eps, rest = out[:, :n], out[:, n:]
-            guided_cond, uncond = eps.chunk(2, dim=0)
-            guided = uncond + s.cfg_scale * (guided_cond - uncond)
-            out = torch.cat([torch.cat([guided, guided]), rest], dim=1)
-        return out
-
-    def _capture(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], tokens: Tokens) -> tuple[Any, ...]:
-        static = (x.clone(), t.clone(), {k: v.clone() for k, v in cond.items()})
-        stream = torch.cuda.Stream(device=x.device)
-        stream.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # allocator / cuBLAS workspaces settle before capture
-                self._evaluate(*static, tokens)
-        torch.cuda.current_stream(x.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = self._evaluate(*static, tokens)
-        return (*static, out, graph)
-
-    def __call__(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], tokens: Tokens) -> Tensor:
-        self.calls += 1
-        if not self.settings.cuda_graphs:
-            return self._evaluate(x, t, cond, tokens).to(x.dtype)
-        key = (tokens, tuple(x.shape), x.dtype)
-        if key not in self._graphs:
-            self._graphs[key] = self._capture(x, t, cond, tokens)
-        sx, st, scond, out, graph = self._graphs[key]
-        sx.copy_(x)
-        st.copy_(t)
-        for k, v in cond.items():
-            scond[k].copy_(v)
-        graph.replay()
-        return out.to(x.dtype)
-
-    # -- inputs --------------------------------------------------------------------------------
-
-    def inputs(self, seed: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
-        """(noise x in fp32 with ``rows`` rows, the family's conditioning dict), on the device."""
-        s = self.settings
-        gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(self.family.sample_shape(s.rows), generator=gen)
-        cond = self.family.conditioning(self.model, s.batch_size, s.guided, gen)
-        return x.to(s.device), {k: v.to(s.device) for k, v in cond.items()}
-
-
-# ------------------------------------------------------------------------------------------------
-# timed units
-# ------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -697,71 +393,3 @@ def _pair_ratios(ma: dict[str, Any], mb: dict[str, Any]) -> dict[str, Any]:
     flops = {"forward": ma["forward_gmacs"] / mb["forward_gmacs"], "run": ma["gmacs"] / mb["gmacs"]}
     per_flops = {k: (None if speedup[k] is None else speedup[k] / flops[k]) for k in flops}
     return {"speedup": speedup, "flops_ratio": flops, "speed_per_flops": per_flops}
-
-
-# ------------------------------------------------------------------------------------------------
-# markdown
-# ------------------------------------------------------------------------------------------------
-
-
-def _spread(st: dict[str, Any], unit: str, digits: int) -> str:
-    f = f"{{:.{digits}f}}"
-    return (f"{f.format(st['median'])} {unit} [{f.format(st['min'])}-{f.format(st['max'])}], "
-            f"IQR {f.format(st['iqr'])}, n={st['n']}")
-
-
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
-
-
-def format_markdown(result: dict[str, Any]) -> str:
-    """The result of :func:`bench_pair` as a markdown table with a settings line above it."""
-    s, ma, mb, pair = result["settings"], result["models"]["a"], result["models"]["b"], result["pair"]
-    machine = result["machine"]
-    compiled = f"compiled ({s['compile_backend']})" if s["compile"] else "eager"
-    head = (f"device {s['device']} ({machine['device_name']}, {machine['torch_threads']} threads), torch "
-            f"{machine['torch']}, {s['dtype']}, batch {s['batch_size']}"
-            + (f" (x2 rows: cfg {s['cfg_scale']:g})" if s["cfg_scale"] != 1.0 else "")
-            + f", {compiled}, CUDA graphs {'on' if s['cuda_graphs'] else 'off'}; run = {s['steps']} {s['sampler']} "
-            f"steps incl. sampler arithmetic; forward at t={ma['forward_t']}; load average "
-            f"{result['load_average']['start']} -> {result['load_average']['end']}; elapsed {result['elapsed_s']:.1f} s")
-    rows = [
-        ("forward latency (median [min-max])",
-         *(_spread(m["forward_ms"], "ms", 1) if "forward_ms" in m else "-" for m in (ma, mb)),
-         f"speedup {_ratio(pair['speedup']['forward'])}"),
-        ("samples/s (forward)", *(f"{m['images_per_sec']:.3f}" if "images_per_sec" in m else "-" for m in (ma, mb)),
-         ""),
-        ("GMACs/sample, forward (tokens)", *(f"{m['forward_gmacs']:.4g} ({_tokens(m['forward_grid'], m.get('forward_frames'))})"
-                                              for m in (ma, mb)),
-         f"FLOPs ratio {_ratio(pair['flops_ratio']['forward'])}"),
-        ("achieved GMAC/s (forward)", *(f"{m['gmacs_per_sec']:.1f}" if "gmacs_per_sec" in m else "-"
-                                        for m in (ma, mb)),
-         f"speedup / FLOPs ratio {pair['speed_per_flops']['forward']:.2f}"
-         if pair["speed_per_flops"]["forward"] is not None else ""),
-        (f"sampling run, {s['steps']} steps (median [min-max])",
-         *(_spread(m["run_s"], "s", 2) if "run_s" in m else "-" for m in (ma, mb)),
-         f"speedup {_ratio(pair['speedup']['run'])}"),
-        ("samples/s (run)", *(f"{m['run_images_per_sec']:.4f}" if "run_images_per_sec" in m else "-"
-                             for m in (ma, mb)), ""),
-        ("GMACs/sample/step, mean over run", f"{ma['gmacs']:.4g}", f"{mb['gmacs']:.4g}",
-         f"FLOPs ratio {_ratio(pair['flops_ratio']['run'])}"),
-        ("achieved GMAC/s (run)", *(f"{m['run_gmacs_per_sec']:.1f}" if "run_gmacs_per_sec" in m else "-"
-                                    for m in (ma, mb)),
-         f"speedup / FLOPs ratio {pair['speed_per_flops']['run']:.2f}"
-         if pair["speed_per_flops"]["run"] is not None else ""),
-        ("of which sampler only (s/run)", *(f"{m['sampler_s']['median']:.3f}" if "sampler_s" in m else "-"
-                                            for m in (ma, mb)), ""),
-        ("token sets in run (tokens: steps)", *(_grid_list(m) for m in (ma, mb)), ""),
-    ]
-    lines = [head, "", f"| | A: {ma['name']} | B: {mb['name']} | B vs A |", "|---|---|---|---|"]
-    lines += [f"| {' | '.join(r)} |" for r in rows]
-    return "\n".join(lines)
-
-
-def _tokens(grid: Sequence[int], frames: int | None = None) -> str:
-    """``h x w`` (a grid), ``h x w x f`` with frames (a video token set)."""
-    return f"{grid[0]}x{grid[1]}" + ("" if frames is None else f"x{frames}f")
-
-
-def _grid_list(m: dict[str, Any]) -> str:
-    return ", ".join(f"{_tokens(g['grid'], g.get('frames'))}: {g['steps']}" for g in m["run_grids"])

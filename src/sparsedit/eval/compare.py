@@ -15,6 +15,10 @@ Typical use: a DiT (A) and the SparseDiT made from it (B). The rules, and why (d
 Digits models (pixel space, 10 classes, 1 or 3 channels, square side >= 8) are scored with the shipped
 digits CNN against the held-out test split of the embedded digits; other models with ADM's Inception
 metrics against a user-given reference batch (:mod:`sparsedit.eval.metrics.adm`).
+
+The parts live in :mod:`sparsedit.eval.compare_settings` (the settings, the pair check),
+:mod:`sparsedit.eval.compare_scoring` (the scorers, the summary over seeds) and
+:mod:`sparsedit.eval.compare_report` (the paired images, the markdown report); all are re-exported here.
 """
 
 from __future__ import annotations
@@ -22,165 +26,88 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import platform
-import re
-import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from sparsedit.core.checkpoint import atomic_write, openable, write_json, write_safetensors
-from sparsedit.core.images import save_image, to_uint8
-from sparsedit.diffusion.process import space_timesteps
+from sparsedit.core.images import save_image
 from sparsedit.diffusion.sampling import generate, to_images
 from sparsedit.errors import SparseditError
+from sparsedit.eval.compare_report import (
+    HEADER_H,
+    LABEL_W,
+    MAX_PAIR_ROWS,
+    OUTPUT_FILES,
+    PAIR_GAP,
+    PAIR_SEP,
+    paired_image,
+    paired_image_size,
+    paired_name,
+    prepare_out,
+    remove_own_outputs,
+    render_markdown,
+    results_table,
+)
+from sparsedit.eval.compare_scoring import (
+    ADM_BATCH,
+    AdmScorer,
+    DigitsScorer,
+    Features,
+    aggregate,
+    spread,
+    verdict,
+)
+from sparsedit.eval.compare_settings import MODEL_TYPES, CompareSettings, check_pair, is_digits_model
 from sparsedit.eval.flops import schedule_macs
-from sparsedit.eval.metrics.stats import feature_stats, frechet_distance
 from sparsedit.eval.sample_fid import FidSampling, balanced_labels, manifest_settings, shard_seed, weights_sha256
-from sparsedit.train.data import DigitsDataset
 
 __all__ = [
+    "ADM_BATCH",
+    "HEADER_H",
+    "LABEL_W",
+    "MAX_PAIR_ROWS",
+    "MODEL_TYPES",
+    "OUTPUT_FILES",
+    "PAIR_GAP",
+    "PAIR_SEP",
+    "AdmScorer",
     "CompareSettings",
+    "DigitsScorer",
+    "Features",
     "aggregate",
     "blas_threads",
+    "cache_key",
+    "cache_path",
     "check_pair",
     "compare_models",
     "floor_indices",
     "is_digits_model",
+    "load_cached",
     "paired_image",
     "paired_image_size",
+    "paired_name",
     "paired_rmse",
     "prepare_out",
+    "remove_own_outputs",
     "render_markdown",
     "results_table",
     "spread",
+    "verdict",
 ]
 
 REPORT_FORMAT = 1
 CACHE_FORMAT = 1
-MODEL_TYPES = ("DiT", "SparseDiT")  # class-conditional image models that `generate` samples
-OUTPUT_FILES = ("compare.json", "compare.md")  # plus paired_cfg{scale}.png
 FLOOR_SALT = 0x5EED_F100  # mixed into the floor's seed so it is not the sampling seed itself
-ADM_BATCH = 64  # images per Inception forward
-MAX_PAIR_ROWS = 16  # classes shown in a paired image (all 10 for digits; the first 16 of ImageNet)
-PAIR_GAP = 2  # px between A and B of one pair
-PAIR_SEP = 8  # px between pairs, rows and borders
-LABEL_W = 64  # px of the row-label column ("class 999")
-HEADER_H = 44  # px of the header: two text lines and the A/B column marks
-
-
-@dataclass(frozen=True)
-class CompareSettings:
-    """What to sample and score; with the two models it determines every number of the report."""
-
-    cfg_scales: tuple[float, ...] = (1.0, 1.5, 4.0)  # 1 = no guidance, 1.5 = DiT's FID scale, 4 = its visual one
-    seeds: tuple[int, ...] = (0, 1, 2)
-    num_samples: int = 1000  # per model, per scale, per seed
-    sampler: str = "ddim"
-    steps: int = 50
-    cfg_mode: str = "first3"
-    batch_size: int = 250
-    per_class: int = 4  # pairs per class in the paired image
-    scale: int = 4  # integer (nearest-neighbour) upscaling of the paired image
-    sampler_b: str | None = None  # B's own sampler and steps (None: A's), e.g. DiT at 250 DDPM vs SparseDiT at 25 DDIM
-    steps_b: int | None = None
-
-    def __post_init__(self) -> None:
-        from sparsedit.diffusion.samplers import SAMPLERS
-        from sparsedit.families.dit.model import CFG_MODES
-
-        for name in ("cfg_scales", "seeds"):  # a string would be split into characters
-            if not isinstance(getattr(self, name), tuple | list):
-                raise SparseditError(f"{name} must be a tuple or list, not {getattr(self, name)!r}; e.g. (0, 1, 2)")
-        object.__setattr__(self, "cfg_scales", tuple(float(c) for c in self.cfg_scales))
-        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
-        if not self.cfg_scales or len(set(self.cfg_scales)) != len(self.cfg_scales):
-            raise SparseditError(f"--cfg-scales must be distinct values, got {list(self.cfg_scales)}; e.g. 1 1.5 4")
-        if any(not math.isfinite(c) or c <= 0 for c in self.cfg_scales):
-            raise SparseditError(f"--cfg-scales must be finite and > 0, got {list(self.cfg_scales)}; 1 = no guidance")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
-            raise SparseditError(f"--seeds must be distinct integers >= 0, got {list(self.seeds)}; e.g. 0 1 2")
-        if self.num_samples < 2:
-            raise SparseditError(f"--num-samples must be >= 2 (FID needs a covariance), got {self.num_samples}")
-        for flag, value in (("--steps", self.steps), ("--steps-b", self.steps_b or 1), ("--batch-size", self.batch_size),
-                            ("--per-class", self.per_class), ("--scale", self.scale)):
-            if value < 1:
-                raise SparseditError(f"{flag} must be >= 1, got {value}")
-        for sampler in (self.sampler, self.sampler_b or self.sampler):
-            if sampler not in SAMPLERS:
-                raise SparseditError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if self.cfg_mode not in CFG_MODES:
-            raise SparseditError(f"unknown cfg mode {self.cfg_mode!r}; choose one of {', '.join(CFG_MODES)}")
-        for model in ("a", "b"):  # a step count the 1000-step diffusion cannot be respaced to fails now, not later
-            self.timesteps(model)
-
-    def timesteps(self, model: str) -> list[int]:
-        """The original timesteps model ``"a"`` or ``"b"`` is evaluated at (the MACs count follows them)."""
-        sampler, steps = self.sampling(model)
-        return space_timesteps(1000, f"ddim{steps}" if sampler == "ddim" else steps)
-
-    def sampling(self, model: str) -> tuple[str, int]:
-        """(sampler, steps) of model ``"a"`` or ``"b"``."""
-        if model == "b":
-            return self.sampler_b or self.sampler, self.steps_b or self.steps
-        return self.sampler, self.steps
-
-    @property
-    def same_sampling(self) -> bool:
-        return self.sampling("a") == self.sampling("b")
-
-    def spec(self, cfg_scale: float, seed: int, model: str = "a") -> FidSampling:
-        """The chunk layout, labels and noise seeds of one (scale, seed) set of ``model``: sample-fid's shards.
-
-        Both models share the layout, labels and seeds; with different samplers they still start from the
-        same x_T, but a stochastic sampler's later draws (DDPM) no longer line up step for step.
-        """
-        sampler, steps = self.sampling(model)
-        return FidSampling(num_samples=self.num_samples, batch_size=self.batch_size, steps=steps,
-                           sampler=sampler, cfg_scale=cfg_scale, cfg_mode=self.cfg_mode, seed=seed)
-
-
-# --------------------------------------------------------------------------------------------------
-# Checks
-
-
-def is_digits_model(config: Any) -> bool:
-    """True for a model the digits CNN can score: pixel space, 10 classes, 1 or 3 channels, square side >= 8."""
-    h, w = config.latent_hw
-    return (config.data_space == "pixel" and config.num_classes == 10 and config.in_channels in (1, 3)
-            and h == w and h >= 8)
-
-
-def check_pair(a: nn.Module, b: nn.Module, settings: CompareSettings) -> None:
-    """Refuse (one line) two models that cannot be compared sample for sample under ``settings``."""
-    for name, model in (("A", a), ("B", b)):
-        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        if kind not in MODEL_TYPES:
-            raise SparseditError(f"model {name} is a {kind}; compare takes class-conditional DiT or SparseDiT models")
-        if model.config.num_classes < 1:
-            raise SparseditError(f"model {name} is unconditional (num_classes 0); compare takes class-conditional models")
-    ca, cb = a.config, b.config
-    for field, what in (("num_classes", "class counts"), ("latent_hw", "input sizes"),
-                        ("in_channels", "channel counts"), ("data_space", "data spaces")):
-        va, vb = getattr(ca, field), getattr(cb, field)
-        if va != vb:
-            raise SparseditError(f"the models' {what} differ ({field} {va} for A, {vb} for B); compare two models "
-                                 "of one task, e.g. a DiT and the SparseDiT sparsified from it")
-    guided = [c for c in settings.cfg_scales if c != 1.0]
-    for name, cfg in (("A", ca), ("B", cb)):
-        if guided and cfg.class_dropout_prob <= 0:
-            raise SparseditError(f"model {name} was trained without a null class, so it cannot use CFG scale "
-                                 f"{guided[0]:g}; pass --cfg-scales 1")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,96 +183,7 @@ def _sample_sets(models: dict[str, nn.Module], specs: dict[str, FidSampling], de
 
 
 # --------------------------------------------------------------------------------------------------
-# Scorers: features once per image set, then scores from features (so the reference and the real
-# pool are each featurised once, and the floor subsets are rows of the pool's features).
-
-Features = dict[str, np.ndarray]
-
-
-class DigitsScorer:
-    """FID (digits-CNN features), class accuracy and per-class accuracy against the digits test split."""
-
-    kind = "digits"
-    metrics = ("fid", "accuracy")
-
-    def __init__(self, side: int, num_classes: int) -> None:
-        from sparsedit.eval.metrics.digits import load_digits_classifier
-
-        self.classifier = load_digits_classifier()
-        self.num_classes = num_classes
-        test = DigitsDataset("test", resolution=side)  # 359 held-out images no model trained on
-        self.ref_stats = feature_stats(self.features(test.images)["features"])
-        train = DigitsDataset("train", resolution=side)  # 1,438 images: the real pool of the floor
-        self.pool = self.features(train.images)
-        self.pool_labels: np.ndarray | None = train.labels.numpy()
-        self.reference = {"name": "embedded digits, held-out test split (i % 5 == 4)", "num_images": len(test)}
-        self.pool_name = "embedded digits, train split (the data the digits models train on)"
-
-    def features(self, images: torch.Tensor) -> Features:
-        from sparsedit.eval.metrics.digits import features_and_logits
-
-        feats, logits = features_and_logits(self.classifier.eval(), images.clamp(-1, 1), 256)
-        return {"features": feats, "logits": logits.numpy()}
-
-    def score(self, feats: Features, labels: np.ndarray | None) -> dict[str, Any]:
-        mu, sigma = feature_stats(feats["features"])
-        out: dict[str, Any] = {"fid": max(frechet_distance(mu, sigma, *self.ref_stats), 0.0)}
-        if labels is not None:
-            hit = feats["logits"].argmax(axis=1) == labels
-            out["accuracy"] = float(hit.mean())
-            out["per_class"] = [float(hit[labels == c].mean()) if (labels == c).any() else None
-                                for c in range(self.num_classes)]
-        return out
-
-
-class AdmScorer:
-    """ADM's FID, sFID, Inception Score and precision/recall against a reference batch (``.npz``)."""
-
-    kind = "adm"
-    metrics = ("fid", "sfid", "inception_score", "precision", "recall")
-
-    def __init__(self, feature_model: Any, ref: Path, real: Path | None, device: torch.device, progress: bool) -> None:
-        from sparsedit.eval.metrics.adm import load_batch_stats
-
-        self.model, self.device, self.progress = feature_model, device, progress
-        self.ref_feats = self._file_features(ref)
-        stored = load_batch_stats(ref)  # ADM compares with the statistics stored in the batch when present
-        self.ref_stats = {
-            "pool": (stored["mu"], stored["sigma"]) if stored else feature_stats(self.ref_feats["pool"]),
-            "spatial": (stored["mu_s"], stored["sigma_s"]) if stored else feature_stats(self.ref_feats["spatial"]),
-        }
-        self.reference = {"name": f"{ref.name} (ADM reference batch{', stored statistics' if stored else ''})",
-                          "num_images": int(self.ref_feats["pool"].shape[0])}
-        self.pool = self._file_features(real) if real is not None else None
-        self.pool_labels = None
-        self.pool_name = f"{real.name} (real images given with --real)" if real is not None else None
-
-    def _file_features(self, path: Path) -> Features:
-        from sparsedit.eval.metrics.adm import compute_features, open_image_batch
-
-        with open_image_batch(path) as reader:
-            return compute_features(reader.batches(ADM_BATCH), self.model, ADM_BATCH, self.device, self.progress,
-                                    len(reader))
-
-    def features(self, images: torch.Tensor) -> Features:
-        from sparsedit.eval.metrics.adm import compute_features
-
-        arr = to_uint8(images)  # (N, H, W, C) uint8
-        if arr.shape[-1] == 1:
-            arr = np.repeat(arr, 3, axis=-1)  # Inception takes RGB
-        return compute_features(arr, self.model, ADM_BATCH, self.device)
-
-    def score(self, feats: Features, labels: np.ndarray | None) -> dict[str, Any]:
-        from sparsedit.eval.metrics.adm import inception_score, precision_recall, softmax
-
-        precision, recall = precision_recall(self.ref_feats["pool"], feats["pool"], device=self.device)
-        return {
-            "fid": frechet_distance(*feature_stats(feats["pool"]), *self.ref_stats["pool"]),
-            "sfid": frechet_distance(*feature_stats(feats["spatial"]), *self.ref_stats["spatial"]),
-            "inception_score": inception_score(softmax(feats["logits"]))[0],
-            "precision": precision,
-            "recall": recall,
-        }
+# The comparison
 
 
 def _adm_scorer(config: Any, vae: Any, inception_weights: Any, ref: Any, real: Any, feature_model: Any,
@@ -374,160 +212,6 @@ def _adm_scorer(config: Any, vae: Any, inception_weights: Any, ref: Any, real: A
         raise SparseditError("these models work in pixel space; drop --vae")
     model = feature_model if feature_model is not None else load_inception(inception_weights, device)
     return AdmScorer(model, Path(ref), Path(real) if real is not None else None, device, progress), decoder
-
-
-# --------------------------------------------------------------------------------------------------
-# Aggregation (pure)
-
-
-def spread(values: Sequence[float]) -> dict[str, Any]:
-    """Per-seed values, their mean and sample standard deviation (None for a single seed)."""
-    vals = [float(v) for v in values]
-    return {"per_seed": vals, "mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else None}
-
-
-def _ratio(b: float, a: float) -> float | None:
-    if a == 0:
-        return 1.0 if b == 0 else None
-    return b / a
-
-
-def _resolved(mean: float, std: float | None, null: float) -> bool | None:
-    """Whether ``mean`` differs from ``null`` by at least twice the seed spread; None without a spread."""
-    if std is None:
-        return None
-    return mean != null and abs(mean - null) >= 2 * std
-
-
-def verdict(ratio: dict[str, Any] | None, gap: dict[str, Any] | None) -> str:
-    """Plain words for one scale that claim no more than the seeds resolve (two std, a rule of thumb)."""
-    if ratio is None:
-        return "FID ratio undefined (A's FID is 0)"
-    if ratio["std"] is None:
-        return "one seed: no spread to judge a difference by (use 2+ seeds)"
-    r, s = ratio["mean"], ratio["std"]
-    if s == 0 and r == 1:
-        words = "same FID on every seed"
-    elif _resolved(r, s, 1.0):
-        words = f"B {'worse' if r > 1 else 'better'} than A beyond the seed spread (FID)"
-    else:
-        words = "no FID difference resolved at this N (|ratio-1| < 2 std)"
-    if gap is not None:
-        g, t = gap["mean"], gap["std"]
-        if t == 0 and g == 0:
-            words += "; same accuracy"
-        elif _resolved(g, t, 0.0):
-            words += f"; B {'less' if g < 0 else 'more'} accurate beyond the spread"
-        else:
-            words += "; no accuracy difference resolved"
-    return words
-
-
-def _mean_per_class(rows: list[list[float | None]]) -> list[float | None]:
-    out: list[float | None] = []
-    for values in zip(*rows, strict=True):
-        present = [v for v in values if v is not None]
-        out.append(statistics.fmean(present) if present else None)
-    return out
-
-
-def aggregate(per_seed_a: list[dict[str, Any]], per_seed_b: list[dict[str, Any]]) -> dict[str, Any]:
-    """Summarise one scale from the per-seed scores of A and B (same seed order, same metric keys).
-
-    Each model's metrics get per-seed values, mean and std; FID ratio B/A and accuracy gap B - A (in
-    points) are taken **per seed** (A and B share that seed's noise, so the pair is matched) and then
-    summarised; per-class accuracy is averaged over seeds; ``verdict`` says what the spread resolves.
-    """
-    if len(per_seed_a) != len(per_seed_b) or not per_seed_a:
-        raise SparseditError("aggregate needs the same non-zero number of seeds for A and B")
-    out: dict[str, Any] = {}
-    for name, rows in (("a", per_seed_a), ("b", per_seed_b)):
-        summary: dict[str, Any] = {k: spread([r[k] for r in rows]) for k in rows[0] if k not in ("per_class", "seed")}
-        if "per_class" in rows[0]:
-            summary["per_class"] = _mean_per_class([r["per_class"] for r in rows])
-        out[name] = summary
-    ratios = [_ratio(b["fid"], a["fid"]) for a, b in zip(per_seed_a, per_seed_b, strict=True)]
-    out["fid_ratio"] = spread(ratios) if all(r is not None for r in ratios) else None  # type: ignore[arg-type]
-    has_acc = "accuracy" in per_seed_a[0]
-    out["accuracy_gap_points"] = spread(
-        [100 * (b["accuracy"] - a["accuracy"]) for a, b in zip(per_seed_a, per_seed_b, strict=True)]
-    ) if has_acc else None
-    out["verdict"] = verdict(out["fid_ratio"], out["accuracy_gap_points"])
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Paired image
-
-
-def paired_image_size(rows: int, per_class: int, h: int, w: int, scale: int) -> tuple[int, int]:
-    """(height, width) of :func:`paired_image` for ``rows`` classes of ``per_class`` pairs of h x w images."""
-    width = LABEL_W + per_class * (2 * w * scale + PAIR_GAP) + (per_class + 1) * PAIR_SEP
-    height = HEADER_H + rows * h * scale + (rows + 1) * PAIR_SEP
-    return height, width
-
-
-def paired_image(images_a: torch.Tensor, images_b: torch.Tensor, labels: np.ndarray, per_class: int, scale: int,
-                 header: Sequence[str]) -> np.ndarray:
-    """One row per class (the first :data:`MAX_PAIR_ROWS` classes present), ``per_class`` pairs per row:
-    A's sample, then B's sample from the same noise and label. (N, C, H, W) images in [-1, 1];
-    returns an (H', W', 3) uint8 array; upscaled ``scale`` x by pixel repetition."""
-    arr_a, arr_b = to_uint8(images_a), to_uint8(images_b)  # (N, h, w, C)
-    if arr_a.shape[-1] == 1:
-        arr_a, arr_b = np.repeat(arr_a, 3, axis=-1), np.repeat(arr_b, 3, axis=-1)
-    _, h, w, _ = arr_a.shape
-    classes = [int(c) for c in np.unique(labels)][:MAX_PAIR_ROWS]
-    height, width = paired_image_size(len(classes), per_class, h, w, scale)
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    for i, line in enumerate(header[:2]):
-        draw.text((PAIR_SEP, 4 + 14 * i), line, fill=(0, 0, 0), font=font)
-    cell_w, cell_h = w * scale, h * scale
-    pair_w = 2 * cell_w + PAIR_GAP
-    for j in range(per_class):  # "A" over the left image of every pair, "B" over the right one
-        x0 = LABEL_W + PAIR_SEP + j * (pair_w + PAIR_SEP)
-        draw.text((x0, HEADER_H - 14), "A", fill=(0, 0, 160), font=font)
-        draw.text((x0 + cell_w + PAIR_GAP, HEADER_H - 14), "B", fill=(160, 0, 0), font=font)
-    for r, c in enumerate(classes):
-        y0 = HEADER_H + PAIR_SEP + r * (cell_h + PAIR_SEP)
-        draw.text((PAIR_SEP, y0 + cell_h // 2 - 6), f"class {c}", fill=(0, 0, 0), font=font)
-        for j, idx in enumerate(np.flatnonzero(labels == c)[:per_class]):
-            x0 = LABEL_W + PAIR_SEP + j * (pair_w + PAIR_SEP)
-            for dx, arr in ((0, arr_a), (cell_w + PAIR_GAP, arr_b)):
-                big = arr[idx].repeat(scale, axis=0).repeat(scale, axis=1)  # nearest neighbour
-                canvas.paste(Image.fromarray(np.ascontiguousarray(big)), (x0 + dx, y0))
-    return np.asarray(canvas)
-
-
-def paired_name(cfg_scale: float) -> str:
-    return f"paired_cfg{cfg_scale:g}.png"
-
-
-# --------------------------------------------------------------------------------------------------
-# Output folder
-
-
-def prepare_out(out: str | os.PathLike[str], overwrite: bool) -> Path:
-    """Refuse a non-empty ``out`` without ``overwrite`` (checked before any sampling; creates nothing)."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise SparseditError(f"--out {path} is a file; choose a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise SparseditError(f"{path} is not empty; pass --overwrite (replaces only compare.json, compare.md and "
-                             "paired_cfg*.png there, other files are kept) or choose another --out")
-    return path
-
-
-def remove_own_outputs(path: Path) -> None:
-    """Delete a previous run's outputs (only compare's own file names), so no stale paired image remains."""
-    images = [p for p in path.glob("paired_cfg*.png") if re.fullmatch(r"paired_cfg[-+.0-9e]+\.png", p.name)]
-    for own in [*(path / f for f in OUTPUT_FILES), *images]:
-        own.unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------------------------------
-# The comparison
 
 
 def blas_threads(threads: int) -> contextlib.AbstractContextManager[Any]:
@@ -738,153 +422,3 @@ def _write_outputs(out_dir: Path, report: dict[str, Any], pairs: dict[float, tup
     # errors=: a path that is not valid UTF-8 (Linux names are bytes) is written with escapes, not refused
     atomic_write(out_dir / "compare.md", lambda tmp: tmp.write_text(render_markdown(report), errors="backslashreplace"))
     write_json(out_dir / "compare.json", report)
-
-
-# --------------------------------------------------------------------------------------------------
-# Markdown
-
-
-def _pm(summary: dict[str, Any] | None, digits: int, scale: float = 1.0) -> str:
-    if summary is None:
-        return "n/a"
-    mean = f"{summary['mean'] * scale:.{digits}f}"
-    return mean if summary["std"] is None else f"{mean} ± {summary['std'] * scale:.{digits}f}"
-
-
-def _scale_label(c: float) -> str:
-    return f"{c:g} (no guidance)" if c == 1.0 else f"{c:g}"
-
-
-def results_table(report: dict[str, Any]) -> str:
-    """The main table: one row per CFG scale, then the real floor."""
-    digits = report["scorer"] == "digits"
-    if digits:
-        head = ["CFG scale", "FID A", "FID B", "FID ratio B/A", "accuracy A", "accuracy B", "gap B-A (points)",
-                "paired RMSE", "verdict"]
-    else:
-        head = ["CFG scale", "FID A", "FID B", "FID ratio B/A", "sFID A", "sFID B", "IS A", "IS B", "precision A",
-                "precision B", "recall A", "recall B", "paired RMSE", "verdict"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in report["results"]:
-        row = [_scale_label(r["cfg_scale"]), _pm(r["a"]["fid"], 2), _pm(r["b"]["fid"], 2), _pm(r["fid_ratio"], 3)]
-        if digits:
-            row += [_pm(r["a"]["accuracy"], 3), _pm(r["b"]["accuracy"], 3), _pm(r["accuracy_gap_points"], 1)]
-        else:
-            for k, d in (("sfid", 2), ("inception_score", 2), ("precision", 3), ("recall", 3)):
-                row += [_pm(r["a"][k], d), _pm(r["b"][k], d)]
-        lines.append("| " + " | ".join(row + [_pm(r.get("paired_rmse"), 3), r["verdict"]]) + " |")
-    f = report["floor"]
-    if f["available"]:
-        label = f"real floor ({f['num_images']} real images per seed)"
-        row = [label, _pm(f["fid"], 2), "", ""]
-        if digits:
-            row += [_pm(f["accuracy"], 3), "", ""]
-        else:
-            for k, d in (("sfid", 2), ("inception_score", 2), ("precision", 3), ("recall", 3)):
-                row += [_pm(f[k], d), ""]
-        lines.append("| " + " | ".join(row + ["", "what a model reproducing real data exactly would score"]) + " |")
-    return "\n".join(lines)
-
-
-def _sampling_text(s: dict[str, Any]) -> str:
-    a = f"{s['sampler']} {s['steps']} steps"
-    b = f"{s.get('sampler_b') or s['sampler']} {s.get('steps_b') or s['steps']} steps"
-    if a == b:
-        return a
-    return (f"A samples with {a}, B with {b} (same x_T per sample; the samplers' later steps differ, so the pairs "
-            "match in noise only at the start)")
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    """The readable report: settings in words, the table, the floor, per-class accuracy, cost."""
-    s, names, f = report["settings"], report["names"], report["floor"]
-    digits = report["scorer"] == "digits"
-    seeds = ", ".join(str(x) for x in s["seeds"])
-    ref = report["reference"]
-    parts = [
-        f"# Model comparison: A = {names['a']}, B = {names['b']}",
-        "",
-        f"A: {report['models']['a']['class']}, B: {report['models']['b']['class']}. Both models sample the **same "
-        "noise and labels** (sample i has class i % num_classes; chunk k of seed s is drawn from a seed derived from "
-        f"(s, k)). N = **{s['num_samples']} samples per model, per CFG scale, per seed**; seeds {seeds}; "
-        f"{_sampling_text(s)}, cfg mode {s['cfg_mode']}, batch {s['batch_size']}. Every value is the "
-        "mean ± sample std over the seeds; the FID ratio and the accuracy gap are taken per seed (A and B share "
-        "that seed's noise), then averaged. All scales are shown side by side: guidance trades distribution match "
-        "for class fidelity, and no single scale stands for a model.",
-        "",
-        f"Reference set: {ref['name']}, {ref['num_images']} images.",
-    ]
-    if digits:
-        parts += [
-            "Scores come from the small digits CNN shipped with sparsedit: **FID (digits-CNN features) is not "
-            "ImageNet FID**; it is only comparable within this table (same network, reference set and N). Lower FID "
-            "is better and it is biased upwards at small N. Accuracy = fraction of samples the CNN assigns to their "
-            "intended class.",
-        ]
-    else:
-        parts += ["Scores: ADM's evaluator (InceptionV3; FID and sFID lower is better, IS, precision and recall "
-                  "higher). Comparable within this table (same N and reference)."]
-    parts += ["", results_table(report), ""]
-    if f["available"]:
-        cap = (f" (capped: only {f['pool_size']} real images exist, so the floor is at N = {f['num_images']}, not "
-               f"{s['num_samples']}; FID is biased upwards at smaller N)" if f["capped"] else "")
-        parts.append(
-            f"Real floor: per seed, {f['num_images']} distinct images drawn without replacement from {f['source']}, "
-            f"scored against the same reference with the same function{cap}. It is what a model that reproduced "
-            "its training data exactly would score at this N: model values near it are as good as this measurement "
-            "can tell.")
-    else:
-        parts.append(f"Real floor: {f['note']}.")
-    space = "pixels in [-1, 1]" if report["models"]["a"]["config"]["data_space"] == "pixel" else "latents"
-    parts += ["", f"Paired RMSE: the root mean square difference between A's and B's samples of the same noise and "
-              f"label ({space}); 0 means B reproduces A's samples, whatever the FIDs. It tells a drop-in replacement "
-              "(small) from a model that has drifted to other images, better or worse (large)."]
-    parts += ["", "Verdicts call a difference resolved only when it exceeds twice the standard deviation over seeds "
-              "(a rule of thumb, not a significance test; with few seeds the std itself is rough). Per-seed values "
-              "are in compare.json."]
-    if digits:
-        scales = [r["cfg_scale"] for r in report["results"]]
-        head = ["class"] + [f"{m} @ {c:g}" for c in scales for m in ("A", "B")]
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        num_classes = len(report["results"][0]["a"]["per_class"])
-        for k in range(num_classes):
-            cells = [str(k)]
-            for r in report["results"]:
-                for m in ("a", "b"):
-                    v = r[m]["per_class"][k]
-                    cells.append("n/a" if v is None else f"{v:.2f}")
-            lines.append("| " + " | ".join(cells) + " |")
-        parts += ["", "## Per-class accuracy (mean over seeds)", "", *lines]
-    c, t = report["cost"], report["timing"]
-    cached = t["cached_sets"]
-    parts += [
-        "",
-        "## Cost",
-        "",
-        "| | A | B |",
-        "|---|---|---|",
-        f"| parameters (M) | {c['params']['a'] / 1e6:.2f} | {c['params']['b'] / 1e6:.2f} |",
-        f"| GMACs per forward (mean over the {c['timesteps']}) | {c['gmacs_per_forward']['a']:.4f} | "
-        f"{c['gmacs_per_forward']['b']:.4f} |",
-        f"| sampling wall seconds (all scales and seeds, sets sampled here) | {t['sampling_seconds']['a']:.1f} | "
-        f"{t['sampling_seconds']['b']:.1f} |",
-        f"| sets taken from the cache (not timed) | {cached['a']} | {cached['b']} |",
-        "",
-        f"FLOPs ratio A/B: **{c['flops_ratio_a_over_b']:.3f}x** per forward, **{c['run_flops_ratio_a_over_b']:.3f}x** "
-        "per sampling run (with guidance both models run each forward on a doubled batch). Wall seconds were "
-        "measured in this one process with the chunks of A and B alternating; they depend on the machine and its "
-        "load.",
-    ]
-    images = [paired_name(r["cfg_scale"]) for r in report["results"]]
-    env = report["environment"]
-    if "outputs" in report:
-        parts += ["", f"Paired images: {', '.join(f'`{i}`' for i in images)} (one row per class, each pair A | B "
-                  f"from the same noise and label, seed {s['seeds'][0]})."]
-    parts += [
-        "",
-        f"Environment: Python {env['python']}, torch {env['torch']}, {env['platform']}, {env['threads']} threads, "
-        f"{env['device']}; {report['wall_seconds']:.0f}s in all.",
-    ]
-    if report.get("command"):
-        parts += ["", "```", report["command"], "```"]
-    return "\n".join(parts) + "\n"
