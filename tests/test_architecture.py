@@ -84,6 +84,30 @@ def test_no_import_cycles_even_through_imports_inside_functions() -> None:
     assert _cycles(graph) == []
 
 
+# Which top-level parts of the package may import which (docs/architecture.md, "The picture").
+LOWER = {"errors", "_version", "_moved"}
+ALLOWED = {
+    "core": LOWER,
+    "encoders": LOWER,
+    "diffusion": LOWER | {"core", "encoders"},
+    "families": LOWER | {"core", "encoders", "diffusion"},
+    "loading": LOWER | {"core", "families"},
+    "interop": LOWER | {"families"},
+    "train": LOWER | {"core", "encoders", "diffusion", "families", "loading"},
+    "eval": LOWER | {"core", "encoders", "diffusion", "families", "loading", "train"},
+}
+
+
+def _part(module: str) -> str:
+    return module.split(".")[1] if "." in module else ""
+
+
+def test_imports_only_point_down_the_layers() -> None:
+    wrong = sorted(f"{name} imports {dep}" for name, path in MODULES.items() if _part(name) in ALLOWED
+                   for dep in _imports(path) if _part(dep) not in ALLOWED[_part(name)] | {_part(name)})
+    assert wrong == []
+
+
 def test_the_cycle_finder_finds_a_cycle() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from sparsedit.cli import extract_latents as X
 from sparsedit.cli.common import Parser
-from sparsedit.diffusion.vae import LATENT_SCALE
+from sparsedit.encoders.vae import LATENT_SCALE
 from sparsedit.errors import SparseditError
 from sparsedit.train.data import ImageFolderDataset, LatentsDataset
 from sparsedit.train.trainer import open_dataset
@@ -62,7 +62,7 @@ def run(argv: list[str]) -> int:
 
 def reference_encoding(workspace: dict[str, Path], flip: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean, logvar and labels computed here, image by image, with the preprocessing of ImageFolderDataset."""
-    from sparsedit.diffusion.vae import load_vae
+    from sparsedit.encoders.vae import load_vae
 
     vae = load_vae(workspace["vae"])
     ds = ImageFolderDataset(workspace["images"], resolution=IMAGE_SIZE, channels=3)

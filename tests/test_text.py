@@ -1,4 +1,4 @@
-"""Prompts through a local T5 (sparsedit.diffusion.text) and ``sparsedit sample --prompt --t5`` for PixArt and text Latte.
+"""Prompts through a local T5 (sparsedit.encoders.text) and ``sparsedit sample --prompt --t5`` for PixArt and text Latte.
 
 The reference for the embeddings is diffusers' own ``PixArtAlphaPipeline.encode_prompt`` on the same tiny
 T5 (a 1-layer encoder and an in-memory tokenizer, saved to disk as a user's local copy would be).
@@ -19,8 +19,8 @@ from sparsedit.cli import sample as sample_cmd
 from sparsedit.cli.common import Parser
 from sparsedit.core.images import save_grid
 from sparsedit.diffusion.sampling import to_images
-from sparsedit.diffusion.text import T5Encoder, encode_prompts
-from sparsedit.diffusion.vae import load_vae
+from sparsedit.encoders.text import T5Encoder, encode_prompts
+from sparsedit.encoders.vae import load_vae
 from sparsedit.errors import SparseditError
 from sparsedit.families.latte.sparse import sparsify_latte
 from sparsedit.families.latte.video import generate_latte, save_video_gif

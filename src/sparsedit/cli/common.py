@@ -121,7 +121,7 @@ def load_cli_model(path: str, args: argparse.Namespace, **kwargs: Any) -> Any:
     Those flags are for single files that cannot tell their architecture or size (official ``.pt``). A
     directory whose config.json says both would silently ignore them, so there they must agree with it.
     """
-    from sparsedit.diffusion.vae import VAE_DOWNSAMPLE
+    from sparsedit.encoders.vae import VAE_DOWNSAMPLE
     from sparsedit.loading import detect_format, load_model
 
     model = load_model(path, model=args.model, image_size=args.image_size, **kwargs)
@@ -147,7 +147,7 @@ def vae_for(model: Any, path: str | None, device: str | torch.device) -> Any:
         if path is not None:
             raise SparseditError(f"this {type(model).__name__} works in pixel space and needs no VAE: drop --vae")
         return None
-    from sparsedit.diffusion.vae import load_vae
+    from sparsedit.encoders.vae import load_vae
 
     return load_vae(path, device, latent_channels=model.config.in_channels)
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from sparsedit.cli.common import add_device_arg, check_device, non_negative_int, positive_int, seed
 from sparsedit.core.checkpoint import check_output_dir
-from sparsedit.diffusion.vae import (
+from sparsedit.encoders.vae import (
     VAE_DOWNSAMPLE as TRAIN_VAE_FACTOR,  # what ``sparsedit train --model PRESET`` assumes
 )
 from sparsedit.errors import SparseditError
@@ -71,7 +71,7 @@ def extract_latents(data: str | Path, vae_path: str | Path, out: str | Path, ima
     """Encode the image folder ``data`` with the VAE in ``vae_path`` and write a latents directory ``out``."""
     from torch.utils.data import DataLoader
 
-    from sparsedit.diffusion.vae import LATENT_SCALE, load_vae
+    from sparsedit.encoders.vae import LATENT_SCALE, load_vae
     from sparsedit.train.data import ImageFolderDataset, save_latents
 
     if kind not in ("moments", "latents"):

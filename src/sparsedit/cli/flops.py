@@ -16,7 +16,7 @@ from typing import Any
 
 from sparsedit.cli.common import positive_int, rate
 from sparsedit.core.layout import LAYOUT_HELP
-from sparsedit.diffusion.vae import VAE_DOWNSAMPLE
+from sparsedit.encoders.vae import VAE_DOWNSAMPLE
 from sparsedit.families.presets import dense_config, is_sparse, resolve_preset, with_sparsity
 
 SAMPLERS = ("ddpm", "ddim")

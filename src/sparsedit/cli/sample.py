@@ -1,6 +1,6 @@
 """``sparsedit sample``: generate an image grid (or videos) from any checkpoint.
 
-Text models take prompts through a local T5 (``--prompt ... --t5 DIR``, :mod:`sparsedit.diffusion.text`) or
+Text models take prompts through a local T5 (``--prompt ... --t5 DIR``, :mod:`sparsedit.encoders.text`) or
 precomputed embeddings (``--prompt-embeds FILE``). Videos go to a PNG strip, or an animated GIF when
 ``--out`` ends in ``.gif``.
 """
@@ -71,7 +71,7 @@ def _captions(args: argparse.Namespace, model: Any, device: Any) -> Captions:
     if args.prompt is not None and args.prompt_embeds is not None:
         raise SparseditError("give --prompt (with --t5) or --prompt-embeds, not both")
     if args.prompt is not None:
-        from sparsedit.diffusion.text import T5Encoder
+        from sparsedit.encoders.text import T5Encoder
 
         if args.t5 is None:
             raise SparseditError("--prompt needs a local T5 encoder: add --t5 DIR (a diffusers PixArt pipeline "

@@ -1,7 +1,7 @@
 """Class-conditional generation with any sparsedit model: noise -> samples -> images.
 
 Glue between a model (``forward``/``forward_with_cfg``), the samplers (:mod:`sparsedit.diffusion.samplers`)
-and decoding (:mod:`sparsedit.diffusion.vae`). All randomness comes from one CPU generator seeded with
+and decoding (:mod:`sparsedit.encoders.vae`). All randomness comes from one CPU generator seeded with
 ``seed``, so a run is bit-reproducible on CPU and the initial noise is the same on every device.
 """
 
@@ -105,6 +105,6 @@ def to_images(model: nn.Module, samples: Tensor, vae: nn.Module | None = None) -
     """Model-space samples -> images in [-1, 1] (decoded with ``vae`` for latent models)."""
     if model.config.data_space == "pixel":
         return samples.clamp(-1, 1)
-    from sparsedit.diffusion.vae import decode_latents, load_vae
+    from sparsedit.encoders.vae import decode_latents, load_vae
 
     return decode_latents(vae if vae is not None else load_vae(None), samples)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sparsedit.diffusion.vae import VAE_DOWNSAMPLE
+from sparsedit.encoders.vae import VAE_DOWNSAMPLE
 from sparsedit.errors import SparseditError
 from sparsedit.eval.bench_report import format_markdown
 from sparsedit.eval.bench_runner import ModelRunner

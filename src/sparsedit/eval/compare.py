@@ -205,7 +205,7 @@ def _adm_scorer(config: Any, vae: Any, inception_weights: Any, ref: Any, real: A
         find_inception_weights(inception_weights)  # names the file and where to download it
     decoder = None
     if config.data_space == "latent":
-        from sparsedit.diffusion.vae import load_vae
+        from sparsedit.encoders.vae import load_vae
 
         decoder = vae if isinstance(vae, nn.Module) else load_vae(vae, device, latent_channels=config.in_channels)
     elif vae is not None:

@@ -328,7 +328,7 @@ def sample_fid(
     if spec.cfg_scale != 1.0 and cfg.class_dropout_prob <= 0:
         raise SparseditError("this model was trained without a null class, so --cfg-scale must be 1")
     if cfg.data_space == "latent" and vae is None:
-        from sparsedit.diffusion.vae import load_vae
+        from sparsedit.encoders.vae import load_vae
 
         load_vae(None)  # raises the "needs --vae" error
     out_dir = Path(out_dir)

@@ -40,7 +40,7 @@ def resolve_preset(name: str, image_size: int = 256) -> tuple[Any, str | None]:
     ``SparseDiT-XL/2`` is DiT-XL/2 with the paper's XL layout; ``SparsePixArt-XL/2`` is PixArt-alpha
     (XL/2) with the same layout; ``SparseLatte-XL/2`` is Latte-XL/2 with the paper's video layout.
     """
-    from sparsedit.diffusion.vae import VAE_DOWNSAMPLE
+    from sparsedit.encoders.vae import VAE_DOWNSAMPLE
 
     if image_size % VAE_DOWNSAMPLE:  # every preset is a latent model of the SD VAE
         raise SparseditError(f"image size {image_size} is not a multiple of the VAE factor {VAE_DOWNSAMPLE}; pick e.g. "

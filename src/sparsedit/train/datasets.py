@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from sparsedit.diffusion.vae import VAE_DOWNSAMPLE
+from sparsedit.encoders.vae import VAE_DOWNSAMPLE
 from sparsedit.errors import SparseditError
 from sparsedit.families import family_of
 from sparsedit.train.latents import LatentsDataset

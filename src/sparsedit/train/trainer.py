@@ -401,7 +401,7 @@ class Trainer(RunDirMixin):
             return  # an FSDP EMA is sharded; PixArt / Latte need captions or videos: sample a checkpoint instead
         from sparsedit.core.images import save_grid
         from sparsedit.diffusion.sampling import generate, to_images
-        from sparsedit.diffusion.vae import load_vae
+        from sparsedit.encoders.vae import load_vae
 
         if self.config.data_space == "latent" and self.vae_path is None:
             return
@@ -419,7 +419,7 @@ class Trainer(RunDirMixin):
             if self.vae_path is None:
                 raise SparseditError("--sample-every on a latent model needs --vae DIR to decode the grids; add it or "
                                      "drop --sample-every")
-            from sparsedit.diffusion.vae import load_vae
+            from sparsedit.encoders.vae import load_vae
 
             load_vae(self.vae_path, "cpu", latent_channels=self.config.in_channels)  # a wrong VAE fails now, not later
         self._check_run_dir()  # before the lock creates the directory: a refused run creates nothing

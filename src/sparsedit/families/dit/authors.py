@@ -36,7 +36,7 @@ from sparsedit.core.formats import Source, load_mapped, pick_state_dict
 from sparsedit.core.layers import sincos_pos_embed_2d
 from sparsedit.core.layout import Layout, layout_fields
 from sparsedit.core.schedule import rate_for_grid
-from sparsedit.diffusion.vae import VAE_DOWNSAMPLE
+from sparsedit.encoders.vae import VAE_DOWNSAMPLE
 from sparsedit.errors import CheckpointError, SparseditError
 from sparsedit.families.dit.convert import _HEADS_BY_WIDTH
 from sparsedit.families.dit.model import DIT_SIZES

@@ -36,7 +36,8 @@ from sparsedit.core.layers import (
     init_linears_and_patch_embed,
     unpatchify,
 )
-from sparsedit.diffusion.vae import VAE_DOWNSAMPLE
+from sparsedit.encoders.text import CAPTION_TOKENS
+from sparsedit.encoders.vae import VAE_DOWNSAMPLE
 from sparsedit.errors import SparseditError
 from sparsedit.families.dit.model import CFG_MODES, DiT, GridConfig, GuidanceMixin
 from sparsedit.families.pixart.layers import (
@@ -56,8 +57,6 @@ PIXART_HEAD_DIM = 72
 # Position-embedding interpolation scale ("lewei_scale") per training resolution, as the original
 # inference script uses it (PixArt-alpha scripts/inference.py; diffusers' PixArt converter copies it).
 PIXART_INTERPOLATION = {256: 0.5, 512: 1.0, 1024: 2.0}
-# T5 tokens per caption (max_length of the released pipelines; the null caption has this many rows).
-CAPTION_TOKENS = 120
 T5_CHANNELS = 4096
 
 

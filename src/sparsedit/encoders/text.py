@@ -23,7 +23,9 @@ import torch
 from torch import Tensor
 
 from sparsedit.errors import SparseditError, quiet_logs
-from sparsedit.families.pixart.model import CAPTION_TOKENS  # 120, diffusers' max_sequence_length default
+
+# Caption length of PixArt-alpha and Latte-T2V prompts: diffusers' max_sequence_length default (120 T5 tokens).
+CAPTION_TOKENS = 120
 
 __all__ = ["T5Encoder", "encode_prompts"]
 
