@@ -2,26 +2,7 @@
 
 from __future__ import annotations
 
-from sparsedit.diffusion.process import (
-    GaussianDiffusion,
-    ModelFn,
-    approx_standard_normal_cdf,
-    create_diffusion,
-    discretized_gaussian_log_likelihood,
-    linear_betas,
-    mean_flat,
-    normal_kl,
-    space_timesteps,
-)
+from sparsedit.diffusion import process as _process
+from sparsedit.diffusion.process import *  # noqa: F403  (the process is what `sparsedit.diffusion` always offered)
 
-__all__ = [
-    "GaussianDiffusion",
-    "ModelFn",
-    "approx_standard_normal_cdf",
-    "create_diffusion",
-    "discretized_gaussian_log_likelihood",
-    "linear_betas",
-    "mean_flat",
-    "normal_kl",
-    "space_timesteps",
-]
+__all__ = list(_process.__all__)

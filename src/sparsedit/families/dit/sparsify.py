@@ -89,9 +89,19 @@ def sparsify_with_rules(dit: DiT, config: SparseDiTConfig | None = None, *, layo
         raise SparseditError(f"SparseDiT config differs from the source DiT in {', '.join(mismatched)}; derive it "
                              "with SparseDiTConfig.from_dit")
     model = SparseDiT(config)
-    rules = init_rules(config, list(model.state_dict()))
-    apply_init_rules(dit.state_dict(), model, rules, pooled_qkv_keys(model.kinds), source_name="DiT")
-    return model.to(next(dit.parameters()).dtype).eval(), rules
+    rules = initialise_from_dense(dit, model, source_name="DiT")
+    return model, rules
+
+
+def initialise_from_dense(dense: nn.Module, sparse: nn.Module, source_name: str = "model") -> list[InitRule]:
+    """Fill the freshly built ``sparse`` model from ``dense`` by the paper's rule map (every family's sparsify).
+
+    ``sparse`` ends in ``dense``'s dtype, in eval mode. Returns the rules, one per parameter of ``sparse``.
+    """
+    rules = init_rules(sparse.config, list(sparse.state_dict()))  # type: ignore[arg-type]  # only reads hidden_size
+    apply_init_rules(dense.state_dict(), sparse, rules, pooled_qkv_keys(sparse.kinds), source_name=source_name)
+    sparse.to(next(dense.parameters()).dtype).eval()
+    return rules
 
 
 def pooled_qkv_keys(kinds: list[str]) -> set[str]:

@@ -244,15 +244,14 @@ def sparsify_latte(model: Latte, layout: str | Layout = "SparseLatte-XL", r_min:
     recovery blocks reuse the source q/k/v/proj as cross-attention; W1 = 0, W2 = I; embedders and final
     layer copied. ``options``: ``temporal_share``, ``num_timesteps``, ``upsample``.
     """
-    from sparsedit.families.dit.sparsify import apply_init_rules, init_rules, pooled_qkv_keys
+    from sparsedit.families.dit.sparsify import initialise_from_dense
 
     if type(model) is not Latte:
         raise SparseditError(f"sparsify_latte needs a dense Latte, got {type(model).__name__}")
     config = SparseLatteConfig.from_latte(model.config, layout, r_min=r_min, r_max=r_max, **options)
     sparse = SparseLatte(config)
-    rules = init_rules(config, list(sparse.state_dict()))  # type: ignore[arg-type]  # only reads hidden_size
-    apply_init_rules(model.state_dict(), sparse, rules, pooled_qkv_keys(sparse.kinds))
-    return sparse.to(next(model.parameters()).dtype).eval()
+    initialise_from_dense(model, sparse)
+    return sparse
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from sparsedit.core.blocks import PoolingAttention, RecoveryMerge, pool_tokens, 
 from sparsedit.core.layout import Layout, SparseLayoutConfig, block_kinds, layout_fields, parse_layout
 from sparsedit.errors import SparseditError
 from sparsedit.families.dit.sparse import SparseDiT
-from sparsedit.families.dit.sparsify import apply_init_rules, init_rules, pooled_qkv_keys
+from sparsedit.families.dit.sparsify import initialise_from_dense
 from sparsedit.families.pixart.layers import PixArtBlock, PixArtCond
 from sparsedit.families.pixart.model import Grid, PixArt, PixArtConfig, PixArtInputs
 
@@ -128,6 +128,5 @@ def sparsify_pixart(model: PixArt, layout: str | Layout, r_min: float = 0.61, r_
         raise SparseditError(f"sparsify_pixart needs a dense PixArt, got {type(model).__name__}")
     config = SparsePixArtConfig.from_pixart(model.config, layout, r_min=r_min, r_max=r_max, **options)
     sparse = SparsePixArt(config)
-    rules = init_rules(config, list(sparse.state_dict()))  # type: ignore[arg-type]  # only reads hidden_size
-    apply_init_rules(model.state_dict(), sparse, rules, pooled_qkv_keys(sparse.kinds))
-    return sparse.to(next(model.parameters()).dtype).eval()
+    initialise_from_dense(model, sparse)
+    return sparse
