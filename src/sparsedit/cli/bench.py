@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Time model A and model B in one process, interleaved A B A B after warm-up of every token "
         "grid: latency per forward pass (at one timestep) and seconds per full sampling run (every step on its "
         "scheduled grid, sampler arithmetic included), with median and spread, images/s, achieved GMAC/s "
-        "(analytic MACs / time) and the FLOPs ratio next to the speedup. Random weights are fine for speed. "
+        "(counted MACs / time) and the FLOPs ratio next to the speedup. Random weights are fine for speed. "
         "DiT, PixArt-alpha and Latte models (dense or sparse) are supported; e.g. --a PixArt-XL/2 --b "
         "SparsePixArt-XL/2, or --a Latte-XL/2 --b SparseLatte-XL/2 (16 frames). "
         "CPU defaults are light (batch 1, 10 steps, 3 forward repeats, 2 runs); CUDA defaults: batch 128, "

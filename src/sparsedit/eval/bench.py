@@ -14,7 +14,7 @@ forward pass or per full sampling run, always saying which):
   uses the grid the schedule gives its timestep. ``sampler_s`` times the same run with a model that
   returns a constant tensor, i.e. the sampler's own share.
 
-Analytic MACs come from :mod:`sparsedit.eval.flops` (per image; a SparseDiT's per-step cost is the mean
+MACs come from :mod:`sparsedit.eval.flops` (counted from the model on the meta device) (per image; a SparseDiT's per-step cost is the mean
 over the run's steps), so achieved GMAC/s and the FLOPs ratio sit next to the measured speedup.
 Timers: ``time.perf_counter`` with a CUDA synchronize on both sides; everything under
 ``torch.inference_mode()``.

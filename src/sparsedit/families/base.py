@@ -150,6 +150,10 @@ class Family:
         ``null_embeds``, ``null_mask``); ``common``: sampler, steps, eta, cfg_scale, cfg_mode, seed, device, progress."""
         raise NotImplementedError
 
+    def added_conditions(self, latent_hw: Sequence[int], batch: int, device: torch.device | str) -> dict[str, Tensor] | None:
+        """Extra inputs of a training forward besides the caption (PixArt-1024's image size and aspect ratio)."""
+        return None
+
     def write_samples(self, images: Tensor, out: Path, nrow: int | None, fps: int | None) -> Path:
         """Write decoded samples (images in [-1, 1]) to ``out``: a PNG grid."""
         from sparsedit.core.images import save_grid
@@ -206,6 +210,36 @@ class Family:
     def reset_buffers(self, model: nn.Module) -> None:
         """Recompute the non-learned buffers (position tables) after ``to_empty``: they are not random."""
         model.pos_embed.copy_(model.position_table(self.config.grid)[None])
+
+    # ---- cost counting: how sparsedit.eval.macs runs the model and reads its counts -----------------
+
+    # The modules that form a MAC report's ``final`` segment; the blocks (``model.blocks``) form the block segments
+    # and everything else (embedders, position tables, layout changes) the ``embed`` segment.
+    cost_final_modules: ClassVar[tuple[str, ...]] = ("final_layer",)
+    # Conditioning inputs that are token sequences (caption embeddings): element-wise work computed from them counts
+    # as ``other``, like work on the latent's tokens; work on labels, timesteps and masks never does.
+    cost_token_inputs: ClassVar[tuple[str, ...]] = ()
+    # Config fields that only choose the token set of a timestep (the pruning schedule): a count with explicit
+    # tokens does not depend on them, so configs differing only there share one count.
+    cost_schedule_fields: ClassVar[tuple[str, ...]] = ("r_min", "r_max", "num_pieces", "num_timesteps")
+
+    def cost_conditioning(self, model: nn.Module, text_len: int | None) -> dict[str, Tensor]:
+        """The conditioning of the one unguided sample a MAC count runs (CPU tensors); ``text_len``: caption
+        tokens (None: the family's default), ignored by families without captions."""
+        return self.conditioning(model, 1, False, torch.Generator())
+
+    def cost_size_fields(self, frames: int | None) -> dict[str, Any]:
+        """Config fields, besides ``input_size``, that make the model run on ``frames`` frames (video families)."""
+        return {}
+
+    def split_tokens(self, tokens: Tokens) -> tuple[Grid | None, int | None]:
+        """A token set as (sparse grid, sparse frames); frames None for an image family, both None for dense."""
+        return tokens, None
+
+    def block_part(self, kind: str) -> str:
+        """Where a block kind's MACs go: its segment ``pool`` / ``top``, or its SDTM part ``gen``, ``sparse``,
+        ``recover`` or ``dense`` (the kind without its ``+`` / ``*`` / ``_axis`` suffix: ``recover*`` -> ``recover``)."""
+        return kind.split("_")[0].rstrip("+*")
 
 
 def not_analyzable(model: object) -> SparseditError:

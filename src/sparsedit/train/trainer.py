@@ -50,7 +50,6 @@ from sparsedit.core.schedule import Piece, PieceSampler
 from sparsedit.diffusion.process import create_diffusion
 from sparsedit.errors import SparseditError, os_error_at
 from sparsedit.families import family_of
-from sparsedit.families.pixart.model import size_conditions
 from sparsedit.train.datasets import (
     StepBatchSampler,
     check_model_fits_data,
@@ -315,8 +314,9 @@ class Trainer(RunDirMixin):
         mask = cond.get("encoder_attention_mask")
         kwargs: dict[str, Any] = {"encoder_hidden_states": caption,
                                   "encoder_attention_mask": None if mask is None else mask.to(dev)}
-        if getattr(self.config, "use_additional_conditions", False):  # PixArt-1024-MS
-            kwargs["added_cond_kwargs"] = size_conditions(x.shape[-2:], x.shape[0], dev)
+        added = family_of(self.config).added_conditions(x.shape[-2:], x.shape[0], dev)
+        if added is not None:
+            kwargs["added_cond_kwargs"] = added
         return kwargs
 
     @torch.no_grad()

@@ -165,3 +165,20 @@ class LatteFamily(Family):
     def reset_buffers(self, model: nn.Module) -> None:
         super().reset_buffers(model)
         model.temp_embed.copy_(temporal_pos_embed(self.config.hidden_size, self.config.num_frames)[None])
+
+    # ---- cost counting ------------------------------------------------------------------------------------
+
+    cost_token_inputs = ("encoder_hidden_states",)  # the caption of the text variant
+    cost_schedule_fields = (*Family.cost_schedule_fields, "temporal_share")  # splits a rate into space and time
+
+    def cost_conditioning(self, model: nn.Module, text_len: int | None) -> dict[str, Tensor]:
+        if not self.config.text:
+            return super().cost_conditioning(model, text_len)
+        length = CAPTION_TOKENS if text_len is None else text_len
+        return caption_conditioning(model, self.config, 1, False, torch.Generator(), length)
+
+    def cost_size_fields(self, frames: int | None) -> dict[str, Any]:
+        return {} if frames is None else {"num_frames": frames}
+
+    def split_tokens(self, tokens: Tokens) -> tuple[Any, int | None]:
+        return (None, None) if tokens is None else (tokens[0], tokens[1])

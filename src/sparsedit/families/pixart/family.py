@@ -89,6 +89,13 @@ class PixArtFamily(Family):
         return generate_pixart(model, text.get("embeds"), text.get("mask"), text.get("null_embeds"),  # type: ignore[arg-type]
                                null_mask=text.get("null_mask"), **common)
 
+    def added_conditions(self, latent_hw: Sequence[int], batch: int, device: torch.device | str) -> dict[str, Tensor] | None:
+        if not self.config.use_additional_conditions:  # only the 1024 px multi-scale models take them
+            return None
+        from sparsedit.families.pixart.model import size_conditions
+
+        return size_conditions(latent_hw, batch, device)
+
     def diffusers_face(self, model: nn.Module) -> nn.Module:
         from sparsedit.families.pixart.face import DiffusersPixArt
 
@@ -105,3 +112,11 @@ class PixArtFamily(Family):
         kwargs = {"grid": tokens} if tokens is not None else {}
         return fn(x, t, cond["encoder_hidden_states"], cond["encoder_attention_mask"], added_cond_kwargs=added,
                   **kwargs)
+
+    # ---- cost counting ------------------------------------------------------------------------------------
+
+    cost_token_inputs = ("encoder_hidden_states",)  # the caption: its projection and attention are token work
+
+    def cost_conditioning(self, model: nn.Module, text_len: int | None) -> dict[str, Tensor]:
+        length = CAPTION_TOKENS if text_len is None else text_len  # padded captions are computed in full
+        return caption_conditioning(model, self.config, 1, False, torch.Generator(), length)
