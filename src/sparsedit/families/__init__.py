@@ -16,7 +16,8 @@ from sparsedit.families.base import Family
 __all__ = ["BUILTIN", "Family", "families", "family_class", "family_of", "register"]
 
 # The adapter modules of the families that ship with sparsedit, in the order help texts list them.
-BUILTIN = ("sparsedit.families.dit.family", "sparsedit.families.pixart.family", "sparsedit.families.latte.family")
+BUILTIN = ("sparsedit.families.dit.family", "sparsedit.families.pixart.family", "sparsedit.families.latte.family",
+           "sparsedit.families.sd3.family")
 
 _FAMILIES: list[type[Family]] = []
 
