@@ -21,7 +21,7 @@ from sparsedit.core.layout import LAYOUT_HELP
 from sparsedit.encoders.vae import VAE_DOWNSAMPLE
 from sparsedit.families.presets import PRESET_HELP, dense_config, is_sparse, resolve_preset, with_sparsity
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "euler")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,10 +43,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--r-max", type=rate, default=None, help="largest pruning rate (default: the model's, else 0.86)")
     p.add_argument("--num-pieces", type=positive_int, default=None,
                    help="pieces of [T/4, T) (default: the model's, else one per distinct grid)")
-    p.add_argument("--steps", type=positive_int, default=250, help="sampling steps (default 250)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="sampling steps (default: 250 for DDPM-trained families, 28 for flow-matching ones)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="timestep spacing: ddpm = evenly spaced incl. both ends (DiT's '250'), ddim = "
-                   "range(0, T, T/steps) (default ddpm)")
+                   "range(0, T, T/steps), euler = a flow-matching model's shifted Euler sigmas x 1000 (default: ddpm, "
+                   "or euler for SD3 / FLUX)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=run)
 
@@ -100,14 +102,14 @@ def resolve_config(args: argparse.Namespace) -> tuple[Any, str]:
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Everything the command prints, as one JSON-ready dict."""
-    from sparsedit.diffusion.process import space_timesteps
     from sparsedit.eval.flops import schedule_macs
+    from sparsedit.families import family_of
 
     config, name = resolve_config(args)
     sparse = is_sparse(config)
-    T = config.num_timesteps if sparse else 1000
-    spec = f"ddim{args.steps}" if args.sampler == "ddim" else str(args.steps)
-    timesteps = space_timesteps(T, spec)
+    family = family_of(config)
+    sampler = args.sampler or family.default_sampling[0]
+    timesteps = family.sampling_timesteps(sampler, args.steps or family.default_sampling[1])
     result = schedule_macs(config, timesteps)
     dense = schedule_macs(dense_config(config), timesteps)["gmacs"]
     factor = VAE_DOWNSAMPLE if config.data_space == "latent" else 1
@@ -121,7 +123,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "r_min": config.r_min if sparse else None,
         "r_max": config.r_max if sparse else None,
         "num_pieces": getattr(config, "num_pieces", None),
-        "sampler": args.sampler,
+        "sampler": sampler,
         "steps": len(timesteps),
         "unit": "GMACs per forward pass of one image (batch 1; classifier-free guidance doubles the batch)",
         **{k: result.get(k) for k in ("gmacs", "gmacs_min", "gmacs_max", "grids", "params", "by_segment", "by_kind",

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sparsedit.core.schedule import discrete_timestep
 from sparsedit.errors import SparseditError
 from sparsedit.eval.macs import KINDS, count_forward, count_params, flop_counter, resized, split_flops
 from sparsedit.families import family_of
@@ -360,7 +361,9 @@ def schedule_macs(config: Any, timesteps: Iterable[int], dense_grid: Grid | None
     """
     if family_of(config).frames is not None:
         return latte_schedule_macs(config, timesteps)
-    steps = [int(t) for t in timesteps]
+    # Fractional and flow-matching timesteps (sigma * 1000) use the grid of the integer timestep the model maps
+    # them to; integer DDPM timesteps are unchanged.
+    steps = [discrete_timestep(t, getattr(config, "num_timesteps", 1000)) for t in timesteps]
     if not steps:
         raise SparseditError("schedule_macs got no timesteps; pass the sampling run's timesteps, e.g. space_timesteps(1000, '250')")
     config = resized(config, _check_grid(config.grid if dense_grid is None else dense_grid, "dense grid"), None)
@@ -379,7 +382,9 @@ def latte_schedule_macs(config: Any, timesteps: Iterable[int], text_len: int = C
 
     ``grids`` lists each distinct sparse token set as in :func:`schedule_macs`, with ``frames`` added.
     """
-    steps = [int(t) for t in timesteps]
+    # Fractional and flow-matching timesteps (sigma * 1000) use the grid of the integer timestep the model maps
+    # them to; integer DDPM timesteps are unchanged.
+    steps = [discrete_timestep(t, getattr(config, "num_timesteps", 1000)) for t in timesteps]
     if not steps:
         raise SparseditError("latte_schedule_macs got no timesteps; pass e.g. space_timesteps(1000, '250')")
     fields = _schedule(config, steps, text_len)[2]

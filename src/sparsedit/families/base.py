@@ -40,6 +40,8 @@ class Family:
     default_rates: ClassVar[tuple[float, float]] = (0.61, 0.86)  # the paper's (r_min, r_max) for this family
     sample_suffixes: ClassVar[tuple[str, ...]] = (".png",)  # what `sparsedit sample --out` may write
     catch_all: ClassVar[bool] = False  # tried last when recognising a file or diffusers directory
+    samplers: ClassVar[tuple[str, ...]] = ("ddpm", "ddim")  # timestep spacings of a sampling run (flops, bench)
+    default_sampling: ClassVar[tuple[str, int]] = ("ddpm", 250)  # the run `sparsedit flops` measures by default
 
     def __init__(self, config: Any):
         self.config = config
@@ -198,6 +200,20 @@ class Family:
     def call(self, fn: Callable[..., Tensor], x: Tensor, t: Tensor, cond: dict[str, Tensor], tokens: Tokens) -> Tensor:
         """Run ``fn`` (the model or its compiled forward) on ``x``, ``t`` and ``cond`` with explicit sparse tokens."""
         raise NotImplementedError
+
+    def sampling_timesteps(self, sampler: str, steps: int) -> list[float]:
+        """The model timesteps of a ``steps``-step run, in increasing order (``flops`` reports per step in this order).
+
+        DDPM models: ``ddpm`` = evenly spaced including both ends (DiT's "250"), ``ddim`` = ``range(0, T, T / steps)``.
+        Flow families override this with their Euler sigmas times 1000.
+        """
+        from sparsedit.diffusion.process import space_timesteps
+
+        if sampler not in self.samplers:
+            raise SparseditError(f"a {self.dense_type} samples with {' or '.join(self.samplers)}, not {sampler}")
+        num_timesteps = self.config.num_timesteps if self.sparse else 1000
+        spec = f"ddim{steps}" if sampler == "ddim" else str(steps)
+        return [float(t) for t in sorted(space_timesteps(num_timesteps, spec))]
 
     def tokens_at(self, t: int) -> Tokens:
         """The token set the schedule uses at timestep ``t`` (None for a dense model)."""
