@@ -166,7 +166,7 @@ def test_every_model_type_belongs_to_exactly_one_registered_family() -> None:
     from sparsedit.core.checkpoint import model_types
 
     registered = families()
-    assert [cls.name for cls in registered][:4] == ["dit", "pixart", "latte", "sd3"]
+    assert [cls.name for cls in registered] == ["dit", "pixart", "latte", "sd3", "flux"]
     for model_type, (config_cls, model_cls) in model_types().items():
         owner = family_class(model_type)
         assert model_type in (owner.dense_type, owner.sparse_type)
@@ -178,7 +178,7 @@ def test_every_model_type_belongs_to_exactly_one_registered_family() -> None:
                                                     ("PixArt-XL/2", "pixart", False),
                                                     ("SparsePixArt-XL/2", "pixart", True),
                                                     ("Latte-S/2", "latte", False), ("SparseLatte-XL/2", "latte", True),
-                                                    ("SD3.5-medium", "sd3", False)])
+                                                    ("SD3.5-medium", "sd3", False), ("FLUX.1-dev", "flux", False)])
 def test_family_of_answers_from_the_config_model_type(preset: str, family: str, sparse: bool) -> None:
     fam = family_of(preset_config(preset))
     assert (fam.name, fam.sparse) == (family, sparse)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,23 +47,6 @@ CONFIGS = {
                              num_attention_heads=4, caption_projection_dim=64),
 }
 SIZES = [(8, 8), (8, 12), (16, 6)]  # latent H x W: square, and non-square both ways (grids up to the table side)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def sd3_family() -> Iterator[None]:
-    """Register the SD3 family for this module only, while ``sparsedit.families.BUILTIN`` does not list it yet (so
-    the registry other test modules see is unchanged); once it is built in, this fixture does nothing."""
-    import sparsedit.core.checkpoint as checkpoint
-    import sparsedit.families as registry
-
-    name = "sparsedit.families.sd3.family"
-    before = list(registry._FAMILIES)
-    import sparsedit.families.sd3.family  # noqa: F401  # registers on import
-
-    yield
-    if name not in registry.BUILTIN:
-        registry._FAMILIES[:] = before
-        checkpoint._MODEL_TYPES.pop("SD3", None)
 
 
 def reference(name: str, **overrides: object) -> SD3Transformer2DModel:

@@ -1,0 +1,67 @@
+"""The FLUX.1 family: the dense FLUX.1-dev / FLUX.1-schnell transformer, its checkpoint formats and diffusers face."""
+
+from __future__ import annotations
+
+from sparsedit.families.flux.convert import (
+    FLUX_DIFFUSERS_CLASS,
+    diffusers_flux_fields,
+    flux_config_from_diffusers,
+    flux_from_diffusers,
+    flux_from_original,
+    flux_from_original_state,
+    flux_state_from_diffusers,
+    infer_flux_config,
+    is_flux_diffusers_config,
+    is_flux_original_state,
+    original_state_dict,
+    save_flux_diffusers,
+)
+from sparsedit.families.flux.face import DiffusersFlux
+from sparsedit.families.flux.model import (
+    CLIP_POOLED,
+    DEFAULT_GUIDANCE,
+    FLUX_AXES,
+    FLUX_TEXT_TOKENS,
+    T5_CHANNELS,
+    DoubleStreamBlock,
+    Flux,
+    FluxConfig,
+    SingleStreamBlock,
+    apply_rope,
+    flux_config,
+    pack_latents,
+    position_ids,
+    rope_table,
+    unpack_latents,
+)
+
+__all__ = [
+    "CLIP_POOLED",
+    "DEFAULT_GUIDANCE",
+    "FLUX_AXES",
+    "FLUX_DIFFUSERS_CLASS",
+    "FLUX_TEXT_TOKENS",
+    "T5_CHANNELS",
+    "DiffusersFlux",
+    "DoubleStreamBlock",
+    "Flux",
+    "FluxConfig",
+    "SingleStreamBlock",
+    "apply_rope",
+    "diffusers_flux_fields",
+    "flux_config",
+    "flux_config_from_diffusers",
+    "flux_from_diffusers",
+    "flux_from_original",
+    "flux_from_original_state",
+    "flux_state_from_diffusers",
+    "infer_flux_config",
+    "is_flux_diffusers_config",
+    "is_flux_original_state",
+    "original_state_dict",
+    "pack_latents",
+    "position_ids",
+    "rope_table",
+    "save_flux_diffusers",
+    "unpack_latents",
+]
