@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "authors' code, docs/official.md)")
     p.add_argument("--extra-recovery", choices=EXTRA_RECOVERY_MODES, default=None,
                    help="the 2nd.. recovery blocks of an SDTM (r > 1): cross-attention to the sparse tokens (cross, "
-                   "ours) or the recovery block repeated (repeat, the authors' code); DiT and PixArt only")
+                   "ours) or the recovery block repeated (repeat, the authors' code); not for Latte")
     p.add_argument("--out", required=True, help="output directory for the SparseDiT checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
     p.add_argument("--verbose", action="store_true", help="print the parameter-by-parameter initialisation map")
@@ -76,7 +76,7 @@ def _token_sets(cfg) -> list[str]:  # noqa: ANN001
 def run(args: argparse.Namespace) -> int:
     from sparsedit.core.checkpoint import check_output_dir, save_pretrained
     from sparsedit.errors import SparseditError
-    from sparsedit.families.dit.sparsify import init_rules
+    from sparsedit.families import family_of
 
     check_rates(args)
     check_not_source(args.src, args.out)
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         raise SparseditError(f"--extra-recovery sets the 2nd.. recovery blocks of an SDTM; layout "
                              f"{model.config.layout.as_string()} has one (r = {model.config.recovery_blocks}): drop it")
     if args.verbose:
-        for rule in init_rules(model.config, list(model.state_dict())):
+        for rule in family_of(model).init_rules(model):
             print(rule.describe())
     out = save_pretrained(model, args.out, overwrite=True)
     cfg = model.config

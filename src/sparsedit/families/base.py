@@ -91,6 +91,12 @@ class Family:
         extra_recovery; absent ones take the family's defaults)."""
         raise NotImplementedError
 
+    def init_rules(self, model: nn.Module) -> list[Any]:
+        """How every tensor of the sparse ``model`` is initialised from its dense source (``sparsify --verbose``)."""
+        from sparsedit.families.dit.sparsify import init_rules
+
+        return init_rules(model.config, list(model.state_dict()))
+
     def refuse_sparse_source(self) -> None:
         if self.sparse:
             raise SparseditError(f"the source is already a {self.sparse_type}; pass the dense model it came from")

@@ -1,5 +1,5 @@
-"""The Stable Diffusion 3 / 3.5 family adapter: the dense SD3 behind the :class:`~sparsedit.families.base.Family`
-interface (its sparse model, SparseSD3, is not there yet)."""
+"""The Stable Diffusion 3 / 3.5 family adapter: SD3 and SparseSD3 behind the :class:`~sparsedit.families.base.Family`
+interface (presets, sparsify, formats, flow-matching timesteps, one evaluation with explicit sparse tokens)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sparsedit.core.schedule import discrete_timestep
 from sparsedit.errors import SparseditError
 from sparsedit.families import register
 from sparsedit.families.base import Family, Tokens, refuse_drop_null_caption
 from sparsedit.families.sd3.model import SD3, SD3_SIZES, SD3_TEXT_TOKENS, SD3Config, sd3_config
+from sparsedit.families.sd3.sparse import SPARSE_SD3_LAYOUTS, SparseSD3, SparseSD3Config
 
-
-def _not_yet(what: str) -> SparseditError:
-    return SparseditError(f"{what} is not yet available for SD3 (SparseSD3 comes later); use the dense SD3")
+SD3_SHIFT = 3.0  # the released SD3 / SD3.5 schedulers' static shift (FlowMatchEulerDiscreteScheduler(shift=3.0))
+SD3_STEPS = 28  # the pipelines' default number of steps
 
 
 @register
@@ -28,22 +29,41 @@ class SD3Family(Family):
     dense_type = "SD3"
     sparse_type = "SparseSD3"
     presets = tuple(SD3_SIZES)
-    preset_help = ", ".join(SD3_SIZES)
+    preset_help = ", ".join([*SD3_SIZES, *(f"Sparse{name}" for name in SD3_SIZES)])
     diffusers_format = "sd3-diffusers"
+    # Flow matching: `sparsedit flops` measures the pipelines' 28-step Euler run (t = sigma * 1000) by default.
+    samplers = ("euler",)
+    default_sampling = ("euler", SD3_STEPS)
 
     @classmethod
     def model_types(cls) -> dict[str, tuple[type, type[nn.Module]]]:
-        return {"SD3": (SD3Config, SD3)}  # SparseSD3 joins when it exists
+        return {"SD3": (SD3Config, SD3), "SparseSD3": (SparseSD3Config, SparseSD3)}
 
     @classmethod
     def resolve_preset(cls, name: str, image_size: int) -> tuple[Any, str | None] | None:
-        return (sd3_config(name, image_size), None) if name in SD3_SIZES else None
+        """``SD3.5-medium`` -> (its config, None); ``SparseSD3.5-medium`` -> (the same config, its default layout)."""
+        if name in SD3_SIZES:
+            return sd3_config(name, image_size), None
+        dense = name[len("Sparse"):] if name.startswith("Sparse") else None
+        if dense in SPARSE_SD3_LAYOUTS:
+            return sd3_config(dense, image_size), SPARSE_SD3_LAYOUTS[dense]
+        return None
 
     def sparse_config(self, layout: str, **rates: Any) -> Any:
-        raise _not_yet("a sparse layout (--layout)")
+        return SparseSD3Config.from_sd3(self.config, layout, **rates)
 
     def sparsify(self, model: nn.Module, layout: str | None, num_pieces: int | None, **options: Any) -> nn.Module:
-        raise _not_yet("sparsify")
+        self.refuse_sparse_source()
+        from sparsedit.families.sd3.sparse import sparsify_sd3
+
+        return sparsify_sd3(model, layout, num_pieces=num_pieces, **options)  # type: ignore[arg-type]
+
+    def init_rules(self, model: nn.Module) -> list[Any]:
+        """The tensor-by-tensor initialisation map of a SparseSD3 (what ``sparsedit sparsify --verbose`` should print;
+        DiT's ``init_rules`` does not know the poolingformers' ``attn.kv`` / ``attn2.v`` slices)."""
+        from sparsedit.families.sd3.sparse import sd3_init_rules
+
+        return sd3_init_rules(model.config, list(model.state_dict()))  # type: ignore[arg-type]
 
     # ---- checkpoint formats ----------------------------------------------------------------------------
 
@@ -103,10 +123,31 @@ class SD3Family(Family):
         return {"encoder_hidden_states": text, "pooled_projections": pooled}
 
     def call(self, fn: Callable[..., Tensor], x: Tensor, t: Tensor, cond: dict[str, Tensor], tokens: Tokens) -> Tensor:
-        if tokens is not None:
+        if tokens is None:
+            return fn(x, t, cond["encoder_hidden_states"], cond["pooled_projections"])
+        if not self.sparse:
             raise SparseditError(f"a dense SD3 runs on its full token grid, not {tokens}; sparse token sets come with "
                                  "SparseSD3")
-        return fn(x, t, cond["encoder_hidden_states"], cond["pooled_projections"])
+        return fn(x, t, cond["encoder_hidden_states"], cond["pooled_projections"], grid=tokens)
+
+    def tokens_at(self, t: float) -> Tokens:
+        """The sparse grid at model timestep ``t = sigma * 1000`` (in [0, 1000]; 1000 is pure noise), as the model
+        picks it; None for a dense SD3."""
+        if not self.sparse:
+            return None
+        schedule = self.config.schedule
+        return schedule.grid(discrete_timestep(float(t), schedule.num_timesteps), self.config.grid)
+
+    def sampling_timesteps(self, sampler: str, steps: int) -> list[float]:
+        """The model timesteps ``sigma * 1000`` of a ``steps``-step Euler run with SD3's shift 3 (the final sigma 0 is
+        no model call), in increasing order."""
+        from sparsedit.diffusion.flow import T_SCALE, euler_sigmas
+
+        if sampler not in self.samplers:
+            raise SparseditError(f"an SD3 is a flow-matching model: it samples with euler (shifted sigmas x 1000), not "
+                                 f"{sampler}; use --sampler euler")
+        sigmas = euler_sigmas(steps, shift=SD3_SHIFT)[:-1]
+        return sorted(float(s) * T_SCALE for s in sigmas)
 
     def reset_buffers(self, model: nn.Module) -> None:
         """The position table of a fresh model (a loaded one stores its own); the unused caption-query weights of the

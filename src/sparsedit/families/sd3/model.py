@@ -176,15 +176,25 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.q_norm, self.k_norm = _qk_norms(dim // num_heads, qk_norm)
 
-    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(B, N, D) tokens -> q, k, v, each (B, heads, N, d), queries and keys normalised."""
-        q, k, v = (split_heads(z, self.num_heads) for z in self.qkv(x).chunk(3, dim=-1))
+    def heads(self, x: Tensor, source: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, N, D) tokens -> q, k, v, each (B, heads, N, d), queries and keys normalised.
+
+        With ``source`` (B, M, D) the keys and values come from it, through the same weights (rows [D, 3D) of
+        ``qkv``): SparseSD3's generation and recovery blocks reuse a pretrained self-attention as cross-attention.
+        """
+        if source is None:
+            q, k, v = (split_heads(z, self.num_heads) for z in self.qkv(x).chunk(3, dim=-1))
+        else:
+            d = x.shape[-1]
+            w, b = self.qkv.weight, self.qkv.bias
+            q = split_heads(F.linear(x, w[:d], b[:d]), self.num_heads)  # (B, heads, N, d)
+            k, v = (split_heads(z, self.num_heads) for z in F.linear(source, w[d:], b[d:]).chunk(2, dim=-1))
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.scaled_dot_product_attention(*self.heads(x))  # (B, heads, N, d)
+    def forward(self, x: Tensor, source: Tensor | None = None) -> Tensor:
+        out = F.scaled_dot_product_attention(*self.heads(x, source))  # (B, heads, N, d)
         return self.proj(merge_heads(out))  # (B, N, D)
 
 
@@ -216,11 +226,13 @@ class JointAttention(SelfAttention):
             self.context_proj = nn.Linear(dim, dim)
             self.context_q_norm, self.context_k_norm = _qk_norms(head_dim, qk_norm)
 
-    def forward(self, x: Tensor, context: Tensor) -> tuple[Tensor, Tensor | None]:  # type: ignore[override]
+    def forward(self, x: Tensor, context: Tensor,  # type: ignore[override]
+                source: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """x: (B, N, D) image tokens, context: (B, L, D) caption tokens -> their attention outputs (None for the
-        caption stream of the last block)."""
+        caption stream of the last block). ``source`` (B, M, D): image keys / values from other tokens than the
+        image queries (SparseSD3's cross-attending blocks); None is the dense joint attention."""
         n = x.shape[1]
-        q, k, v = self.heads(x)  # (B, heads, N, d) each
+        q, k, v = self.heads(x, source)  # (B, heads, N, d) queries, (B, heads, N or M, d) keys and values
         if self.context_pre_only:
             ck, cv = (split_heads(z, self.num_heads) for z in self.context_kv(context).chunk(2, dim=-1))
             if self.context_k_norm is not None:
@@ -266,18 +278,31 @@ class JointBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.context_mlp = None if context_pre_only else Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: Tensor, context: Tensor, c: Tensor) -> tuple[Tensor, Tensor | None]:
-        """x: (B, N, D), context: (B, L, D), c: (B, D) -> new (x, context); context is None after the last block."""
+    def forward(self, x: Tensor, context: Tensor, c: Tensor,
+                source: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """x: (B, N, D), context: (B, L, D), c: (B, D) -> new (x, context); context is None after the last block.
+
+        ``source`` (B, M, D), for SparseSD3: the image keys and values of both attentions come from these tokens,
+        normalised and modulated like ``x``, while ``x`` stays the queries and the residual stream (None: the
+        dense block, computed op for op as without the argument)."""
         mods = self.adaLN_modulation(c).chunk(9 if self.dual else 6, dim=1)  # each (B, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
         x_norm = self.norm(x)  # (B, N, D)
+        s_norm = None if source is None else self.norm(source)  # (B, M, D)
         context_mods = self.context_adaLN_modulation(c).chunk(2 if self.context_pre_only else 6, dim=1)
         context_in = modulate(self.norm(context), context_mods[0], context_mods[1])  # (B, L, D)
-        attn_x, attn_context = self.attn(modulate(x_norm, shift_msa, scale_msa), context_in)
+        if s_norm is None:
+            attn_x, attn_context = self.attn(modulate(x_norm, shift_msa, scale_msa), context_in)
+        else:
+            attn_x, attn_context = self.attn(modulate(x_norm, shift_msa, scale_msa), context_in,
+                                             modulate(s_norm, shift_msa, scale_msa))
         x = x + gate_msa.unsqueeze(1) * attn_x  # (B, N, D)
         if self.attn2 is not None:
             shift_msa2, scale_msa2, gate_msa2 = mods[6:]
-            x = x + gate_msa2.unsqueeze(1) * self.attn2(modulate(x_norm, shift_msa2, scale_msa2))
+            queries = modulate(x_norm, shift_msa2, scale_msa2)
+            attn2 = self.attn2(queries) if s_norm is None else self.attn2(queries, modulate(s_norm, shift_msa2,
+                                                                                             scale_msa2))
+            x = x + gate_msa2.unsqueeze(1) * attn2
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm(x), shift_mlp, scale_mlp))
         if self.context_mlp is None or attn_context is None:
             return x, None
@@ -314,16 +339,20 @@ class SD3(nn.Module):
         self.t_embedder = TimestepEmbedder(d)  # [cos, sin], shift 0: Timesteps(flip_sin_to_cos=True, shift=0)
         self.pooled_embedder = nn.Sequential(nn.Linear(config.pooled_channels, d), nn.SiLU(), nn.Linear(d, d))
         self.context_embedder = nn.Linear(config.caption_channels, d)
-        self.blocks = nn.ModuleList(
-            JointBlock(d, config.num_heads, config.mlp_ratio, qk_norm=config.qk_norm is not None,
-                       dual=i in config.dual_attention_layers, context_pre_only=i == config.depth - 1)
-            for i in range(config.depth)
-        )
+        self.blocks = self.build_blocks(config)
         self.final_layer = FinalLayer(d, config.patch_size, config.out_channels)
         # The (1, M*M, D) table of an M x M token square, M = pos_embed_max_size. Checkpoints store it (diffusers
         # keeps it as a persistent buffer, not a parameter), so it is loaded, not recomputed.
         self.register_buffer("pos_table", self.initial_position_table())
         self.initialize_weights()
+
+    def build_blocks(self, config: SD3Config) -> nn.ModuleList:
+        """The joint blocks; the last one's caption stream is context pre-only (SparseSD3 builds its own kinds)."""
+        return nn.ModuleList(
+            JointBlock(config.hidden_size, config.num_heads, config.mlp_ratio, qk_norm=config.qk_norm is not None,
+                       dual=i in config.dual_attention_layers, context_pre_only=i == config.depth - 1)
+            for i in range(config.depth)
+        )
 
     def initial_position_table(self) -> Tensor:
         """diffusers' initial table: 2-D sin-cos over the M x M square at positions ``i / (M / base)``,
