@@ -90,3 +90,37 @@ def test_euler_sampling_equals_the_scheduler_steps() -> None:
 def test_euler_sampling_refuses_no_steps() -> None:
     with pytest.raises(SparseditError, match="at least one step"):
         flow.euler_sigmas(0)
+
+
+def test_logit_normal_density_integrates_to_one_and_vanishes_at_the_ends() -> None:
+    s = (torch.arange(200_000, dtype=torch.float64) + 0.5) / 200_000
+    assert flow.logit_normal_density(s).mean().item() == pytest.approx(1.0, abs=1e-4)
+    assert flow.logit_normal_density(torch.tensor([0.0, 1.0])).tolist() == [0.0, 0.0]
+    x = torch.tensor([0.3])
+    by_hand = math.exp(-math.log(0.3 / 0.7) ** 2 / 2) / (math.sqrt(2 * math.pi) * 0.3 * 0.7)
+    assert flow.logit_normal_density(x).item() == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_flow_process_training_loss_by_hand() -> None:
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    t = torch.tensor([250, 800])
+    seen = {}
+
+    def model(x: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+        seen["x"], seen["t"] = x, tt
+        return 0.5 * x
+
+    proc = flow.FlowProcess()
+    out = proc.training_losses(model, x0, t, noise=noise)
+    sigma = torch.tensor([0.25, 0.8])
+    xt = (1 - sigma)[:, None, None, None] * x0 + sigma[:, None, None, None] * noise
+    assert torch.allclose(seen["x"], xt) and seen["t"].tolist() == [250.0, 800.0]  # the model sees the steps
+    mse = ((0.5 * xt - (noise - x0)) ** 2).flatten(1).mean(1)
+    assert torch.allclose(out["mse"], mse)
+    assert torch.allclose(out["loss"], mse * flow.logit_normal_density(sigma))
+    assert torch.equal(out["vb"], torch.zeros(2))
+    uniform = flow.FlowProcess(weighting="uniform").training_losses(model, x0, t, noise=noise)
+    assert torch.allclose(uniform["loss"], mse)
+    with pytest.raises(SparseditError, match="Min-SNR"):
+        proc.min_snr_weight(t, 5.0)

@@ -107,3 +107,68 @@ def euler_sample(model_fn: Callable[[Tensor, Tensor], Tensor], noise: Tensor, si
         v = model_fn(x, t)
         x = (x.float() + (sigmas[i + 1] - sigmas[i]).to(v.device) * v).to(v.dtype)
     return x
+
+
+def logit_normal_density(sigmas: Tensor, mean: float = 0.0, std: float = 1.0) -> Tensor:
+    """The density of the logit-normal distribution at ``sigmas`` (0 at the ends, where the logit is infinite)."""
+    s = sigmas.double().clamp(0, 1)
+    inside = (s > 0) & (s < 1)
+    s_in = torch.where(inside, s, torch.full_like(s, 0.5))
+    logit = torch.log(s_in / (1 - s_in))
+    dens = torch.exp(-((logit - mean) ** 2) / (2 * std * std)) / (std * math.sqrt(2 * math.pi) * s_in * (1 - s_in))
+    return torch.where(inside, dens, torch.zeros_like(dens)).to(sigmas.dtype)
+
+
+class FlowProcess:
+    """Flow matching behind the training interface of :class:`sparsedit.diffusion.process.GaussianDiffusion`.
+
+    The trainer draws integer steps ``t`` in ``[0, num_timesteps)`` (uniformly, or from the pruning schedule's pieces
+    so that a batch shares one token grid); step ``t`` is ``sigma = t / num_timesteps`` and the model sees ``t``
+    itself (``sigma * 1000``), so the grid the model picks is the grid the piece sampler chose. SD3's logit-normal
+    sigma sampling enters as a loss weight instead of a sampling distribution: with ``weighting="logit-normal"``
+    each sample's loss is multiplied by the logit-normal density at its sigma, whose mean under uniform sigmas is 1.
+    The expected gradient is then exactly that of sampling sigmas logit-normally (the SD3 paper presents its
+    timestep sampling as this weighting); only its variance differs.
+    """
+
+    learns_sigma = False
+
+    def __init__(self, num_timesteps: int = 1000, weighting: str = "logit-normal", mean: float = 0.0, std: float = 1.0):
+        if weighting not in ("uniform", "logit-normal"):
+            raise SparseditError(f"unknown flow loss weighting {weighting!r}; choose uniform or logit-normal")
+        self.num_timesteps = num_timesteps
+        self.weighting, self.mean, self.std = weighting, mean, std
+
+    def sigmas(self, t: Tensor) -> Tensor:
+        return t.float() / self.num_timesteps
+
+    def original_timesteps(self, t: Tensor) -> Tensor:
+        """The model timesteps of steps ``t``: the steps themselves (sigma * 1000 on a 1000-step schedule)."""
+        return t.float() * (T_SCALE / self.num_timesteps)
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
+        return noised(x0, torch.randn_like(x0) if noise is None else noise, self.sigmas(t))
+
+    def weight(self, t: Tensor) -> Tensor | None:
+        if self.weighting == "uniform":
+            return None
+        return logit_normal_density(self.sigmas(t), self.mean, self.std)
+
+    def min_snr_weight(self, t: Tensor, gamma: float) -> Tensor:
+        raise SparseditError("Min-SNR weighting is for DDPM models; a flow-matching model weights its loss by "
+                             "sigma instead: drop --min-snr-gamma (or use the paper recipe)")
+
+    def training_losses(self, model_fn: Callable[..., Tensor], x0: Tensor, t: Tensor, model_kwargs: dict | None = None,
+                        noise: Tensor | None = None, mse_weight: Tensor | None = None) -> dict[str, Tensor]:
+        """Per-sample ``{"loss", "mse", "vb"}`` (``vb`` is zero) and the model ``output``, as GaussianDiffusion's.
+
+        ``mse`` is the unweighted velocity MSE; ``loss`` multiplies it by the sigma weighting and ``mse_weight``.
+        """
+        noise = torch.randn_like(x0) if noise is None else noise
+        out = model_fn(self.q_sample(x0, t, noise), self.original_timesteps(t), **(model_kwargs or {}))
+        mse = flow_loss(out, x0, noise)
+        weight = self.weight(t)
+        loss = mse if weight is None else mse * weight.to(mse)
+        if mse_weight is not None:
+            loss = loss * mse_weight.to(mse)
+        return {"loss": loss, "mse": mse, "vb": torch.zeros_like(mse), "output": out}

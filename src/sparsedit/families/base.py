@@ -168,6 +168,19 @@ class Family:
 
         return save_grid(images, out, nrow=nrow)
 
+    def training_process(self) -> Any:
+        """The process the trainer noises data with and takes the loss of: the DDPM of DiT-style models (flow-matching
+        families return :class:`sparsedit.diffusion.flow.FlowProcess`)."""
+        from sparsedit.diffusion.process import create_diffusion
+
+        return create_diffusion(None, learn_sigma=self.config.learn_sigma)
+
+    def training_kwargs(self, cond: dict[str, Any], caption: Tensor, device: torch.device) -> dict[str, Any]:
+        """The caption keyword arguments of a training forward, from a data item's ``cond`` dict and its (possibly
+        dropped) caption: T5 embeddings and their mask here; families with more inputs add them."""
+        mask = cond.get("encoder_attention_mask")
+        return {"encoder_hidden_states": caption, "encoder_attention_mask": None if mask is None else mask.to(device)}
+
     def timestep_sampler(self, generator: torch.Generator) -> Any:
         """The training timestep sampler of a sparse model (None: uniform timesteps, a dense model)."""
         if not self.sparse:

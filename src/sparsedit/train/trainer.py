@@ -47,7 +47,6 @@ from torch.utils.data import DataLoader, Dataset
 from sparsedit.core.checkpoint import replace_dir
 from sparsedit.core.locking import run_lock
 from sparsedit.core.schedule import Piece, PieceSampler
-from sparsedit.diffusion.process import create_diffusion
 from sparsedit.errors import SparseditError, os_error_at
 from sparsedit.families import family_of
 from sparsedit.train.datasets import (
@@ -172,7 +171,7 @@ class Trainer(RunDirMixin):
             check_model_fits_data(self.config, describe_latents(dataset))
         self.text = text_conditioned(self.config)
         self.null_caption = self._dropout_caption(dataset)
-        self.diffusion = create_diffusion(None, learn_sigma=self.config.learn_sigma)
+        self.diffusion = family_of(self.config).training_process()
         self.gen = torch.Generator().manual_seed(settings.seed * 1000 + self.dist.rank)
         torch.manual_seed(settings.seed * 1000 + self.dist.rank)  # label dropout uses the global RNG
         self.pieces = timestep_sampler(model, self.gen)
@@ -234,7 +233,7 @@ class Trainer(RunDirMixin):
         ``CaptionEmbedder``), so the trainer must not drop them again. Latte-T2V and diffusers PixArt
         checkpoints store none: then the data set's ``null_caption`` (the embedded empty prompt) is used.
         """
-        if not self.text or self.config.class_dropout_prob == 0:
+        if not self.text or getattr(self.config, "class_dropout_prob", 0.0) == 0:
             return None
         if getattr(self.raw.y_embedder, "y_embedding", None) is not None:
             return None
@@ -311,9 +310,7 @@ class Trainer(RunDirMixin):
             # global RNG, restored on resume); the prompt's mask is kept, as PixArt does.
             drop = torch.rand(caption.shape[0]) < self.config.class_dropout_prob
             caption = torch.where(drop.to(dev)[:, None, None], self.null_caption.to(caption), caption)
-        mask = cond.get("encoder_attention_mask")
-        kwargs: dict[str, Any] = {"encoder_hidden_states": caption,
-                                  "encoder_attention_mask": None if mask is None else mask.to(dev)}
+        kwargs = family_of(self.config).training_kwargs(cond, caption, dev)
         added = family_of(self.config).added_conditions(x.shape[-2:], x.shape[0], dev)
         if added is not None:
             kwargs["added_cond_kwargs"] = added

@@ -99,6 +99,18 @@ class SD3Family(Family):
         raise SparseditError("sparsedit cannot sample an SD3 yet (it needs CLIP + T5 prompts and a flow-matching "
                              "sampler); use sparsedit.interop.use_in_pipeline(StableDiffusion3Pipeline..., model)")
 
+    def training_process(self) -> Any:
+        from sparsedit.diffusion.flow import FlowProcess
+
+        return FlowProcess(weighting="logit-normal")  # rectified flow with SD3's logit-normal(0, 1) sigmas
+
+    def training_kwargs(self, cond: dict[str, Any], caption: Tensor, device: torch.device) -> dict[str, Any]:
+        pooled = cond.get("pooled_projections")
+        if pooled is None:
+            raise SparseditError(f"an {self.dense_type} also takes the pooled CLIP vector: each data item's conditions "
+                                 "need 'pooled_projections' (B, 2048) beside 'encoder_hidden_states'")
+        return {"encoder_hidden_states": caption, "pooled_projections": pooled.to(device=device, dtype=caption.dtype)}
+
     def diffusers_face(self, model: nn.Module) -> nn.Module:
         from sparsedit.families.sd3.face import DiffusersSD3
 
