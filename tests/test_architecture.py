@@ -178,7 +178,8 @@ def test_every_model_type_belongs_to_exactly_one_registered_family() -> None:
                                                     ("PixArt-XL/2", "pixart", False),
                                                     ("SparsePixArt-XL/2", "pixart", True),
                                                     ("Latte-S/2", "latte", False), ("SparseLatte-XL/2", "latte", True),
-                                                    ("SD3.5-medium", "sd3", False), ("FLUX.1-dev", "flux", False)])
+                                                    ("SD3.5-medium", "sd3", False), ("SparseSD3.5-large", "sd3", True),
+                                                    ("FLUX.1-dev", "flux", False), ("SparseFLUX.1-dev", "flux", True)])
 def test_family_of_answers_from_the_config_model_type(preset: str, family: str, sparse: bool) -> None:
     fam = family_of(preset_config(preset))
     assert (fam.name, fam.sparse) == (family, sparse)

@@ -1,7 +1,8 @@
 """`sparsedit flops --json` for every preset, pinned: a refactor of how MACs are counted must not move a number.
 
 The golden file holds the JSON the command printed for every preset (DiT, SparseDiT, PixArt, SparsePixArt,
-Latte, SparseLatte; 256 and 512 px; DDPM 250 and DDIM 50). MACs are integer counts, so the file is the same on
+Latte, SparseLatte; 256 and 512 px; DDPM 250 and DDIM 50; SD3 / SD3.5 and FLUX.1, dense and sparse, at 1024 px over
+a 28-step Euler run). MACs are integer counts, so the file is the same on
 every machine. After a deliberate change of what is counted, regenerate it and explain the change in the commit:
 
     SPARSEDIT_WRITE_GOLDEN=1 .venv/bin/python -m pytest tests/test_flops_golden.py
@@ -25,6 +26,10 @@ GOLDEN = Path(__file__).parent / "golden" / "flops_presets.json"
 PRESETS = [*DIT_PRESETS, *(f"Sparse{name}" for name in DIT_PRESETS), "PixArt-XL/2", "SparsePixArt-XL/2",
            *LATTE_PRESETS, "SparseLatte-XL/2"]
 RUNS = [("256", "ddpm", "250"), ("512", "ddim", "50")]
+# Flow-matching families (SD3, FLUX): the pipelines' Euler run at their native 1024 px.
+FLOW_PRESETS = ["SD3-medium", "SD3.5-medium", "SD3.5-large", "SparseSD3-medium", "SparseSD3.5-medium",
+                "SparseSD3.5-large", "FLUX.1-dev", "FLUX.1-schnell", "SparseFLUX.1-dev", "SparseFLUX.1-schnell"]
+FLOW_RUNS = [("1024", "euler", "28")]
 
 
 def measure(preset: str, size: str, sampler: str, steps: str) -> dict:
@@ -36,8 +41,9 @@ def measure(preset: str, size: str, sampler: str, steps: str) -> dict:
 
 
 def current() -> dict[str, dict]:
+    runs = [(preset, run) for preset in PRESETS for run in RUNS] + [(p, run) for p in FLOW_PRESETS for run in FLOW_RUNS]
     return {f"{preset} {size}px {sampler}{steps}": measure(preset, size, sampler, steps)
-            for preset in PRESETS for size, sampler, steps in RUNS}
+            for preset, (size, sampler, steps) in runs}
 
 
 def test_flops_json_of_every_preset_is_unchanged() -> None:

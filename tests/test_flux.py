@@ -269,7 +269,7 @@ def test_presets_resolve() -> None:
 def test_family_members() -> None:
     fam = family_of(preset_config("FLUX.1-dev", 256))
     assert (fam.name, fam.sparse, fam.text_conditioned) == ("flux", False, True)
-    with pytest.raises(SparseditError, match="not yet"):
+    with pytest.raises(SparseditError, match="has 28 blocks but the model has depth 57"):
         fam.sparse_config("SparseDiT-XL")
     with pytest.raises(SparseditError, match="guidance embedding"):
         fam.check_guidance("FLUX.1-dev")

@@ -1,4 +1,4 @@
-"""Training a flow-matching family (SD3 / SparseSD3) with the trainer: the rectified-flow loss the trainer logs is the
+"""Training a flow-matching family (SD3 / SparseSD3, FLUX / SparseFLUX) with the trainer: the rectified-flow loss the trainer logs is the
 loss of a direct model call, sparse batches share one token grid, and missing inputs are refused in one line."""
 
 from __future__ import annotations
@@ -7,13 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-import helpers
 import pytest
 import torch
 from torch.utils.data import Dataset
 
+import helpers
 from sparsedit.diffusion.flow import FlowProcess
 from sparsedit.errors import SparseditError
+from sparsedit.families.flux import Flux, FluxConfig, sparsify_flux
 from sparsedit.families.sd3 import SD3, SD3Config, sparsify_sd3
 from sparsedit.train import Trainer, TrainSettings
 
@@ -95,3 +96,17 @@ def test_refusals_name_the_missing_input_and_the_wrong_weighting(tmp_path: Path)
         Trainer(tiny_sd3(), CaptionLatents(), tmp_path / "b", settings(min_snr_gamma=5.0), progress=False,
                 device="cpu").fit()
     helpers.one_line(err, "Min-SNR")
+
+
+def test_a_sparse_flux_dev_trains_with_its_guidance_input(tmp_path: Path) -> None:
+    cfg = FluxConfig(input_size=16, in_channels=4, hidden_size=32, depth_double=2, depth_single=2, num_heads=2,
+                     axes_dims_rope=(4, 6, 6), caption_channels=CAPTION, pooled_channels=POOLED, guidance_embeds=True,
+                     max_sequence_length=TOKENS)
+    dense = helpers.randomize(Flux(cfg), 0.1)
+    sparse = sparsify_flux(dense, "0,1,1,1,1,0,1").train()
+    seen = []
+    sparse.register_forward_hook(lambda m, args, kwargs, out: seen.append(kwargs.get("guidance")), with_kwargs=True)
+    Trainer(sparse, CaptionLatents(), tmp_path / "run", settings(steps=3), progress=False, device="cpu").fit()
+    rows = logged(tmp_path / "run")
+    assert len(rows) == 3 and all(r["grid"] != "dense" for r in rows) and rows[0]["vb"] == 0.0
+    assert seen and all(g is not None and torch.all(g == 3.5) for g in seen)  # FluxPipeline's default guidance

@@ -1,4 +1,5 @@
-"""The FLUX.1 family: the dense FLUX.1-dev / FLUX.1-schnell transformer, its checkpoint formats and diffusers face."""
+"""The FLUX.1 family: the dense FLUX.1-dev / FLUX.1-schnell transformer, SparseFLUX (SparseDiT on its image tokens),
+the checkpoint formats and the diffusers face."""
 
 from __future__ import annotations
 
@@ -34,19 +35,36 @@ from sparsedit.families.flux.model import (
     rope_table,
     unpack_latents,
 )
+from sparsedit.families.flux.sparse import (
+    FLUX_LAYOUT,
+    SPARSE_FLUX_LAYOUTS,
+    FluxInitRule,
+    SparseFlux,
+    SparseFluxConfig,
+    flux_init_rules,
+    pooled_coordinates,
+    sparse_position_ids,
+    sparsify_flux,
+    sparsify_flux_with_rules,
+)
 
 __all__ = [
     "CLIP_POOLED",
     "DEFAULT_GUIDANCE",
     "FLUX_AXES",
     "FLUX_DIFFUSERS_CLASS",
+    "FLUX_LAYOUT",
     "FLUX_TEXT_TOKENS",
+    "SPARSE_FLUX_LAYOUTS",
     "T5_CHANNELS",
     "DiffusersFlux",
     "DoubleStreamBlock",
     "Flux",
     "FluxConfig",
+    "FluxInitRule",
     "SingleStreamBlock",
+    "SparseFlux",
+    "SparseFluxConfig",
     "apply_rope",
     "diffusers_flux_fields",
     "flux_config",
@@ -54,14 +72,19 @@ __all__ = [
     "flux_from_diffusers",
     "flux_from_original",
     "flux_from_original_state",
+    "flux_init_rules",
     "flux_state_from_diffusers",
     "infer_flux_config",
     "is_flux_diffusers_config",
     "is_flux_original_state",
     "original_state_dict",
     "pack_latents",
+    "pooled_coordinates",
     "position_ids",
     "rope_table",
     "save_flux_diffusers",
+    "sparse_position_ids",
+    "sparsify_flux",
+    "sparsify_flux_with_rules",
     "unpack_latents",
 ]

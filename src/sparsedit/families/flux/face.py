@@ -3,7 +3,8 @@
 FluxPipeline packs the (B, 16, H, W) latent into (B, H/2 * W/2, 64) tokens, passes sigma in [0, 1] as the timestep
 and builds the RoPE positions (``img_ids`` (N, 3): (0, row, col); ``txt_ids`` (L, 3): zeros). The face reads the
 token grid off ``img_ids``, unpacks the tokens to our (B, C, H, W) latent, calls the model with ``sigma * 1000``
-and packs its output again: the same numbers as diffusers' transformer.
+and packs its output again: the same numbers as diffusers' transformer. A SparseFLUX (a ``Flux`` subclass) goes
+through the same face: it picks each step's sparse grid from the ``sigma * 1000`` it receives, as its schedule says.
 """
 
 from __future__ import annotations

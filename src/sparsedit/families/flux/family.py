@@ -1,7 +1,5 @@
-"""The FLUX.1 family adapter: the dense FLUX behind the :class:`~sparsedit.families.base.Family` interface.
-
-The sparse model (``SparseFLUX``) is not written yet: its model type is reserved, and sparsifying says so.
-"""
+"""The FLUX.1 family adapter: FLUX and SparseFLUX behind the :class:`~sparsedit.families.base.Family` interface
+(presets, sparsify, formats, flow-matching timesteps, one evaluation with explicit sparse tokens)."""
 
 from __future__ import annotations
 
@@ -12,10 +10,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sparsedit.core.schedule import discrete_timestep
 from sparsedit.errors import SparseditError
 from sparsedit.families import register
 from sparsedit.families.base import Family, Tokens, refuse_drop_null_caption
 from sparsedit.families.flux.model import DEFAULT_GUIDANCE, FLUX_TEXT_TOKENS, Flux, FluxConfig, flux_config
+from sparsedit.families.flux.sparse import SPARSE_FLUX_LAYOUTS, SparseFlux, SparseFluxConfig
 
 
 def flux_conditioning(config: FluxConfig, batch: int, gen: torch.Generator, length: int) -> dict[str, Tensor]:
@@ -30,13 +30,14 @@ def flux_conditioning(config: FluxConfig, batch: int, gen: torch.Generator, leng
 
 @register
 class FluxFamily(Family):
-    """FLUX.1-dev / FLUX.1-schnell (https://github.com/black-forest-labs/flux): caption-conditioned images."""
+    """FLUX.1-dev / FLUX.1-schnell (https://github.com/black-forest-labs/flux) and SparseFLUX: caption-conditioned
+    images."""
 
     name = "flux"
     dense_type = "FLUX"
     sparse_type = "SparseFLUX"
     presets = tuple(FLUX_TEXT_TOKENS)
-    preset_help = "FLUX.1-dev, FLUX.1-schnell"
+    preset_help = ", ".join([*FLUX_TEXT_TOKENS, *(f"Sparse{name}" for name in SPARSE_FLUX_LAYOUTS)])
     diffusers_format = "flux-diffusers"
     samplers = ("euler",)  # flow matching: t = sigma * 1000
 
@@ -48,19 +49,38 @@ class FluxFamily(Family):
 
     @classmethod
     def model_types(cls) -> dict[str, tuple[type, type[nn.Module]]]:
-        return {"FLUX": (FluxConfig, Flux)}  # SparseFLUX: not yet
+        return {"FLUX": (FluxConfig, Flux), "SparseFLUX": (SparseFluxConfig, SparseFlux)}
 
     @classmethod
     def resolve_preset(cls, name: str, image_size: int) -> tuple[Any, str | None] | None:
-        return (flux_config(name, image_size), None) if name in FLUX_TEXT_TOKENS else None
+        """``FLUX.1-dev`` -> (its config, None); ``SparseFLUX.1-dev`` -> (the same config, its default layout)."""
+        if name in FLUX_TEXT_TOKENS:
+            return flux_config(name, image_size), None
+        dense = name[len("Sparse"):] if name.startswith("Sparse") else None
+        if dense in SPARSE_FLUX_LAYOUTS:
+            return flux_config(dense, image_size), SPARSE_FLUX_LAYOUTS[dense]
+        return None
 
-    # ---- sparsify: not yet ---------------------------------------------------------------------
+    # ---- sparsify ---------------------------------------------------------------------------------
 
     def sparse_config(self, layout: str, **rates: Any) -> Any:
-        raise SparseditError("a sparse FLUX (SparseFLUX) is not yet implemented; use the dense FLUX")
+        return SparseFluxConfig.from_flux(self.config, layout, **rates)
 
     def sparsify(self, model: nn.Module, layout: str | None, num_pieces: int | None, **options: Any) -> nn.Module:
-        raise SparseditError("sparsifying FLUX is not yet implemented; use the dense FLUX")
+        """The SparseFLUX of a dense FLUX. ``recovery_pos_embed`` is dropped: `sparsedit sparsify` always passes the
+        paper's default (True), and FLUX has no position table for it to re-add (its config fixes it to False)."""
+        self.refuse_sparse_source()
+        from sparsedit.families.flux.sparse import sparsify_flux
+
+        options.pop("recovery_pos_embed", None)
+        return sparsify_flux(model, layout, num_pieces=num_pieces, **options)  # type: ignore[arg-type]
+
+    def init_rules(self, model: nn.Module) -> list[Any]:
+        """The tensor-by-tensor initialisation map of a SparseFLUX (what ``sparsedit sparsify --verbose`` should print;
+        DiT's ``init_rules`` does not know the double-stream poolingformers' ``img_attn.kv`` slices)."""
+        from sparsedit.families.flux.sparse import flux_init_rules
+
+        return flux_init_rules(model.config, list(model.state_dict()))  # type: ignore[arg-type]
 
     # ---- checkpoint formats ------------------------------------------------------------------------
 
@@ -92,7 +112,7 @@ class FluxFamily(Family):
         return flux_from_original_state(obj, image_size, name=str(path))
 
     def save_diffusers(self, model: nn.Module, out: str | Path, overwrite: bool, drop_null_caption: bool) -> Path:
-        from sparsedit.families.flux.convert import save_flux_diffusers
+        from sparsedit.families.flux.convert import save_flux_diffusers  # refuses a SparseFLUX: no diffusers class
 
         refuse_drop_null_caption(model, drop_null_caption)
         return save_flux_diffusers(model, out, overwrite)  # type: ignore[arg-type]
@@ -107,6 +127,25 @@ class FluxFamily(Family):
                  **common: Any) -> Tensor:
         raise SparseditError("sparsedit does not sample FLUX itself yet; run it in diffusers' FluxPipeline with "
                              "sparsedit.interop.use_in_pipeline(pipe, model)")
+
+    def training_process(self) -> Any:
+        from sparsedit.diffusion.flow import FlowProcess
+
+        # Rectified flow, sigmas weighted logit-normally as SD3 trains (the published FLUX fine-tuning recipes use
+        # this weighting); the resolution-dependent shift of FLUX's sampling is not applied to training.
+        return FlowProcess(weighting="logit-normal")
+
+    def training_kwargs(self, cond: dict[str, Any], caption: Tensor, device: torch.device) -> dict[str, Any]:
+        pooled = cond.get("pooled_projections")
+        if pooled is None:
+            raise SparseditError(f"a {self.dense_type} also takes the pooled CLIP vector: each data item's conditions "
+                                 "need 'pooled_projections' (B, 768) beside 'encoder_hidden_states'")
+        kwargs = {"encoder_hidden_states": caption, "pooled_projections": pooled.to(device=device, dtype=caption.dtype)}
+        if self.config.guidance_embeds:  # FLUX.1-dev: the distilled guidance scale, FluxPipeline's default unless given
+            guidance = cond.get("guidance")
+            kwargs["guidance"] = (torch.full((caption.shape[0],), DEFAULT_GUIDANCE) if guidance is None
+                                  else torch.as_tensor(guidance)).to(device=device, dtype=caption.dtype)
+        return kwargs
 
     def diffusers_face(self, model: nn.Module) -> nn.Module:
         from sparsedit.families.flux.face import DiffusersFlux
@@ -127,9 +166,20 @@ class FluxFamily(Family):
         return flux_conditioning(self.config, batch, gen, self.config.max_sequence_length)
 
     def call(self, fn: Callable[..., Tensor], x: Tensor, t: Tensor, cond: dict[str, Tensor], tokens: Tokens) -> Tensor:
-        if tokens is not None:
+        args = (x, t, cond["encoder_hidden_states"], cond["pooled_projections"], cond.get("guidance"))
+        if tokens is None:
+            return fn(*args)
+        if not self.sparse:
             raise SparseditError(f"a dense FLUX runs on its whole token grid; got sparse tokens {tokens}")
-        return fn(x, t, cond["encoder_hidden_states"], cond["pooled_projections"], cond.get("guidance"))
+        return fn(*args, grid=tokens)
+
+    def tokens_at(self, t: float) -> Tokens:
+        """The sparse grid at model timestep ``t = sigma * 1000`` (in [0, 1000]; 1000 is pure noise), as the model
+        picks it; None for a dense FLUX."""
+        if not self.sparse:
+            return None
+        schedule = self.config.schedule
+        return schedule.grid(discrete_timestep(float(t), schedule.num_timesteps), self.config.grid)
 
     def sampling_timesteps(self, sampler: str, steps: int) -> list[float]:
         """The model timesteps ``sigma * 1000`` of a ``steps``-step Euler run, in increasing order (the final sigma 0

@@ -385,14 +385,17 @@ class Flux(nn.Module):
         self.vector_in = MLPEmbedder(config.pooled_channels, d)
         self.guidance_in = MLPEmbedder(256, d) if config.guidance_embeds else None
         self.txt_in = nn.Linear(config.caption_channels, d)
-        # One list, double-stream blocks first: the block loop, the cost counter and a sparse model see them in order.
-        self.blocks = nn.ModuleList(
-            [DoubleStreamBlock(d, config.num_heads, config.mlp_hidden) for _ in range(config.depth_double)]
-            + [SingleStreamBlock(d, config.num_heads, config.mlp_hidden) for _ in range(config.depth_single)]
-        )
+        self.blocks = self.build_blocks(config)
         # The original's LastLayer: LN, adaLN (shift, scale), Linear to the packed channels.
         self.final_layer = FinalLayer(d, p, config.out_channels, norm_eps=LAYER_NORM_EPS)
         # Parameters keep PyTorch's default initialisation, as in both originals (FLUX is loaded, not trained anew).
+
+    def build_blocks(self, config: FluxConfig) -> nn.ModuleList:
+        """One list, double-stream blocks first: the block loop, the cost counter and a sparse model see them in order
+        (SparseFLUX overrides this with its block kinds, so a sparse model never builds the dense blocks first)."""
+        d, heads, hidden = config.hidden_size, config.num_heads, config.mlp_hidden
+        return nn.ModuleList([DoubleStreamBlock(d, heads, hidden) for _ in range(config.depth_double)]
+                             + [SingleStreamBlock(d, heads, hidden) for _ in range(config.depth_single)])
 
     def token_grid(self, x: Tensor) -> Grid:
         cfg = self.config
@@ -425,10 +428,10 @@ class Flux(nn.Module):
             raise SparseditError("this FLUX has no guidance embedding (FLUX.1-schnell style); pass guidance=None")
         return vec + self.vector_in(pooled.to(dtype))  # (B, D)
 
-    def forward(self, x: Tensor, t: Tensor, encoder_hidden_states: Tensor, pooled_projections: Tensor,
-                guidance: Tensor | None = None) -> Tensor:
-        """x: (B, C, H, W), t: (B,) in [0, 1000], encoder_hidden_states: (B, L, C_text), pooled_projections:
-        (B, C_pooled), guidance: (B,) or None -> (B, C, H, W)."""
+    def embed(self, x: Tensor, t: Tensor, encoder_hidden_states: Tensor, pooled_projections: Tensor,
+              guidance: Tensor | None) -> tuple[Grid, Tensor, Tensor, Tensor, Tensor]:
+        """Checked inputs -> (token grid, image tokens (B, N, D), text tokens (B, L, D), ``vec`` (B, D), timesteps
+        (B,)): everything before the first block (shared with SparseFLUX, which also needs the timesteps)."""
         cfg = self.config
         grid = self.token_grid(x)
         b = x.shape[0]
@@ -442,6 +445,13 @@ class Flux(nn.Module):
         t = batch_values(t, b, "timesteps", x.device)
         vec = self.conditioning_vector(t, pooled_projections, guidance, img.dtype)  # (B, D)
         txt = self.txt_in(encoder_hidden_states.to(img.dtype))  # (B, L, D)
+        return grid, img, txt, vec, t
+
+    def forward(self, x: Tensor, t: Tensor, encoder_hidden_states: Tensor, pooled_projections: Tensor,
+                guidance: Tensor | None = None) -> Tensor:
+        """x: (B, C, H, W), t: (B,) in [0, 1000], encoder_hidden_states: (B, L, C_text), pooled_projections:
+        (B, C_pooled), guidance: (B,) or None -> (B, C, H, W)."""
+        grid, img, txt, vec, _ = self.embed(x, t, encoder_hidden_states, pooled_projections, guidance)
         rope = self.rope(grid, txt.shape[1], x.device)  # 2 x (L + N, Dh)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -449,4 +459,4 @@ class Flux(nn.Module):
             else:
                 img, txt = block(img, txt, vec, rope)  # (B, N, D), (B, L, D)
         out = self.final_layer(img, vec)  # (B, N, p*p*C)
-        return unpack_latents(out, grid, cfg.patch_size)  # (B, C, H, W)
+        return unpack_latents(out, grid, self.config.patch_size)  # (B, C, H, W)
