@@ -62,8 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device_arg(p)
     p.add_argument("--steps", type=positive_int, default=None, help="steps of the timed sampling run (default 10 on "
                    "CPU, 50 on CUDA)")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm",
-                   help="respacing and update rule of the sampling run (default ddpm)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim", "euler"), default=None,
+                   help="respacing and update rule of the sampling run (default: ddpm, or euler for SD3 / FLUX)")
     p.add_argument("--cfg-scale", type=finite_float, default=1.0, help="classifier-free guidance scale; != 1 doubles the "
                    "batch (default 1 = off)")
     p.add_argument("--cfg-mode", choices=CFG_MODES, default=None, help="guided channels (default first3)")

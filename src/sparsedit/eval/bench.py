@@ -10,7 +10,8 @@ forward pass or per full sampling run, always saying which):
   classifier-free guidance the model runs on the doubled batch (2 x ``batch_size`` rows) and the
   guidance arithmetic is included; images/s still counts ``batch_size`` images.
 * **run**: a full sampling run, ``sparsedit.diffusion.samplers.sample`` with ``steps`` respaced DDPM or DDIM
-  steps, **including the sampler's arithmetic** (fp32 posterior mean / variance, noise); every step
+  steps (flow-matching families: the pipeline's Euler steps, ``sparsedit.diffusion.flow.euler_sample``),
+  **including the sampler's arithmetic** (fp32 posterior mean / variance, noise); every step
   uses the grid the schedule gives its timestep. ``sampler_s`` times the same run with a model that
   returns a constant tensor, i.e. the sampler's own share.
 
@@ -110,6 +111,7 @@ class _Contender:
     t: Tensor
     grids: list[Tokens]
     diffusion: Any
+    sampler: str
     forward_s: list[float] = field(default_factory=list)
     run_s: list[float] = field(default_factory=list)
     sampler_s: list[float] = field(default_factory=list)
@@ -125,11 +127,19 @@ class _Contender:
         forward_t = T // 2 if settings.forward_t is None else settings.forward_t
         if not 0 <= forward_t < T:
             raise SparseditError(f"forward timestep {forward_t} is outside [0, {T}); pick e.g. {T // 2}")
-        timesteps = run_timesteps(settings.steps, settings.sampler, T)
+        family = runner.family
+        sampler = settings.sampler or family.default_sampling[0]
+        if sampler not in family.samplers:
+            raise SparseditError(f"{name} samples with {' or '.join(family.samplers)}, not {sampler}; pass --sampler "
+                                 f"{family.samplers[0]}")
+        if sampler == "euler":  # flow matching: the pipeline's sigmas x 1000, noisiest first
+            timesteps: list[Any] = sorted(family.sampling_timesteps(sampler, settings.steps), reverse=True)
+        else:
+            timesteps = run_timesteps(settings.steps, sampler, T)
         x, cond = runner.inputs(settings.seed)
         t = torch.full((settings.rows,), forward_t, dtype=torch.long, device=settings.device)
         diffusion = create_diffusion(None, learn_sigma=runner.config.learn_sigma, num_train_timesteps=T)
-        return cls(runner, timesteps, forward_t, x, cond, t, runner.grids_for(timesteps), diffusion)
+        return cls(runner, timesteps, forward_t, x, cond, t, runner.grids_for(timesteps), diffusion, sampler)
 
     @property
     def forward_grid(self) -> Tokens:
@@ -154,7 +164,8 @@ class _Contender:
         start = clock()
         for grid in self.distinct_grids():
             t_value = self.forward_t if grid == self.forward_grid else self.timesteps[self.grids.index(grid)]
-            t = torch.full((s.rows,), t_value, dtype=torch.long, device=s.device)
+            dtype = torch.float32 if self.sampler == "euler" else torch.long  # flow timesteps are fractional
+            t = torch.full((s.rows,), t_value, dtype=dtype, device=s.device)
             for _ in range(s.warmup):
                 try:
                     self.runner(self.x, t, self.cond, grid)
@@ -185,8 +196,14 @@ class _Contender:
                 raise SparseditError(f"the sampler made more model calls than the {len(self.grids)} scheduled steps")
             return (self.runner if model_fn is None else model_fn)(x, t, self.cond, grid)
 
-        out = sample(step, tuple(self.x.shape), sampler=s.sampler, steps=s.steps, diffusion=self.diffusion,
-                     noise=self.x, device=s.device, progress=False)
+        if self.sampler == "euler":
+            from sparsedit.diffusion.flow import T_SCALE, euler_sample
+
+            sigmas = [t / T_SCALE for t in self.timesteps] + [0.0]
+            out = euler_sample(step, self.x, sigmas)
+        else:
+            out = sample(step, tuple(self.x.shape), sampler=self.sampler, steps=s.steps, diffusion=self.diffusion,
+                         noise=self.x, device=s.device, progress=False)
         if next(grids, "done") != "done":
             raise SparseditError(f"the sampler made fewer model calls than the {len(self.grids)} scheduled steps")
         return out
@@ -343,6 +360,10 @@ def bench_pair(
     order: list[dict[str, Any]] = []
     with torch.inference_mode():
         pair = [_Contender.prepare(a, s, names[0]), _Contender.prepare(b, s, names[1])]
+        if pair[0].sampler != pair[1].sampler:
+            raise SparseditError(f"{names[0]} samples with {pair[0].sampler} and {names[1]} with {pair[1].sampler}; "
+                                 "compare models of one kind of process (pass --sampler to pick one both take)")
+        s = dataclasses.replace(s, sampler=pair[0].sampler)  # the report names the sampler that ran
         keys = ("a", "b")
         for c in pair:
             say(f"warm-up {c.runner.name}: {s.warmup} forward(s) at each of {len(c.distinct_grids())} grid(s)"
@@ -363,7 +384,7 @@ def bench_pair(
                 c.sampler_s.append(_time(lambda c=c, null=null: c.sampling_run(null), s.device, clock))
                 order.append({"model": key, "phase": "sampler", "repeat": i})
         for i in range(s.run_repeats):
-            say(f"sampling run {i + 1}/{s.run_repeats} ({s.steps} {s.sampler} steps each)")
+            say(f"sampling run {i + 1}/{s.run_repeats} ({s.steps} {pair[0].sampler} steps each)")
             for key, c in zip(keys, pair, strict=True):
                 c.run_s.append(_time(c.sampling_run, s.device, clock))
                 order.append({"model": key, "phase": "run", "repeat": i})

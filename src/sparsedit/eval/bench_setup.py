@@ -25,7 +25,7 @@ Grid = tuple[int, int]
 Tokens = Any
 Clock = Callable[[], float]
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "euler")  # euler: flow-matching families (SD3, FLUX)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -94,7 +94,7 @@ class BenchSettings:
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     steps: int = 10
-    sampler: str = "ddpm"
+    sampler: str | None = None  # None: the family's own (ddpm, or euler for flow-matching families)
     cfg_scale: float = 1.0
     cfg_mode: str = "first3"
     repeats: int = 3
@@ -110,7 +110,7 @@ class BenchSettings:
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
-        if self.sampler not in SAMPLERS:
+        if self.sampler is not None and self.sampler not in SAMPLERS:
             raise SparseditError(f"unknown sampler {self.sampler!r} for bench; choose one of {', '.join(SAMPLERS)}")
         if self.cfg_mode not in CFG_MODES:
             raise SparseditError(f"unknown cfg mode {self.cfg_mode!r}; choose one of {', '.join(CFG_MODES)}")
