@@ -93,6 +93,7 @@ ALLOWED = {
     "families": LOWER | {"core", "encoders", "diffusion"},
     "loading": LOWER | {"core", "families"},
     "interop": LOWER | {"families"},
+    "lora": LOWER | {"core", "families"},
     "train": LOWER | {"core", "encoders", "diffusion", "families", "loading"},
     "eval": LOWER | {"core", "encoders", "diffusion", "families", "loading", "train"},
 }

@@ -205,3 +205,19 @@ class FluxFamily(Family):
     def cost_conditioning(self, model: nn.Module, text_len: int | None) -> dict[str, Tensor]:
         length = self.config.max_sequence_length if text_len is None else text_len
         return flux_conditioning(self.config, 1, torch.Generator(), length)
+
+    # ---- users' LoRAs (sparsedit.lora) ------------------------------------------------------------------------------
+
+    def diffusers_key_map(self) -> dict[str, list[tuple[str, int, int | None]]]:
+        """Every tensor of the dense FLUX -> the rows ``[start, stop)`` of the diffusers ``FluxTransformer2DModel``
+        tensors it is made of, concatenated along dim 0 (``stop`` None: to the end). The converter's own map (fused
+        q / k / v and the single blocks' q / k / v / MLP-in with their row counts), the final adaLN's halves swapped.
+        :func:`sparsedit.lora.load_lora` places a LoRA's deltas through it."""
+        from sparsedit.families.flux.convert import _FINAL_MOD, _WB, _key_map
+
+        config = self.dense_config()
+        d = config.hidden_size
+        out = {ours: [(t, 0, None if n < 0 else n) for t, n in theirs] for ours, theirs in _key_map(config).items()}
+        for s in _WB:  # ours (shift, scale) <- diffusers' (scale, shift)
+            out[_FINAL_MOD[0] + s] = [(_FINAL_MOD[1] + s, d, 2 * d), (_FINAL_MOD[1] + s, 0, d)]
+        return out

@@ -120,3 +120,17 @@ class PixArtFamily(Family):
     def cost_conditioning(self, model: nn.Module, text_len: int | None) -> dict[str, Tensor]:
         length = CAPTION_TOKENS if text_len is None else text_len  # padded captions are computed in full
         return caption_conditioning(model, self.config, 1, False, torch.Generator(), length)
+
+    # ---- users' LoRAs (sparsedit.lora) ------------------------------------------------------------------------------
+
+    def diffusers_key_map(self) -> dict[str, list[tuple[str, int, int | None]]]:
+        """Every tensor of the dense PixArt -> the rows ``[start, stop)`` of the diffusers ``PixArtTransformer2DModel``
+        tensors it is made of, concatenated along dim 0 (``stop`` None: to the end): the converter's own map, fused
+        q / k / v (and the text attention's k / v) of width D each. :func:`sparsedit.lora.load_lora` places a LoRA's
+        deltas through it."""
+        from sparsedit.families.pixart.convert import _key_map
+
+        config = self.dense_config()
+        d = config.hidden_size
+        return {ours: [(theirs[0], 0, None)] if len(theirs) == 1 else [(t, 0, d) for t in theirs]
+                for ours, theirs in _key_map(config).items()}

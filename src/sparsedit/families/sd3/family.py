@@ -172,3 +172,22 @@ class SD3Family(Family):
 
     def cost_conditioning(self, model: nn.Module, text_len: int | None) -> dict[str, Tensor]:
         return self._text(1, False, torch.Generator(), SD3_TEXT_TOKENS if text_len is None else text_len)
+
+    # ---- users' LoRAs (sparsedit.lora) ------------------------------------------------------------------------------
+
+    def diffusers_key_map(self) -> dict[str, list[tuple[str, int, int | None]]]:
+        """Every tensor of the dense SD3 -> the rows ``[start, stop)`` of the diffusers ``SD3Transformer2DModel``
+        tensors it is made of, concatenated along dim 0 (``stop`` None: to the end). The converter's own map: fused
+        q / k / v of width D each, the two (scale, shift) regressors' halves swapped. :func:`sparsedit.lora.load_lora`
+        places a LoRA's deltas through it."""
+        from sparsedit.families.sd3.convert import _key_map, _swapped
+
+        config = self.dense_config()
+        d, swapped = config.hidden_size, set(_swapped(config))
+        out: dict[str, list[tuple[str, int, int | None]]] = {}
+        for ours, theirs in _key_map(config).items():
+            if ours in swapped:
+                out[ours] = [(theirs[0], d, 2 * d), (theirs[0], 0, d)]
+            else:
+                out[ours] = [(theirs[0], 0, None)] if len(theirs) == 1 else [(t, 0, d) for t in theirs]
+        return out
