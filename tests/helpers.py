@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import Dataset, Subset
 
 from sparsedit.train.data import DigitsDataset
@@ -88,3 +89,31 @@ def settings(**kw: object) -> TrainSettings:
     base.update(kw)
     return TrainSettings(**base)  # type: ignore[arg-type]
 
+
+def record(model: nn.Module, names: list[str]) -> dict[str, list]:
+    """Forward hooks recording (args, output) of the named submodules."""
+    seen: dict[str, list] = {}
+    modules = dict(model.named_modules())
+    for name in names:
+        modules[name].register_forward_hook(lambda m, a, o, name=name: seen.setdefault(name, []).append((a, o)))
+    return seen
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
+    """Max error relative to the largest value of ``b`` under ``tol``."""
+    return bool(((a - b).abs().max() / b.abs().max()) < tol)
+
+
+class OpShapes(TorchDispatchMode):
+    """Records the shape of every tensor each aten op returns (to check that no large intermediate is built)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(o, torch.Tensor):
+                self.shapes.append(tuple(o.shape))
+        return out

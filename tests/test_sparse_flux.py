@@ -20,11 +20,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch import Tensor
 
 import helpers
 import sparsedit
+from helpers import OpShapes, close, record
 from sparsedit.cli import main
 from sparsedit.core.blocks import pool_tokens
 from sparsedit.core.layers import modulate
@@ -74,17 +74,6 @@ def inputs(t: float, guidance: bool = True, batch: int = 2, seed: int = 0) -> tu
             torch.full((batch,), 3.5) if guidance else None)
 
 
-def record(model: nn.Module, names: list[str]) -> dict[str, list]:
-    """Forward hooks recording (args, output) of the named submodules."""
-    seen: dict[str, list] = {}
-    modules = dict(model.named_modules())
-    for name in names:
-        modules[name].register_forward_hook(lambda m, a, o, name=name: seen.setdefault(name, []).append((a, o)))
-    return seen
-
-
-def close(a: Tensor, b: Tensor, tol: float = 1e-5) -> bool:
-    return bool(((a - b).abs().max() / b.abs().max()) < tol)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,18 +256,6 @@ def test_whole_model_at_the_dense_grid(guidance: bool) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-class _Shapes(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: list[tuple[int, ...]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        out = func(*args, **(kwargs or {}))
-        for o in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(o, Tensor):
-                self.shapes.append(tuple(o.shape))
-        return out
-
 
 def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor], length: int) -> Tensor:
     """[text; image] joint attention with an explicit (S x S) map: the softmax for the text rows, 1 / S everywhere
@@ -298,7 +275,7 @@ def test_poolingformers_are_the_uniform_map_for_images_and_exact_for_text() -> N
     rope = dense.rope(GRID, length, img.device)
     for i in (0, 3):
         block, src = model.blocks[i], dense.blocks[i]
-        mode = _Shapes()
+        mode = OpShapes()
         with mode:
             out_img, out_txt = block(img, txt, vec, rope)
         assert not [s for s in mode.shapes if len(s) == 4 and s[-2:] in ((n, n + length), (n + length, n + length))]

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import helpers
 import sparsedit
+from helpers import OpShapes, close, record
 from sparsedit.cli import main
 from sparsedit.core.schedule import discrete_timestep
 from sparsedit.diffusion.flow import euler_sigmas
@@ -63,17 +63,6 @@ def inputs(t: float, batch: int = 2, seed: int = 0) -> tuple[Tensor, Tensor, Ten
             torch.randn(batch, TOKENS, CAPTION, generator=gen), torch.randn(batch, POOLED, generator=gen))
 
 
-def record(model: nn.Module, names: list[str]) -> dict[str, list]:
-    """Forward hooks recording (args, output) of the named submodules."""
-    seen: dict[str, list] = {}
-    modules = dict(model.named_modules())
-    for name in names:
-        modules[name].register_forward_hook(lambda m, a, o, name=name: seen.setdefault(name, []).append((a, o)))
-    return seen
-
-
-def close(a: Tensor, b: Tensor, tol: float = 1e-5) -> bool:
-    return bool(((a - b).abs().max() / b.abs().max()) < tol)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,18 +200,6 @@ def test_whole_model_at_the_dense_grid(style: str) -> None:
                               changed(x, t, text, pooled), atol=1e-3)
 
 
-class _Shapes(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: list[tuple[int, ...]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        out = func(*args, **(kwargs or {}))
-        for o in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(o, Tensor):
-                self.shapes.append(tuple(o.shape))
-        return out
-
 
 @torch.no_grad()
 def test_joint_poolingformer_is_the_uniform_map_for_images_and_exact_for_text() -> None:
@@ -232,7 +209,7 @@ def test_joint_poolingformer_is_the_uniform_map_for_images_and_exact_for_text() 
     n, length, d, heads = 64, TOKENS, 32, 2
     gen = torch.Generator().manual_seed(3)
     u, ctx = torch.randn(2, n, d, generator=gen), torch.randn(2, length, d, generator=gen)
-    mode = _Shapes()
+    mode = OpShapes()
     with mode:
         image, text = block.attn(u, ctx)
     maps = [(n, n + length), (n + length, n + length), (n, n)]  # an image query's row of scores: never built

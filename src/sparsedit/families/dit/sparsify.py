@@ -8,6 +8,7 @@ exactly one rule and every source tensor is either used or listed as dropped.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +29,13 @@ class InitRule:
     rule: str
     source: str | None = None
     rows: tuple[int, int] | None = None  # for "slice": source rows [start, stop)
+    note: str = "V of qkv"  # what a slice keeps, for describe()
 
     def describe(self) -> str:
         if self.rule == "copy":
             return f"{self.target} <- {self.source}"
         if self.rule == "slice":
-            return f"{self.target} <- {self.source}[{self.rows[0]}:{self.rows[1]}] (V of qkv)"
+            return f"{self.target} <- {self.source}[{self.rows[0]}:{self.rows[1]}] ({self.note})"
         return f"{self.target} <- {self.rule}"
 
 
@@ -145,3 +147,19 @@ def apply_init_rules(source_state: dict[str, Tensor], target_model: nn.Module, r
         raise SparseditError(f"source tensors left unused: {', '.join(unexpected[:6])}; the layout does not fit "
                              f"the {source_name}")
     target_model.load_state_dict(new_state, strict=True)
+
+
+def build_sparse(dense: nn.Module, sparse_cls: Callable[[Any], nn.Module], config: Any,
+                 rule_map: Callable[[Any, list[str]], list[InitRule]], droppable: Callable[[nn.Module], set[str]],
+                 source_name: str) -> tuple[nn.Module, list[InitRule]]:
+    """Build ``sparse_cls(config)`` without its random initialisation (on the meta device, then in ``dense``'s dtype
+    and device: every tensor is set by a rule, and a 12 B model's random init would be minutes of waste), fill it
+    from ``dense`` by ``rule_map`` (``droppable``: the source tensors it may leave unused) and return it in eval mode
+    with the rules."""
+    weight = next(dense.parameters())
+    with torch.device("meta"):
+        sparse = sparse_cls(config)
+    sparse = sparse.to_empty(device=weight.device).to(weight.dtype)
+    rules = rule_map(config, list(sparse.state_dict()))
+    apply_init_rules(dense.state_dict(), sparse, rules, droppable(sparse), source_name=source_name)
+    return sparse.eval(), rules

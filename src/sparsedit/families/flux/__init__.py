@@ -38,7 +38,6 @@ from sparsedit.families.flux.model import (
 from sparsedit.families.flux.sparse import (
     FLUX_LAYOUT,
     SPARSE_FLUX_LAYOUTS,
-    FluxInitRule,
     SparseFlux,
     SparseFluxConfig,
     flux_init_rules,
@@ -61,7 +60,6 @@ __all__ = [
     "DoubleStreamBlock",
     "Flux",
     "FluxConfig",
-    "FluxInitRule",
     "SingleStreamBlock",
     "SparseFlux",
     "SparseFluxConfig",

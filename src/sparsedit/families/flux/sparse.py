@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from sparsedit.core.layout import Layout, SparseLayoutConfig, block_kinds, layout_fields, parse_layout
 from sparsedit.errors import SparseditError
 from sparsedit.families.dit.sparse import SparseDiT
-from sparsedit.families.dit.sparsify import InitRule, apply_init_rules
+from sparsedit.families.dit.sparsify import InitRule, build_sparse
 from sparsedit.families.flux.model import Flux, FluxConfig, Rope, rope_table, unpack_latents
 from sparsedit.families.flux.sparse_blocks import BLOCKS, DoublePoolingformer
 
@@ -169,18 +169,6 @@ class SparseFlux(Flux):
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class FluxInitRule(InitRule):
-    """An :class:`InitRule` whose slice says which rows it keeps (K and V of a fused ``qkv``)."""
-
-    note: str = ""
-
-    def describe(self) -> str:
-        if self.rule == "slice" and self.rows is not None:
-            return f"{self.target} <- {self.source}[{self.rows[0]}:{self.rows[1]}] ({self.note})"
-        return super().describe()
-
-
 def flux_init_rules(config: SparseFluxConfig, target_keys: list[str]) -> list[InitRule]:
     """One rule per SparseFLUX state-dict key: layer i <- layer i of the FLUX.
 
@@ -193,7 +181,7 @@ def flux_init_rules(config: SparseFluxConfig, target_keys: list[str]) -> list[In
     rules: list[InitRule] = []
     for key in target_keys:
         if ".img_attn.kv." in key:
-            rules.append(FluxInitRule(key, "slice", key.replace(".img_attn.kv.", ".img_attn.qkv."), (d, 3 * d),
+            rules.append(InitRule(key, "slice", key.replace(".img_attn.kv.", ".img_attn.qkv."), (d, 3 * d),
                                       "K, V of qkv"))
         elif ".merge_sparse." in key or key.endswith(".merge_dense.bias"):
             rules.append(InitRule(key, "zeros"))
@@ -230,11 +218,4 @@ def sparsify_flux_with_rules(model: Flux, layout: str | Layout, r_min: float = 0
         raise SparseditError(f"sparsifying a FLUX needs a layout 'P,K,g,s,r,d,T', e.g. {FLUX_LAYOUT} for FLUX.1's "
                              "57 blocks")
     config = SparseFluxConfig.from_flux(model.config, layout, r_min=r_min, r_max=r_max, **options)
-    weight = next(model.parameters())
-    # Every tensor is set by a rule below: build without the random initialisation (12 B values at full size).
-    with torch.device("meta"):
-        sparse = SparseFlux(config)
-    sparse = sparse.to_empty(device=weight.device).to(weight.dtype)
-    rules = flux_init_rules(config, list(sparse.state_dict()))
-    apply_init_rules(model.state_dict(), sparse, rules, dropped_keys(sparse), source_name="FLUX")
-    return sparse.eval(), rules
+    return build_sparse(model, SparseFlux, config, flux_init_rules, dropped_keys, "FLUX")  # type: ignore[return-value]

@@ -33,7 +33,6 @@ from sparsedit.families.sd3.model import (
 )
 from sparsedit.families.sd3.sparse import (
     SPARSE_SD3_LAYOUTS,
-    SD3InitRule,
     SparseSD3,
     SparseSD3Config,
     sd3_init_rules,
@@ -67,7 +66,6 @@ __all__ = [
     "JointRecoveryBlock",
     "RMSNorm",
     "SD3Config",
-    "SD3InitRule",
     "SelfAttention",
     "SparseSD3",
     "SparseSD3Config",

@@ -13,7 +13,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from sparsedit.core.blocks import reset_merges
@@ -21,7 +20,7 @@ from sparsedit.core.layers import unpatchify
 from sparsedit.core.layout import Layout, SparseLayoutConfig, block_kinds, layout_fields, parse_layout
 from sparsedit.errors import SparseditError
 from sparsedit.families.dit.sparse import SparseDiT
-from sparsedit.families.dit.sparsify import InitRule, apply_init_rules
+from sparsedit.families.dit.sparsify import InitRule, build_sparse
 from sparsedit.families.sd3.model import SD3, JointBlock, SD3Config
 from sparsedit.families.sd3.sparse_blocks import (
     JointCrossDenseBlock,
@@ -140,18 +139,6 @@ class SparseSD3(SD3):
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SD3InitRule(InitRule):
-    """An :class:`InitRule` whose slice says which rows it keeps (K and V, or V, of a fused ``qkv``)."""
-
-    note: str = ""
-
-    def describe(self) -> str:
-        if self.rule == "slice" and self.rows is not None:
-            return f"{self.target} <- {self.source}[{self.rows[0]}:{self.rows[1]}] ({self.note})"
-        return super().describe()
-
-
 def sd3_init_rules(config: SparseSD3Config, target_keys: list[str]) -> list[InitRule]:
     """One rule per SparseSD3 state-dict key: layer i <- layer i of the SD3.
 
@@ -164,9 +151,9 @@ def sd3_init_rules(config: SparseSD3Config, target_keys: list[str]) -> list[Init
     rules: list[InitRule] = []
     for key in target_keys:
         if ".attn.kv." in key:
-            rules.append(SD3InitRule(key, "slice", key.replace(".attn.kv.", ".attn.qkv."), (d, 3 * d), "K, V of qkv"))
+            rules.append(InitRule(key, "slice", key.replace(".attn.kv.", ".attn.qkv."), (d, 3 * d), "K, V of qkv"))
         elif ".attn2.v." in key:
-            rules.append(SD3InitRule(key, "slice", key.replace(".attn2.v.", ".attn2.qkv."), (2 * d, 3 * d),
+            rules.append(InitRule(key, "slice", key.replace(".attn2.v.", ".attn2.qkv."), (2 * d, 3 * d),
                                      "V of qkv"))
         elif ".merge_sparse." in key or key.endswith(".merge_dense.bias"):
             rules.append(InitRule(key, "zeros"))
@@ -209,11 +196,5 @@ def sparsify_sd3_with_rules(model: SD3, layout: str | Layout, r_min: float = 0.6
     if layout is None:
         raise SparseditError("sparsifying an SD3 needs a layout 'P,K,g,s,r,d,T', e.g. 2,4,1,2,1,1,2 for 24 blocks")
     config = SparseSD3Config.from_sd3(model.config, layout, r_min=r_min, r_max=r_max, **options)
-    weight = next(model.parameters())
-    # Every tensor is set by a rule below: build without the random initialisation (billions of values at full size).
-    with torch.device("meta"):
-        sparse = SparseSD3(config)
-    sparse = sparse.to_empty(device=weight.device).to(weight.dtype)
-    rules = sd3_init_rules(config, list(sparse.state_dict()))
-    apply_init_rules(model.state_dict(), sparse, rules, dropped_keys(config, sparse.kinds), source_name="SD3")
-    return sparse.eval(), rules
+    return build_sparse(model, SparseSD3, config, sd3_init_rules,  # type: ignore[return-value]
+                        lambda sparse: dropped_keys(config, sparse.kinds), "SD3")
