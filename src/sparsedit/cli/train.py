@@ -63,6 +63,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="Min-SNR-gamma weighting of the epsilon MSE (0 = off; the authors' code uses 5)")
     rec.add_argument("--merge-lr-scale", type=positive_float, default=None,
                      help="learning-rate multiplier of the recovery merge layers W1, W2 (default 1)")
+    rec.add_argument("--lora-rank", type=non_negative_int, default=None, metavar="R",
+                     help="train rank-R LoRA adapters on the blocks' linear layers plus the merge layers instead of every "
+                     "weight (checkpoints hold the merged model; default 0 = every weight)")
+    rec.add_argument("--lora-alpha", type=non_negative_float, default=None,
+                     help="LoRA scale alpha (the delta is alpha / R x B A; default R)")
     rec.add_argument("--data-free", type=non_negative_int, default=None, metavar="N",
                      help="train on N samples of the teacher instead of --data (cached in the run directory)")
     data = p.add_argument_group("data")

@@ -33,6 +33,7 @@ from sparsedit.core.checkpoint import (
 from sparsedit.core.locking import LOCK_NAME
 from sparsedit.errors import CheckpointError, SparseditError
 from sparsedit.train.distributed import Dist
+from sparsedit.train.lora import TRAINABLE_FILE, base_fingerprint, has_lora, merged_state, trainable_state
 from sparsedit.train.settings import TrainSettings
 
 __all__ = ["LEGACY_SETTINGS", "METRICS_FILE", "RUN_FILE", "RunDirMixin", "list_checkpoints", "step_dir_name"]
@@ -53,7 +54,7 @@ def _config_fields(saved: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 # Settings added after runs were first written: a run.json without them was made with these values.
-LEGACY_SETTINGS = {"ema_warmup": False, "min_snr_gamma": 0.0, "diffusion_weight": 1.0, "distill_weight": 0.0,
+LEGACY_SETTINGS = {"lora_rank": 0, "lora_alpha": 0.0, "ema_warmup": False, "min_snr_gamma": 0.0, "diffusion_weight": 1.0, "distill_weight": 0.0,
                    "feature_weight": 0.0, "merge_lr_scale": 1.0, "data_free": 0}
 
 
@@ -185,6 +186,8 @@ class RunDirMixin:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if has_lora(self.raw):  # adapters merged: every checkpoint is a plain model
+            return merged_state(self.raw_of(module))
         return {k: v.detach().cpu() for k, v in self.raw_of(module).state_dict().items()}
 
     def raw_of(self, module: nn.Module) -> nn.Module:
@@ -214,7 +217,12 @@ class RunDirMixin:
                     write_safetensors(tmp / name / WEIGHTS_NAME, sd, metadata={"format": "pt"})
                     write_json(tmp / name / CONFIG_NAME, self.config.to_dict())
                 _save_tensors_pickle(opt_sd, tmp / "optimizer.pt")
-                write_json(tmp / "trainer.json", {"step": self.step, "world_size": self.dist.world})
+                info: dict[str, Any] = {"step": self.step, "world_size": self.dist.world}
+                if has_lora(self.raw):  # the adapters and merges, unmerged: what a resume loads
+                    write_safetensors(tmp / TRAINABLE_FILE, {**trainable_state(self.raw_of(self.model), "model."),
+                                                             **trainable_state(self.ema, "ema.")})
+                    info["lora_base"] = base_fingerprint(self.raw)
+                write_json(tmp / "trainer.json", info)
                 replace_dir(tmp, final)
         except OSError as err:  # a full disk, say: the earlier checkpoints stay, the half-written one goes
             if self.dist.main:
@@ -245,7 +253,9 @@ class RunDirMixin:
             raise SparseditError(f"{path} was written by {info.get('world_size')} ranks, this run has {self.dist.world}; "
                                  "resume with the same number of processes")
         opts = StateDictOptions(full_state_dict=True)
-        for module, name in ((self.model, "model"), (self.ema_wrapped, "ema")):
+        if has_lora(self.raw):
+            self._load_trainable(path, info)
+        for module, name in (() if has_lora(self.raw) else ((self.model, "model"), (self.ema_wrapped, "ema"))):
             state = read_safetensors(path / name / WEIGHTS_NAME)
             try:
                 if self.settings.fsdp:
@@ -262,6 +272,25 @@ class RunDirMixin:
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{path} holds a damaged optimizer or RNG state ({_first_line(err)})") from None
         self.last_ckpt = path
+
+    def _load_trainable(self, path: Path, info: dict[str, Any]) -> None:
+        """A LoRA run's resume: the adapters and merges from ``trainable.safetensors``; the frozen weights are the
+        ones this run was started with, which must be those of the interrupted run."""
+        base = base_fingerprint(self.raw)
+        if abs(float(info.get("lora_base", float("nan"))) - base) > 1e-6 * max(1.0, abs(base)):
+            raise SparseditError(f"{path} was trained on other frozen weights than this run's model; resume with the same "
+                                 "--init-from (and --layout) as the interrupted run")
+        state = read_safetensors(path / TRAINABLE_FILE) if (path / TRAINABLE_FILE).exists() else None
+        if state is None:
+            raise CheckpointError(f"{path} has no {TRAINABLE_FILE}; the checkpoint is incomplete")
+        for module, prefix in ((self.raw_of(self.model), "model."), (self.ema, "ema.")):
+            params = dict(module.named_parameters())
+            mine = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if set(mine) != set(trainable_state(module, "")):
+                raise CheckpointError(f"{path / TRAINABLE_FILE} does not hold this run's adapters (rank or layout differ)")
+            with torch.no_grad():
+                for name, value in mine.items():
+                    params[name].copy_(value)
 
     def _resume(self) -> None:
         """Load the newest checkpoint that loads on every rank; damaged newer ones are moved aside, saying why."""

@@ -25,6 +25,8 @@ class TrainSettings:
     distill_weight: float = 0.0  # > 0: output distillation from a teacher (MSE to its prediction)
     feature_weight: float = 0.0  # > 0: feature distillation on the dense tokens after every SDTM and the last block
     merge_lr_scale: float = 1.0  # learning-rate multiplier of the recovery merge layers (W1, W2), new in a SparseDiT
+    lora_rank: int = 0  # > 0: train rank-r adapters on the blocks' linear layers (and the merges), not every weight
+    lora_alpha: float = 0.0  # adapter scale alpha / r; 0 means alpha = r
     data_free: int = 0  # > 0: train on this many samples of the teacher instead of the data (cached in the run dir)
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     grad_accum: int = 1
@@ -50,6 +52,11 @@ class TrainSettings:
         negative = [f"--{name.replace('_', '-')}" for name in weights if getattr(self, name) < 0]
         if negative or self.merge_lr_scale <= 0:
             raise SparseditError(f"{', '.join(negative) or '--merge-lr-scale'} must be >= 0 (--merge-lr-scale > 0)")
+        if self.lora_rank < 0 or self.lora_alpha < 0:
+            raise SparseditError("--lora-rank and --lora-alpha must be >= 0 (rank 0 trains every weight)")
+        if self.lora_rank and self.fsdp:
+            raise SparseditError("--lora-rank does not combine with --fsdp yet; drop --fsdp (adapters fit on one GPU) "
+                                 "or train every weight")
         if self.diffusion_weight + self.distill_weight + self.feature_weight == 0:
             raise SparseditError("every loss weight is 0; keep --diffusion-weight > 0 or add --distill-weight")
         if self.precision not in ("auto", "fp32", "bf16"):

@@ -67,6 +67,7 @@ from sparsedit.train.distill import (
 )
 from sparsedit.train.distributed import Dist, init_distributed
 from sparsedit.train.latents import LatentsDataset
+from sparsedit.train.lora import add_lora
 from sparsedit.train.runs import (
     LEGACY_SETTINGS,
     METRICS_FILE,
@@ -176,6 +177,8 @@ class Trainer(RunDirMixin):
         torch.manual_seed(settings.seed * 1000 + self.dist.rank)  # label dropout uses the global RNG
         self.pieces = timestep_sampler(model, self.gen)
         self.teacher, self.taps = self._set_up_teacher(teacher)
+        if settings.lora_rank:
+            add_lora(self.raw, settings.lora_rank, settings.lora_alpha or None)
         self.raw.gradient_checkpointing = settings.grad_checkpointing
         self.ema = copy.deepcopy(self.raw).requires_grad_(False).eval()
         self.model, self.ema_wrapped = self._wrap()
@@ -218,7 +221,8 @@ class Trainer(RunDirMixin):
         """All parameters at --lr, the recovery merges (W1, W2) at --lr x --merge-lr-scale."""
         merge, rest = [], []
         for name, p in self.raw.named_parameters():
-            (merge if ".merge_" in name else rest).append(p)
+            if p.requires_grad:  # a LoRA run trains its adapters and merges only
+                (merge if ".merge_" in name else rest).append(p)
         groups = [{"params": rest}]
         if merge and self.settings.merge_lr_scale != 1.0:
             groups.append({"params": merge, "lr": self.settings.lr * self.settings.merge_lr_scale})
