@@ -172,3 +172,24 @@ class FlowProcess:
         if mse_weight is not None:
             loss = loss * mse_weight.to(mse)
         return {"loss": loss, "mse": mse, "vb": torch.zeros_like(mse), "output": out}
+
+
+def start_noise(shape: Sequence[int], seed: int, device: str | torch.device) -> Tensor:
+    """The run's starting noise: one seeded draw (a pipeline given the same tensor as ``latents`` starts there too)."""
+    gen = torch.Generator(device=torch.device(device)).manual_seed(seed)
+    return torch.randn(tuple(shape), generator=gen, device=device)
+
+
+def guided(model_fn: Callable[..., Tensor], cfg_scale: float, cond: dict[str, Tensor],
+           uncond: dict[str, Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    """The velocity under classifier-free guidance: one model call on [unconditional; conditional], as the diffusers
+    pipelines batch it, then ``u + cfg_scale * (c - u)``; without guidance (scale 1) a plain conditional call."""
+    if cfg_scale == 1.0:
+        return lambda x, t: model_fn(x, t, **cond)
+    both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+
+    def fn(x: Tensor, t: Tensor) -> Tensor:
+        u, c = model_fn(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)
+        return u + cfg_scale * (c - u)
+
+    return fn

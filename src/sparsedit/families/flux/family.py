@@ -124,9 +124,31 @@ class FluxFamily(Family):
         return True
 
     def generate(self, model: nn.Module, labels: Sequence[int] | None = None, text: dict[str, Tensor | None] | None = None,
-                 **common: Any) -> Tensor:
-        raise SparseditError("sparsedit does not sample FLUX itself yet; run it in diffusers' FluxPipeline with "
-                             "sparsedit.interop.use_in_pipeline(pipe, model)")
+                 *, steps: int | None = None, cfg_scale: float = 1.0, seed: int = 0,
+                 device: str | torch.device = "cpu", noise: Tensor | None = None, **unused: Any) -> Tensor:
+        """Latents (B, C, H, W) of a FLUX run as FluxPipeline samples them: Euler over linspace(1, 1/steps) shifted by
+        the resolution's mu, FLUX.1-dev's guidance embedding (``text['guidance']``, default 3.5), no classifier-free
+        guidance. ``text``: ``embeds`` (B, L, 4096), ``pooled`` (B, 768); ``noise`` or a draw from ``seed``."""
+        from sparsedit.diffusion.flow import euler_sample, euler_sigmas, resolution_mu, start_noise
+
+        if cfg_scale != 1.0:
+            self.check_guidance("this FLUX")
+        embeds, pooled = (text or {}).get("embeds"), (text or {}).get("pooled")
+        if embeds is None or pooled is None:
+            raise SparseditError("a FLUX samples from caption embeddings: pass text={'embeds': (B, L, 4096), "
+                                 "'pooled': (B, 768)} (the pipeline's prompt_embeds and pooled_prompt_embeds)")
+        b = embeds.shape[0]
+        guidance = None
+        if self.config.guidance_embeds:
+            value = (text or {}).get("guidance")
+            guidance = torch.full((b,), DEFAULT_GUIDANCE) if value is None else torch.as_tensor(value).expand(b)
+            guidance = guidance.to(device=embeds.device, dtype=torch.float32)
+        if noise is None:
+            noise = start_noise((b, self.config.in_channels, *self.config.latent_hw), seed, device)
+        grid = (noise.shape[-2] // self.config.patch_size, noise.shape[-1] // self.config.patch_size)
+        sigmas = euler_sigmas(steps or self.default_sampling[1], mu=resolution_mu(grid[0] * grid[1]))
+        with torch.no_grad():
+            return euler_sample(lambda x, t: model(x, t, embeds, pooled, guidance), noise, sigmas)
 
     def training_process(self) -> Any:
         from sparsedit.diffusion.flow import FlowProcess

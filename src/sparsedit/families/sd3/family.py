@@ -95,9 +95,26 @@ class SD3Family(Family):
         return True
 
     def generate(self, model: nn.Module, labels: Sequence[int] | None = None, text: dict[str, Tensor | None] | None = None,
-                 **common: Any) -> Tensor:
-        raise SparseditError("sparsedit cannot sample an SD3 yet (it needs CLIP + T5 prompts and a flow-matching "
-                             "sampler); use sparsedit.interop.use_in_pipeline(StableDiffusion3Pipeline..., model)")
+                 *, steps: int = 28, cfg_scale: float = 7.0, seed: int = 0, device: str | torch.device = "cpu",
+                 noise: Tensor | None = None, **unused: Any) -> Tensor:
+        """Latents of an SD3 run as StableDiffusion3Pipeline samples them: Euler over the shift-3 sigmas, guidance
+        against ``null_embeds`` / ``null_pooled`` (zeros when absent). ``text``: ``embeds`` (B, L, 4096), ``pooled``
+        (B, 2048); ``noise`` (B, C, H, W) or a draw from ``seed``."""
+        from sparsedit.diffusion.flow import euler_sample, euler_sigmas, guided, start_noise
+
+        embeds, pooled = (text or {}).get("embeds"), (text or {}).get("pooled")
+        if embeds is None or pooled is None:
+            raise SparseditError("an SD3 samples from caption embeddings: pass text={'embeds': (B, L, 4096), "
+                                 "'pooled': (B, 2048)} (the pipeline's prompt_embeds and pooled_prompt_embeds)")
+        null = (text or {}).get("null_embeds")
+        null_pooled = (text or {}).get("null_pooled")
+        cond = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+        uncond = {"encoder_hidden_states": torch.zeros_like(embeds) if null is None else null,
+                  "pooled_projections": torch.zeros_like(pooled) if null_pooled is None else null_pooled}
+        if noise is None:
+            noise = start_noise((embeds.shape[0], self.config.in_channels, *self.config.latent_hw), seed, device)
+        with torch.no_grad():
+            return euler_sample(guided(model, cfg_scale, cond, uncond), noise, euler_sigmas(steps, shift=SD3_SHIFT))
 
     def training_process(self) -> Any:
         from sparsedit.diffusion.flow import FlowProcess
