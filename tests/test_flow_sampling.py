@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import helpers
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 
+import helpers
 import sparsedit
 from sparsedit.errors import SparseditError
 from sparsedit.families import family_of
