@@ -101,9 +101,8 @@ def load_model(
                              f"to the {kind} directory {path}; drop it")
     elif kind == "sparsedit":
         net = load_pretrained(path)
-    else:  # a diffusers directory of one of the families
-        model_dir = diffusers_model_dir(path)
-        net = _diffusers_family(read_json(model_dir / CONFIG_NAME)).from_diffusers(path)
+    else:  # a diffusers directory: detect_format named the family that reads it
+        net = next(cls for cls in families() if cls.diffusers_format == kind).from_diffusers(path)
     if device is not None or dtype is not None:
         net = net.to(device=device, dtype=dtype)
     return net.eval()

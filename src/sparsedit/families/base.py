@@ -15,6 +15,7 @@ has the checklist).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -64,8 +65,6 @@ class Family:
         if not self.sparse:
             return self.config
         dense_cls = self.model_types()[self.dense_type][0]
-        import dataclasses
-
         fields = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(dense_cls) if f.init}
         return dense_cls(**fields)
 
@@ -234,9 +233,15 @@ class Family:
         spec = f"ddim{steps}" if sampler == "ddim" else str(steps)
         return [float(t) for t in sorted(space_timesteps(num_timesteps, spec))]
 
-    def tokens_at(self, t: int) -> Tokens:
-        """The token set the schedule uses at timestep ``t`` (None for a dense model)."""
-        return self.config.schedule.grid(int(t), self.config.grid) if self.sparse else None
+    def tokens_at(self, t: float) -> Tokens:
+        """The token set the schedule uses at model timestep ``t`` (None for a dense model): fractional and
+        flow-matching timesteps (``sigma * 1000``) map to the integer step as the model maps them."""
+        if not self.sparse:
+            return None
+        from sparsedit.core.schedule import discrete_timestep
+
+        schedule = self.config.schedule
+        return schedule.grid(discrete_timestep(float(t), schedule.num_timesteps), self.config.grid)
 
     def describe(self, tokens: Tokens) -> dict[str, Any]:
         """JSON fields naming ``tokens`` (the dense grid for a dense model)."""
@@ -304,7 +309,7 @@ def caption_conditioning(model: nn.Module, config: Any, batch: int, guided: bool
     families' :meth:`Family.conditioning`.
 
     Under guidance the unconditional half gets the model's stored null caption (zeros when the checkpoint has
-    none). A 1024 px PixArt also gets resolution and aspect-ratio conditions.
+    none).
     """
     rows = 2 * batch if guided else batch
     text = torch.randn(batch, length, config.caption_channels, generator=gen)
@@ -317,9 +322,4 @@ def caption_conditioning(model: nn.Module, config: Any, batch: int, guided: bool
             null[:, :k] = stored[:k].detach().float().cpu()
             mask[batch:, k:] = 0
         text = torch.cat([text, null])
-    cond = {"encoder_hidden_states": text, "encoder_attention_mask": mask}
-    if getattr(config, "use_additional_conditions", False):
-        from sparsedit.families.pixart.model import size_conditions
-
-        cond.update(size_conditions(config.latent_hw, rows))
-    return cond
+    return {"encoder_hidden_states": text, "encoder_attention_mask": mask}

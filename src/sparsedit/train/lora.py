@@ -64,10 +64,6 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def has_lora(model: nn.Module) -> bool:
-    return any("lora_" in name for name, _ in model.named_parameters())
-
-
 def merged_state(model: nn.Module) -> dict[str, Tensor]:
     """The plain state dict of ``model`` (sparsedit key names) with every adapter's delta added to its weight."""
     deltas = {}
@@ -87,9 +83,10 @@ def merged_state(model: nn.Module) -> dict[str, Tensor]:
 
 
 def trainable_state(model: nn.Module, prefix: str) -> dict[str, Tensor]:
-    """The adapters and merges of ``model``, keys prefixed (``model.`` / ``ema.``)."""
-    return {f"{prefix}{name}": p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad
-            or "lora_" in name or ".merge_" in name}
+    """The adapters and merges of ``model``, keys prefixed (``model.`` / ``ema.``); named, not found by
+    ``requires_grad``, because the EMA copy trains nothing."""
+    return {f"{prefix}{name}": p.detach().cpu() for name, p in model.named_parameters()
+            if "lora_" in name or ".merge_" in name}
 
 
 def base_fingerprint(model: nn.Module) -> float:

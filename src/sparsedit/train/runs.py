@@ -33,7 +33,7 @@ from sparsedit.core.checkpoint import (
 from sparsedit.core.locking import LOCK_NAME
 from sparsedit.errors import CheckpointError, SparseditError
 from sparsedit.train.distributed import Dist
-from sparsedit.train.lora import TRAINABLE_FILE, base_fingerprint, has_lora, merged_state, trainable_state
+from sparsedit.train.lora import TRAINABLE_FILE, merged_state, trainable_state
 from sparsedit.train.settings import TrainSettings
 
 __all__ = ["LEGACY_SETTINGS", "METRICS_FILE", "RUN_FILE", "RunDirMixin", "list_checkpoints", "step_dir_name"]
@@ -136,6 +136,7 @@ class RunDirMixin:
     gen: torch.Generator
     step: int
     last_ckpt: Path | None
+    lora_base: float | None  # a LoRA run's frozen-weight fingerprint (None: every weight trains)
 
     def _check_run_dir(self) -> None:
         """Refuse a run dir that holds another run or something else (reads only; see :meth:`_prepare_run_dir`)."""
@@ -186,7 +187,7 @@ class RunDirMixin:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if has_lora(self.raw):  # adapters merged: every checkpoint is a plain model
+        if self.lora_base is not None:  # adapters merged: every checkpoint is a plain model
             return merged_state(self.raw_of(module))
         return {k: v.detach().cpu() for k, v in self.raw_of(module).state_dict().items()}
 
@@ -218,10 +219,10 @@ class RunDirMixin:
                     write_json(tmp / name / CONFIG_NAME, self.config.to_dict())
                 _save_tensors_pickle(opt_sd, tmp / "optimizer.pt")
                 info: dict[str, Any] = {"step": self.step, "world_size": self.dist.world}
-                if has_lora(self.raw):  # the adapters and merges, unmerged: what a resume loads
+                if self.lora_base is not None:  # the adapters and merges, unmerged: what a resume loads
                     write_safetensors(tmp / TRAINABLE_FILE, {**trainable_state(self.raw_of(self.model), "model."),
                                                              **trainable_state(self.ema, "ema.")})
-                    info["lora_base"] = base_fingerprint(self.raw)
+                    info["lora_base"] = self.lora_base
                 write_json(tmp / "trainer.json", info)
                 replace_dir(tmp, final)
         except OSError as err:  # a full disk, say: the earlier checkpoints stay, the half-written one goes
@@ -253,9 +254,10 @@ class RunDirMixin:
             raise SparseditError(f"{path} was written by {info.get('world_size')} ranks, this run has {self.dist.world}; "
                                  "resume with the same number of processes")
         opts = StateDictOptions(full_state_dict=True)
-        if has_lora(self.raw):
+        lora = self.lora_base is not None
+        if lora:
             self._load_trainable(path, info)
-        for module, name in (() if has_lora(self.raw) else ((self.model, "model"), (self.ema_wrapped, "ema"))):
+        for module, name in (() if lora else ((self.model, "model"), (self.ema_wrapped, "ema"))):
             state = read_safetensors(path / name / WEIGHTS_NAME)
             try:
                 if self.settings.fsdp:
@@ -276,7 +278,8 @@ class RunDirMixin:
     def _load_trainable(self, path: Path, info: dict[str, Any]) -> None:
         """A LoRA run's resume: the adapters and merges from ``trainable.safetensors``; the frozen weights are the
         ones this run was started with, which must be those of the interrupted run."""
-        base = base_fingerprint(self.raw)
+        base = self.lora_base
+        assert base is not None
         if abs(float(info.get("lora_base", float("nan"))) - base) > 1e-6 * max(1.0, abs(base)):
             raise SparseditError(f"{path} was trained on other frozen weights than this run's model; resume with the same "
                                  "--init-from (and --layout) as the interrupted run")

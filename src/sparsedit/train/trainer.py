@@ -67,7 +67,7 @@ from sparsedit.train.distill import (
 )
 from sparsedit.train.distributed import Dist, init_distributed
 from sparsedit.train.latents import LatentsDataset
-from sparsedit.train.lora import add_lora
+from sparsedit.train.lora import add_lora, base_fingerprint
 from sparsedit.train.runs import (
     LEGACY_SETTINGS,
     METRICS_FILE,
@@ -170,15 +170,19 @@ class Trainer(RunDirMixin):
             self.run_info["teacher"] = {**self.run_info.get("teacher", {}), "model": teacher.config.to_dict()}
         if isinstance(dataset, LatentsDataset) and not settings.data_free:
             check_model_fits_data(self.config, describe_latents(dataset))
-        self.text = text_conditioned(self.config)
+        self.family = family_of(self.config)  # asked every step: once is enough
+        self.text = self.family.text_conditioned
         self.null_caption = self._dropout_caption(dataset)
-        self.diffusion = family_of(self.config).training_process()
+        self.diffusion = self.family.training_process()
         self.gen = torch.Generator().manual_seed(settings.seed * 1000 + self.dist.rank)
         torch.manual_seed(settings.seed * 1000 + self.dist.rank)  # label dropout uses the global RNG
-        self.pieces = timestep_sampler(model, self.gen)
+        self.pieces = self.family.timestep_sampler(self.gen)
         self.teacher, self.taps = self._set_up_teacher(teacher)
+        # A LoRA run's frozen weights, fingerprinted once: a resume must start from the same ones.
+        self.lora_base = None
         if settings.lora_rank:
             add_lora(self.raw, settings.lora_rank, settings.lora_alpha or None)
+            self.lora_base = base_fingerprint(self.raw)
         self.raw.gradient_checkpointing = settings.grad_checkpointing
         self.ema = copy.deepcopy(self.raw).requires_grad_(False).eval()
         self.model, self.ema_wrapped = self._wrap()
@@ -314,8 +318,8 @@ class Trainer(RunDirMixin):
             # global RNG, restored on resume); the prompt's mask is kept, as PixArt does.
             drop = torch.rand(caption.shape[0]) < self.config.class_dropout_prob
             caption = torch.where(drop.to(dev)[:, None, None], self.null_caption.to(caption), caption)
-        kwargs = family_of(self.config).training_kwargs(cond, caption, dev)
-        added = family_of(self.config).added_conditions(x.shape[-2:], x.shape[0], dev)
+        kwargs = self.family.training_kwargs(cond, caption, dev)
+        added = self.family.added_conditions(x.shape[-2:], x.shape[0], dev)
         if added is not None:
             kwargs["added_cond_kwargs"] = added
         return kwargs
@@ -398,7 +402,7 @@ class Trainer(RunDirMixin):
                 self.writer.add_scalar(f"train/{key}", record[key], record["step"])
 
     def _sample_grid(self) -> None:
-        if not self.dist.main or self.settings.fsdp or not family_of(self.raw).draws_training_grids():
+        if not self.dist.main or self.settings.fsdp or not self.family.draws_training_grids():
             return  # an FSDP EMA is sharded; PixArt / Latte need captions or videos: sample a checkpoint instead
         from sparsedit.core.images import save_grid
         from sparsedit.diffusion.sampling import generate, to_images
@@ -415,7 +419,7 @@ class Trainer(RunDirMixin):
 
     def fit(self) -> Path:
         """Train to ``settings.steps`` (resuming if the run dir has a checkpoint); returns the final EMA model dir."""
-        if (self.settings.sample_every and family_of(self.raw).draws_training_grids()
+        if (self.settings.sample_every and self.family.draws_training_grids()
                 and self.config.data_space == "latent"):
             if self.vae_path is None:
                 raise SparseditError("--sample-every on a latent model needs --vae DIR to decode the grids; add it or "
@@ -440,7 +444,7 @@ class Trainer(RunDirMixin):
             except ImportError:
                 raise SparseditError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-        if s.sample_every and self.dist.main and not family_of(self.raw).draws_training_grids():
+        if s.sample_every and self.dist.main and not self.family.draws_training_grids():
             print(f"note: --sample-every draws no grids for a {type(self.raw).__name__} (it needs captions or writes "
                   "videos); sample a checkpoint with `sparsedit sample` instead")
         if s.data_free:

@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sparsedit.core.schedule import discrete_timestep
 from sparsedit.errors import SparseditError
 from sparsedit.families import register
-from sparsedit.families.base import Family, Tokens, refuse_drop_null_caption
+from sparsedit.families.base import Tokens, refuse_drop_null_caption
+from sparsedit.families.flow import FlowFamily
 from sparsedit.families.flux.model import DEFAULT_GUIDANCE, FLUX_TEXT_TOKENS, Flux, FluxConfig, flux_config
 from sparsedit.families.flux.sparse import SPARSE_FLUX_LAYOUTS, SparseFlux, SparseFluxConfig
 
@@ -29,7 +29,7 @@ def flux_conditioning(config: FluxConfig, batch: int, gen: torch.Generator, leng
 
 
 @register
-class FluxFamily(Family):
+class FluxFamily(FlowFamily):
     """FLUX.1-dev / FLUX.1-schnell (https://github.com/black-forest-labs/flux) and SparseFLUX: caption-conditioned
     images."""
 
@@ -39,7 +39,6 @@ class FluxFamily(Family):
     presets = tuple(FLUX_TEXT_TOKENS)
     preset_help = ", ".join([*FLUX_TEXT_TOKENS, *(f"Sparse{name}" for name in SPARSE_FLUX_LAYOUTS)])
     diffusers_format = "flux-diffusers"
-    samplers = ("euler",)  # flow matching: t = sigma * 1000
 
     @property
     def default_sampling(self) -> tuple[str, int]:  # type: ignore[override]  # per model, not per class
@@ -119,17 +118,13 @@ class FluxFamily(Family):
 
     # ---- conditioning and sampling ----------------------------------------------------------------
 
-    @property
-    def text_conditioned(self) -> bool:
-        return True
-
     def generate(self, model: nn.Module, labels: Sequence[int] | None = None, text: dict[str, Tensor | None] | None = None,
                  *, steps: int | None = None, cfg_scale: float = 1.0, seed: int = 0,
                  device: str | torch.device = "cpu", noise: Tensor | None = None, **unused: Any) -> Tensor:
         """Latents (B, C, H, W) of a FLUX run as FluxPipeline samples them: Euler over linspace(1, 1/steps) shifted by
         the resolution's mu, FLUX.1-dev's guidance embedding (``text['guidance']``, default 3.5), no classifier-free
         guidance. ``text``: ``embeds`` (B, L, 4096), ``pooled`` (B, 768); ``noise`` or a draw from ``seed``."""
-        from sparsedit.diffusion.flow import euler_sample, euler_sigmas, resolution_mu, start_noise
+        from sparsedit.diffusion.flow import euler_sample, start_noise
 
         if cfg_scale != 1.0:
             self.check_guidance("this FLUX")
@@ -146,23 +141,11 @@ class FluxFamily(Family):
         if noise is None:
             noise = start_noise((b, self.config.in_channels, *self.config.latent_hw), seed, device)
         grid = (noise.shape[-2] // self.config.patch_size, noise.shape[-1] // self.config.patch_size)
-        sigmas = euler_sigmas(steps or self.default_sampling[1], mu=resolution_mu(grid[0] * grid[1]))
-        with torch.no_grad():
-            return euler_sample(lambda x, t: model(x, t, embeds, pooled, guidance), noise, sigmas)
-
-    def training_process(self) -> Any:
-        from sparsedit.diffusion.flow import FlowProcess
-
-        # Rectified flow, sigmas weighted logit-normally as SD3 trains (the published FLUX fine-tuning recipes use
-        # this weighting); the resolution-dependent shift of FLUX's sampling is not applied to training.
-        return FlowProcess(weighting="logit-normal")
+        sigmas = self.run_sigmas(steps or self.default_sampling[1], grid)
+        return euler_sample(lambda x, t: model(x, t, embeds, pooled, guidance), noise, sigmas)
 
     def training_kwargs(self, cond: dict[str, Any], caption: Tensor, device: torch.device) -> dict[str, Any]:
-        pooled = cond.get("pooled_projections")
-        if pooled is None:
-            raise SparseditError(f"a {self.dense_type} also takes the pooled CLIP vector: each data item's conditions "
-                                 "need 'pooled_projections' (B, 768) beside 'encoder_hidden_states'")
-        kwargs = {"encoder_hidden_states": caption, "pooled_projections": pooled.to(device=device, dtype=caption.dtype)}
+        kwargs = super().training_kwargs(cond, caption, device)
         if self.config.guidance_embeds:  # FLUX.1-dev: the distilled guidance scale, FluxPipeline's default unless given
             guidance = cond.get("guidance")
             kwargs["guidance"] = (torch.full((caption.shape[0],), DEFAULT_GUIDANCE) if guidance is None
@@ -195,27 +178,14 @@ class FluxFamily(Family):
             raise SparseditError(f"a dense FLUX runs on its whole token grid; got sparse tokens {tokens}")
         return fn(*args, grid=tokens)
 
-    def tokens_at(self, t: float) -> Tokens:
-        """The sparse grid at model timestep ``t = sigma * 1000`` (in [0, 1000]; 1000 is pure noise), as the model
-        picks it; None for a dense FLUX."""
-        if not self.sparse:
-            return None
-        schedule = self.config.schedule
-        return schedule.grid(discrete_timestep(float(t), schedule.num_timesteps), self.config.grid)
+    def run_sigmas(self, steps: int, grid: tuple[int, int] | None = None) -> Tensor:
+        """FluxPipeline's run on ``grid`` (default: the config's): ``linspace(1, 1 / steps, steps)`` shifted for dev by
+        the resolution's ``mu`` (0.5 at 256 image tokens to 1.15 at 4096); schnell's scheduler does not shift
+        (``mu`` = 0 is the identity), as the original CLI's ``get_schedule(..., shift=name != "flux-schnell")``."""
+        from sparsedit.diffusion.flow import euler_sigmas, resolution_mu
 
-    def sampling_timesteps(self, sampler: str, steps: int) -> list[float]:
-        """The model timesteps ``sigma * 1000`` of a ``steps``-step Euler run, in increasing order (the final sigma 0
-        is no model call). FluxPipeline passes ``linspace(1, 1 / steps, steps)``; FLUX.1-dev's scheduler shifts them
-        by the resolution's ``mu`` (0.5 at 256 image tokens to 1.15 at 4096), schnell's does not (``mu`` = 0 is the
-        identity), as the original CLI's ``get_schedule(..., shift=name != "flux-schnell")``."""
-        from sparsedit.diffusion.flow import T_SCALE, euler_sigmas, resolution_mu
-
-        if sampler not in self.samplers:
-            raise SparseditError(f"a FLUX is a flow-matching model: it samples with euler (sigmas x 1000), not "
-                                 f"{sampler}; use --sampler euler")
-        h, w = self.config.grid
-        mu = resolution_mu(h * w) if self.config.guidance_embeds else 0.0
-        return sorted(float(s) * T_SCALE for s in euler_sigmas(steps, mu=mu)[:-1])
+        h, w = self.config.grid if grid is None else grid
+        return euler_sigmas(steps, mu=resolution_mu(h * w) if self.config.guidance_embeds else 0.0)
 
     def reset_buffers(self, model: nn.Module) -> None:
         pass  # no buffers: the RoPE table is computed from the grid on every forward

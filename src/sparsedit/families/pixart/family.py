@@ -105,7 +105,13 @@ class PixArtFamily(Family):
         pass  # a caption model always has an unconditional input
 
     def conditioning(self, model: nn.Module, batch: int, guided: bool, gen: torch.Generator) -> dict[str, Tensor]:
-        return caption_conditioning(model, self.config, batch, guided, gen, CAPTION_TOKENS)
+        return self._inputs(model, batch, guided, gen, CAPTION_TOKENS)
+
+    def _inputs(self, model: nn.Module, batch: int, guided: bool, gen: torch.Generator, length: int) -> dict[str, Tensor]:
+        """Random captions of ``length`` tokens, and a 1024 px model's resolution and aspect-ratio conditions."""
+        cond = caption_conditioning(model, self.config, batch, guided, gen, length)
+        rows = 2 * batch if guided else batch
+        return {**cond, **(self.added_conditions(self.config.latent_hw, rows, "cpu") or {})}
 
     def call(self, fn: Callable[..., Tensor], x: Tensor, t: Tensor, cond: dict[str, Tensor], tokens: Tokens) -> Tensor:
         added = {k: cond[k] for k in ("resolution", "aspect_ratio") if k in cond} or None
@@ -119,7 +125,7 @@ class PixArtFamily(Family):
 
     def cost_conditioning(self, model: nn.Module, text_len: int | None) -> dict[str, Tensor]:
         length = CAPTION_TOKENS if text_len is None else text_len  # padded captions are computed in full
-        return caption_conditioning(model, self.config, 1, False, torch.Generator(), length)
+        return self._inputs(model, 1, False, torch.Generator(), length)
 
     # ---- users' LoRAs (sparsedit.lora) ------------------------------------------------------------------------------
 

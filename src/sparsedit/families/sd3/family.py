@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sparsedit.core.schedule import discrete_timestep
 from sparsedit.errors import SparseditError
 from sparsedit.families import register
-from sparsedit.families.base import Family, Tokens, refuse_drop_null_caption
+from sparsedit.families.base import Tokens, refuse_drop_null_caption
+from sparsedit.families.flow import FlowFamily
 from sparsedit.families.sd3.model import SD3, SD3_SIZES, SD3_TEXT_TOKENS, SD3Config, sd3_config
 from sparsedit.families.sd3.sparse import SPARSE_SD3_LAYOUTS, SparseSD3, SparseSD3Config
 
@@ -22,7 +22,7 @@ SD3_STEPS = 28  # the pipelines' default number of steps
 
 
 @register
-class SD3Family(Family):
+class SD3Family(FlowFamily):
     """Stable Diffusion 3 / 3.5 (https://arxiv.org/abs/2403.03206): MMDiT text-to-image transformers."""
 
     name = "sd3"
@@ -32,7 +32,6 @@ class SD3Family(Family):
     preset_help = ", ".join([*SD3_SIZES, *(f"Sparse{name}" for name in SD3_SIZES)])
     diffusers_format = "sd3-diffusers"
     # Flow matching: `sparsedit flops` measures the pipelines' 28-step Euler run (t = sigma * 1000) by default.
-    samplers = ("euler",)
     default_sampling = ("euler", SD3_STEPS)
 
     @classmethod
@@ -90,17 +89,13 @@ class SD3Family(Family):
 
     # ---- conditioning and sampling -----------------------------------------------------------------------
 
-    @property
-    def text_conditioned(self) -> bool:
-        return True
-
     def generate(self, model: nn.Module, labels: Sequence[int] | None = None, text: dict[str, Tensor | None] | None = None,
                  *, steps: int = 28, cfg_scale: float = 7.0, seed: int = 0, device: str | torch.device = "cpu",
                  noise: Tensor | None = None, **unused: Any) -> Tensor:
         """Latents of an SD3 run as StableDiffusion3Pipeline samples them: Euler over the shift-3 sigmas, guidance
         against ``null_embeds`` / ``null_pooled`` (zeros when absent). ``text``: ``embeds`` (B, L, 4096), ``pooled``
         (B, 2048); ``noise`` (B, C, H, W) or a draw from ``seed``."""
-        from sparsedit.diffusion.flow import euler_sample, euler_sigmas, guided, start_noise
+        from sparsedit.diffusion.flow import euler_sample, guided, start_noise
 
         embeds, pooled = (text or {}).get("embeds"), (text or {}).get("pooled")
         if embeds is None or pooled is None:
@@ -113,20 +108,7 @@ class SD3Family(Family):
                   "pooled_projections": torch.zeros_like(pooled) if null_pooled is None else null_pooled}
         if noise is None:
             noise = start_noise((embeds.shape[0], self.config.in_channels, *self.config.latent_hw), seed, device)
-        with torch.no_grad():
-            return euler_sample(guided(model, cfg_scale, cond, uncond), noise, euler_sigmas(steps, shift=SD3_SHIFT))
-
-    def training_process(self) -> Any:
-        from sparsedit.diffusion.flow import FlowProcess
-
-        return FlowProcess(weighting="logit-normal")  # rectified flow with SD3's logit-normal(0, 1) sigmas
-
-    def training_kwargs(self, cond: dict[str, Any], caption: Tensor, device: torch.device) -> dict[str, Any]:
-        pooled = cond.get("pooled_projections")
-        if pooled is None:
-            raise SparseditError(f"an {self.dense_type} also takes the pooled CLIP vector: each data item's conditions "
-                                 "need 'pooled_projections' (B, 2048) beside 'encoder_hidden_states'")
-        return {"encoder_hidden_states": caption, "pooled_projections": pooled.to(device=device, dtype=caption.dtype)}
+        return euler_sample(guided(model, cfg_scale, cond, uncond), noise, self.run_sigmas(steps))
 
     def diffusers_face(self, model: nn.Module) -> nn.Module:
         from sparsedit.families.sd3.face import DiffusersSD3
@@ -159,24 +141,11 @@ class SD3Family(Family):
                                  "SparseSD3")
         return fn(x, t, cond["encoder_hidden_states"], cond["pooled_projections"], grid=tokens)
 
-    def tokens_at(self, t: float) -> Tokens:
-        """The sparse grid at model timestep ``t = sigma * 1000`` (in [0, 1000]; 1000 is pure noise), as the model
-        picks it; None for a dense SD3."""
-        if not self.sparse:
-            return None
-        schedule = self.config.schedule
-        return schedule.grid(discrete_timestep(float(t), schedule.num_timesteps), self.config.grid)
+    def run_sigmas(self, steps: int) -> Tensor:
+        """The pipelines' run: Euler over the static shift-3 sigmas."""
+        from sparsedit.diffusion.flow import euler_sigmas
 
-    def sampling_timesteps(self, sampler: str, steps: int) -> list[float]:
-        """The model timesteps ``sigma * 1000`` of a ``steps``-step Euler run with SD3's shift 3 (the final sigma 0 is
-        no model call), in increasing order."""
-        from sparsedit.diffusion.flow import T_SCALE, euler_sigmas
-
-        if sampler not in self.samplers:
-            raise SparseditError(f"an SD3 is a flow-matching model: it samples with euler (shifted sigmas x 1000), not "
-                                 f"{sampler}; use --sampler euler")
-        sigmas = euler_sigmas(steps, shift=SD3_SHIFT)[:-1]
-        return sorted(float(s) * T_SCALE for s in sigmas)
+        return euler_sigmas(steps, shift=SD3_SHIFT)
 
     def reset_buffers(self, model: nn.Module) -> None:
         """The position table of a fresh model (a loaded one stores its own); the unused caption-query weights of the
