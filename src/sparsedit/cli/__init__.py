@@ -16,7 +16,7 @@ from sparsedit.cli.common import Parser, run_command
 # Sub-command modules, in the order `sparsedit --help` lists them.
 COMMANDS = (
     "demo", "compare", "train", "sparsify", "sample", "sample-fid", "flops", "bench", "analyze", "convert",
-    "extract-latents", "eval",
+    "extract-latents", "encode-prompts", "eval",
 )
 
 

@@ -208,13 +208,21 @@ def rate(text: str) -> float:
     return _number(text, float, lambda v: 0 <= v < 1, "a pruning rate must be in [0, 1)")
 
 
-def add_sampling_args(parser: argparse.ArgumentParser, cfg_scale: float, cfg_scale_help: str) -> None:
-    """--steps, --sampler, --eta, --cfg-scale and --cfg-mode of the commands that sample with :func:`generate`."""
+def add_sampling_args(parser: argparse.ArgumentParser, cfg_scale: float | None, cfg_scale_help: str,
+                      family_defaults: bool = False) -> None:
+    """--steps, --sampler, --eta, --cfg-scale and --cfg-mode of the commands that sample with :func:`generate`;
+    ``family_defaults``: --steps / --sampler default to None, for the model's family to fill in."""
     from sparsedit.diffusion.samplers import SAMPLERS
     from sparsedit.families.dit.model import CFG_MODES
 
-    parser.add_argument("--steps", type=positive_int, default=250, help="sampling steps (default 250)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
+    if family_defaults:
+        parser.add_argument("--steps", type=positive_int, default=None,
+                            help="sampling steps (default: 250 for DDPM models; SD3 28, FLUX.1-dev 28, schnell 4)")
+        parser.add_argument("--sampler", choices=(*SAMPLERS, "euler"), default=None,
+                            help="default ddpm; euler (the only one) for the flow-matching SD3 / FLUX.1")
+    else:
+        parser.add_argument("--steps", type=positive_int, default=250, help="sampling steps (default 250)")
+        parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
     parser.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM eta (0 = deterministic)")
     parser.add_argument("--cfg-scale", type=finite_float, default=cfg_scale, help=cfg_scale_help)
     parser.add_argument("--cfg-mode", choices=CFG_MODES, default=None,

@@ -69,10 +69,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     rec.add_argument("--lora-alpha", type=non_negative_float, default=None,
                      help="LoRA scale alpha (the delta is alpha / R x B A; default R)")
     rec.add_argument("--data-free", type=non_negative_int, default=None, metavar="N",
-                     help="train on N samples of the teacher instead of --data (cached in the run directory)")
+                     help="train on N samples of the teacher instead of --data (cached in the run directory): by class "
+                     "label for DiT, from --prompt-embeds for caption models (PixArt, SD3, FLUX.1)")
+    rec.add_argument("--prompt-embeds", metavar="FILE", default=None,
+                     help="with --data-free: the prompts (`sparsedit encode-prompts` writes the file) the caption "
+                     "model's teacher samples are drawn from, in turn")
     data = p.add_argument_group("data")
-    data.add_argument("--data", default="digits",
-                      help="'digits' (embedded), an image folder (class = subfolder) or a latents directory (images or "
+    data.add_argument("--data", default=None,
+                      help="'digits' (embedded, the default), an image folder (class = subfolder) or a latents directory (images or "
                       "videos, with labels and/or T5 caption embeddings; sparsedit.train.data.save_latents)")
     data.add_argument("--image-size", type=positive_int, help="pixel resolution for 'digits' / image folders")
     data.add_argument("--channels", type=int, choices=(1, 3), default=None,
@@ -148,9 +152,11 @@ def build_model(args: argparse.Namespace, info: dict):  # noqa: ANN201
     return DiT(cfg, init_gain=args.init_gain or 1.0).train()
 
 
-def recipe_settings(args: argparse.Namespace) -> TrainSettings:
-    """The run's settings: the defaults, then the recipe's values, then every option given explicitly."""
-    recipe = args.recipe or (DEFAULT_RECIPE if args.init_from and args.layout else "paper")
+def recipe_settings(args: argparse.Namespace, min_snr: bool = True) -> TrainSettings:
+    """The run's settings: the defaults, then the recipe's values, then every option given explicitly. The default
+    recipe of a sparsified model is DEFAULT_RECIPE where the family's process takes Min-SNR weighting (DDPM models),
+    else the paper's (flow matching: SD3, FLUX.1)."""
+    recipe = args.recipe or (DEFAULT_RECIPE if args.init_from and args.layout and min_snr else "paper")
     values = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if getattr(args, f.name, None) is not None}
     return TrainSettings(**{**RECIPES[recipe], **values})
 
@@ -175,25 +181,48 @@ def run_train(args: argparse.Namespace) -> int:
     import torch
 
     from sparsedit.errors import SparseditError
+    from sparsedit.families import family_of
     from sparsedit.families.presets import is_sparse
     from sparsedit.train.trainer import Trainer, check_model_fits_data, open_dataset
 
     if args.device is not None:
         check_device(args.device)  # an unknown or absent device is an error, never a silent CPU run
-    if args.channels is not None and args.data != "digits":
-        raise SparseditError(f"--channels applies to the embedded digits; {args.data} has its own channels: drop it")
-    dataset, info = open_dataset(args.data, args.image_size, args.channels or 1, args.seed)
+    if args.prompt_embeds is not None:
+        # Data-free distillation of a caption model: the teacher's samples of these prompts are the data.
+        if not args.data_free:
+            raise SparseditError("--prompt-embeds gives the prompts of data-free distillation; add --data-free N")
+        if args.data is not None or args.channels is not None:
+            raise SparseditError("--data-free with --prompt-embeds trains on the teacher's samples of those prompts; "
+                                 "drop --data / --channels")
+        dataset, info = None, {"data_space": "latent", "data_free_prompts": args.prompt_embeds}
+    else:
+        args.data = args.data or "digits"
+        if args.channels is not None and args.data != "digits":
+            raise SparseditError(f"--channels applies to the embedded digits; {args.data} has its own channels: drop it")
+        dataset, info = open_dataset(args.data, args.image_size, args.channels or 1, args.seed)
     if args.vae is not None and info["data_space"] != "latent":
         raise SparseditError("--vae decodes the sample grids of latent models; this data is pixels: drop --vae")
     if args.vae is not None and not args.sample_every:
         raise SparseditError("--vae only decodes the --sample-every grids; add --sample-every N or drop --vae")
     torch.manual_seed(args.seed)  # the initialisation of a from-scratch model is part of the run
     model = build_model(args, info)
-    check_model_fits_data(model.config, info)
+    family = family_of(model)
+    prompts = None
+    if dataset is None:
+        from sparsedit.core.prompts import read_prompt_embeds
+
+        if not family.text_conditioned:
+            raise SparseditError(f"a {type(model).__name__} takes no prompts: drop --prompt-embeds (its data-free "
+                                 "samples are drawn by class label)")
+
+        prompts = read_prompt_embeds(args.prompt_embeds, model.config.caption_channels,
+                                     model.config.pooled_channels if family.pooled_text else None)
+    else:
+        check_model_fits_data(model.config, info)
     if args.merge_lr_scale is not None and not is_sparse(model.config):
         raise SparseditError("--merge-lr-scale sets the learning rate of a sparse model's merge layers; this "
                              f"{type(model).__name__} has none: drop it")
-    settings = recipe_settings(args)
+    settings = recipe_settings(args, family.min_snr)
     teacher = load_teacher(args, info, settings)
     source = ({"init_from": args.init_from, "layout": args.layout} if args.init_from
               else {"preset": args.model, "init_gain": args.init_gain or 1.0})
@@ -201,7 +230,7 @@ def run_train(args: argparse.Namespace) -> int:
     if teacher is not None:
         run_info["teacher"] = {"path": args.teacher or args.init_from}
     trainer = Trainer(model, dataset, args.run_dir, settings, run_info=run_info, device=args.device,
-                      vae_path=args.vae, progress=not args.no_progress, teacher=teacher)
+                      vae_path=args.vae, progress=not args.no_progress, teacher=teacher, prompts=prompts)
     out = trainer.fit()
     if trainer.dist.main:
         print(f"done: {trainer.step} steps; final EMA model in {out}")

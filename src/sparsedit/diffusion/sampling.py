@@ -101,10 +101,13 @@ def generate(
     )
 
 
-def to_images(model: nn.Module, samples: Tensor, vae: nn.Module | None = None) -> Tensor:
-    """Model-space samples -> images in [-1, 1] (decoded with ``vae`` for latent models)."""
+def to_images(model: nn.Module, samples: Tensor, vae: nn.Module | None = None,
+              scaling: tuple[float, float] | None = None) -> Tensor:
+    """Model-space samples -> images in [-1, 1] (decoded with ``vae`` for latent models; ``scaling``: the model's
+    (scale, shift) of the VAE's latents, default the SD VAE's 0.18215 and no shift)."""
     if model.config.data_space == "pixel":
         return samples.clamp(-1, 1)
-    from sparsedit.encoders.vae import decode_latents, load_vae
+    from sparsedit.encoders.vae import LATENT_SCALE, decode_latents, load_vae
 
-    return decode_latents(vae if vae is not None else load_vae(None), samples)
+    scale, shift = scaling or (LATENT_SCALE, 0.0)
+    return decode_latents(vae if vae is not None else load_vae(None), samples, scale=scale, shift=shift)

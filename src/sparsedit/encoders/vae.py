@@ -49,9 +49,11 @@ def load_vae(path: str | Path | None, device: str | torch.device = "cpu", latent
 
 
 @torch.no_grad()
-def decode_latents(vae: nn.Module, latents: Tensor, batch_size: int = 8) -> Tensor:
-    """(B, 4, h, w) scaled latents -> (B, 3, 8h, 8w) images in [-1, 1]."""
-    outs = [vae.decode(z / LATENT_SCALE).sample for z in latents.split(batch_size)]
+def decode_latents(vae: nn.Module, latents: Tensor, batch_size: int = 8, scale: float = LATENT_SCALE,
+                   shift: float = 0.0) -> Tensor:
+    """(B, C, h, w) model latents ``(VAE latent - shift) * scale`` -> (B, 3, 8h, 8w) images in [-1, 1]."""
+    vae_dtype = next(vae.parameters()).dtype
+    outs = [vae.decode((z / scale + shift).to(vae_dtype)).sample.float() for z in latents.split(batch_size)]
     return torch.cat(outs).clamp(-1, 1)
 
 

@@ -43,6 +43,10 @@ class Family:
     catch_all: ClassVar[bool] = False  # tried last when recognising a file or diffusers directory
     samplers: ClassVar[tuple[str, ...]] = ("ddpm", "ddim")  # timestep spacings of a sampling run (flops, bench)
     default_sampling: ClassVar[tuple[str, int]] = ("ddpm", 250)  # the run `sparsedit flops` measures by default
+    default_cfg_scale: ClassVar[float] = 4.0  # `sparsedit sample`'s guidance scale unless --cfg-scale is given
+    prompt_flag: ClassVar[str] = "--t5"  # where `sparsedit sample --prompt` finds the text encoder
+    pooled_text: ClassVar[bool] = False  # the model takes a pooled text vector beside the caption (SD3, FLUX.1)
+    min_snr: ClassVar[bool] = True  # its training process takes Min-SNR weighting (the default recipe uses it)
 
     def __init__(self, config: Any):
         self.config = config
@@ -156,6 +160,41 @@ class Family:
         """Samples of ``model``: by class ``labels``, or by caption embeddings ``text`` (``embeds``, ``mask``,
         ``null_embeds``, ``null_mask``); ``common``: sampler, steps, eta, cfg_scale, cfg_mode, seed, device, progress."""
         raise NotImplementedError
+
+    def teacher_sampling(self) -> dict[str, Any]:
+        """How data-free distillation draws the teacher's samples (``generate`` keywords and the ``batch_size`` of one
+        call): DDIM 50, no guidance, 250 at a time."""
+        return {"sampler": "ddim", "steps": 50, "cfg_scale": 1.0, "batch_size": 250}
+
+    def latent_scaling(self, vae: nn.Module) -> tuple[float, float]:
+        """(scale, shift) of the model's latents: ``model latent = (VAE latent - shift) * scale``. The SD VAE's
+        0.18215 for DiT-style models, whatever the VAE's config says (they were trained with it)."""
+        from sparsedit.encoders.vae import LATENT_SCALE
+
+        return LATENT_SCALE, 0.0
+
+    def default_vae_dir(self, encoder_path: str | Path | None) -> Path | None:
+        """Where the VAE is when ``--vae`` is not given (flow families: in the pipeline folder); None: ask for it."""
+        return None
+
+    def encode_prompts(self, model: nn.Module | None, encoder_path: str | Path, prompts: Sequence[str],
+                       negative: str | None, guided: bool, device: torch.device | str) -> dict[str, Tensor]:
+        """Prompts -> the ``text`` dict of :meth:`generate`, with the local T5 at ``encoder_path``; the negative prompt
+        (default empty) only under guidance and only for a model that stores no null caption (PixArt's learned
+        ``y_embedding``)."""
+        from sparsedit.encoders.text import T5Encoder
+
+        t5 = T5Encoder(encoder_path, device)
+        if t5.channels != self.config.caption_channels:
+            raise SparseditError(f"the T5 at {encoder_path} gives {t5.channels}-wide embeddings but the model takes "
+                                 f"{self.config.caption_channels}; use the T5 the model was trained with")
+        embeds, mask = t5(prompts)
+        text = {"embeds": embeds, "mask": mask}
+        stored = getattr(getattr(model, "y_embedder", None), "y_embedding", None)
+        if guided and stored is None:
+            null, null_mask = t5([negative or ""], embeds.shape[1])
+            text.update(null_embeds=null.expand(len(prompts), -1, -1), null_mask=null_mask.expand(len(prompts), -1))
+        return text
 
     def added_conditions(self, latent_hw: Sequence[int], batch: int, device: torch.device | str) -> dict[str, Tensor] | None:
         """Extra inputs of a training forward besides the caption (PixArt-1024's image size and aspect ratio)."""

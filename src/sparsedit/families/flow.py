@@ -3,10 +3,12 @@ training process, and the pooled text vector beside the caption in every trainin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from sparsedit.errors import SparseditError
 from sparsedit.families.base import Family
@@ -16,6 +18,11 @@ class FlowFamily(Family):
     """A :class:`Family` of flow-matching text-to-image models; subclasses give their pipelines' sigmas."""
 
     samplers: ClassVar[tuple[str, ...]] = ("euler",)  # flow matching: t = sigma * 1000
+    default_cfg_scale: ClassVar[float] = 1.0
+    prompt_flag = "--pipeline"  # the prompts are encoded by the pipeline's own CLIP / T5 encoders
+    pooled_text = True
+    min_snr = False  # Min-SNR weighting is for DDPM models: `sparsedit train`'s default recipe is "paper"
+    pipeline_class: ClassVar[str]  # the diffusers pipeline the model runs in ("FluxPipeline")
 
     @property
     def text_conditioned(self) -> bool:
@@ -35,6 +42,52 @@ class FlowFamily(Family):
                                  f"not {sampler}; use --sampler euler")
         return sorted(float(s) * T_SCALE for s in self.run_sigmas(steps)[:-1])
 
+    def teacher_sampling(self) -> dict[str, Any]:
+        """Data-free distillation samples the teacher as its pipeline does by default (steps, guidance)."""
+        return {"sampler": "euler", "steps": self.default_sampling[1], "cfg_scale": self.default_cfg_scale,
+                "batch_size": 4}
+
+    def latent_scaling(self, vae: nn.Module) -> tuple[float, float]:
+        """The VAE's own ``scaling_factor`` and ``shift_factor`` (SD3: 1.5305, 0.0609; FLUX.1: 0.3611, 0.1159), as the
+        pipelines apply them."""
+        cfg = vae.config
+        return float(cfg.scaling_factor), float(getattr(cfg, "shift_factor", None) or 0.0)
+
+    def default_vae_dir(self, encoder_path: str | Path | None) -> Path | None:
+        """The ``vae/`` folder of the pipeline folder that encodes the prompts."""
+        from sparsedit.encoders.pipeline import pipeline_vae_dir
+
+        return None if encoder_path is None else pipeline_vae_dir(encoder_path, self.pipeline_class)
+
+    def encode_prompts(self, model: nn.Module | None, encoder_path: str | Path, prompts: Sequence[str],
+                       negative: str | None, guided: bool, device: torch.device | str) -> dict[str, Tensor]:
+        """Prompts -> the ``text`` dict of :meth:`generate`, by the ``encode_prompt`` of the pipeline folder
+        ``encoder_path`` (its CLIP and T5 encoders, exactly as the pipeline encodes them)."""
+        from sparsedit.encoders.pipeline import load_text_pipeline
+
+        if isinstance(prompts, str) or not prompts:
+            raise SparseditError("pass a non-empty list of prompts")
+        pipe = load_text_pipeline(encoder_path, self.pipeline_class, device)
+        with torch.no_grad():
+            text = self.pipeline_encode(pipe, list(prompts), negative, guided, torch.device(device))
+        cfg = self.config
+        got = (text["embeds"].shape[-1], text["pooled"].shape[-1])
+        if got != (cfg.caption_channels, cfg.pooled_channels):
+            raise SparseditError(f"the encoders in {encoder_path} give {got[0]}-wide captions and {got[1]}-wide pooled "
+                                 f"vectors, the model takes {cfg.caption_channels} and {cfg.pooled_channels}; pass the "
+                                 "pipeline folder of the model it was made from")
+        return {k: v.float() for k, v in text.items()}
+
+    @classmethod
+    def config_from_diffusers(cls, cfg: dict[str, Any], name: str) -> Any:
+        """The dense config of a diffusers transformer ``config.json`` (already parsed)."""
+        raise NotImplementedError
+
+    def pipeline_encode(self, pipe: Any, prompts: list[str], negative: str | None, guided: bool,
+                        device: torch.device) -> dict[str, Tensor]:
+        """The family's call of its pipeline's ``encode_prompt``."""
+        raise NotImplementedError
+
     def training_process(self) -> Any:
         from sparsedit.diffusion.flow import FlowProcess
 
@@ -49,3 +102,28 @@ class FlowFamily(Family):
                                  f"need 'pooled_projections' (B, {self.config.pooled_channels}) beside "
                                  "'encoder_hidden_states'")
         return {"encoder_hidden_states": caption, "pooled_projections": pooled.to(device=device, dtype=caption.dtype)}
+
+
+def pipeline_family(root: str | Path) -> FlowFamily:
+    """The flow family of a diffusers pipeline folder, bound to its transformer's config (read from
+    ``transformer/config.json``; the weights are not loaded): what encodes prompts for that model."""
+    import json
+
+    from sparsedit.families import families
+
+    index = Path(root) / "model_index.json"
+    try:
+        name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        name = None
+    known = {cls.pipeline_class: cls for cls in families() if getattr(cls, "pipeline_class", None)}
+    if name not in known:
+        raise SparseditError(f"{root} is not a {' or '.join(known)} folder (its model_index.json names {name!r}); pass "
+                             "the local diffusers pipeline folder of an SD3 / FLUX.1 model")
+    cls = known[name]
+    config_path = Path(root) / "transformer" / "config.json"
+    try:
+        cfg = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SparseditError(f"cannot read {config_path} ({err}); the pipeline folder is incomplete") from None
+    return cls(cls.config_from_diffusers(cfg, str(config_path)))

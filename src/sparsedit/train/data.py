@@ -9,7 +9,8 @@ Three sources feed training and evaluation:
   subfolder names; images are center-cropped and resized with the ADM/DiT recipe.
 * :class:`LatentsDataset` / :func:`save_latents` (defined in :mod:`sparsedit.train.latents`) - a directory
   with ``latents.safetensors`` and ``meta.json`` holding VAE latents (or posterior moments, sampled on the fly)
-  of images or videos, with class labels and/or T5 caption embeddings (text-to-image / text-to-video models).
+  of images or videos, with class labels and/or T5 caption embeddings (text-to-image / text-to-video models) and,
+  for SD3 / FLUX, pooled text vectors.
 
 All image tensors are float32 in [-1, 1], channel-first. Every data set returns ``(x, label)`` with
 ``label`` a Python ``int``, except a latents directory with captions, whose items are ``(x, cond)``
@@ -38,6 +39,8 @@ from sparsedit.train.latents import (
     LATENTS_FORMAT_VERSION,
     META_FILE,
     NULL_CAPTION_KEY,
+    NULL_POOLED_KEY,
+    POOLED_KEY,
     REQUIRED_META_KEYS,
     LatentsDataset,
     save_latents,
@@ -53,6 +56,8 @@ __all__ = [
     "LATENTS_FORMAT_VERSION",
     "META_FILE",
     "NULL_CAPTION_KEY",
+    "NULL_POOLED_KEY",
+    "POOLED_KEY",
     "REQUIRED_META_KEYS",
     "DigitsDataset",
     "ImageFolderDataset",

@@ -89,7 +89,8 @@ def open_dataset(spec: str, image_size: int | None = None, channels: int = 1, se
 
 
 def describe_latents(ds: LatentsDataset) -> dict[str, Any]:
-    """What a latents directory holds, as :func:`open_dataset` records it (frames and captions only when present)."""
+    """What a latents directory holds, as :func:`open_dataset` records it (frames, captions and pooled text vectors
+    only when present)."""
     c, *_, h, w = ds.latent_shape
     info: dict[str, Any] = {"kind": "latents", "resolution": int(ds.meta.get("resolution", h * VAE_DOWNSAMPLE)),
                             "latent_size": [h, w], "channels": c, "num_classes": ds.num_classes, "data_space": "latent"}
@@ -98,11 +99,36 @@ def describe_latents(ds: LatentsDataset) -> dict[str, Any]:
     if ds.caption_shape is not None:
         info.update(caption_shape=list(ds.caption_shape), labels=ds.labels is not None,
                     null_caption=ds.null_caption is not None)
+    if ds.pooled_dim is not None:
+        info.update(pooled_dim=ds.pooled_dim, null_pooled=ds.null_pooled is not None)
     return info
 
 
+def _pooled_problems(config: Any, info: dict) -> list[str]:
+    """SD3 / FLUX take a pooled text vector (``pooled_channels`` wide) beside the caption; other models take none."""
+    width, data_width = getattr(config, "pooled_channels", None), info.get("pooled_dim")
+    name = getattr(config, "model_type", "model")
+    if width is None:
+        if data_width is None:
+            return []
+        return [f"this {name} takes no pooled text vector but the data holds {data_width}-wide ones, which it would "
+                "ignore (write the directory without save_latents(..., pooled=...))"]
+    if data_width is None:
+        return [f"this {name} takes a {width}-wide pooled text vector beside the caption, the data has none: write it "
+                "with save_latents(..., pooled=...)"]
+    if data_width != width:
+        return [f"pooled text vector width {width} vs {data_width} in the data"]
+    return []
+
+
 def _conditioning_problems(config: Any, info: dict) -> list[str]:
-    """Why the data cannot condition the model: labels for class models, T5 captions for text models."""
+    """Why the data cannot condition the model: labels for class models, T5 captions for text models, and pooled
+    text vectors exactly for the models that take them (SD3, FLUX)."""
+    return _caption_problems(config, info) + _pooled_problems(config, info)
+
+
+def _caption_problems(config: Any, info: dict) -> list[str]:
+    """Labels for class models, T5 captions of the model's width (and null caption length) for text models."""
     caption = info.get("caption_shape")
     if not text_conditioned(config):
         if config.num_classes and not info.get("labels", True):

@@ -9,7 +9,8 @@ layer i, so that source is a natural frozen teacher:
   the last block (before the final layer) are pulled to the teacher's tokens at the same layers. Those
   layers hold the full dense token set in both models, so the alignment is exact, token for token;
 * **data-free distillation**: without the source training set, ``x_0`` comes from the teacher's own
-  samples (:func:`teacher_samples`), cached once per run.
+  samples (:func:`teacher_samples`: by class label, or from prompt embeddings for caption models such as
+  SD3 and FLUX.1), cached once per run.
 
 The teacher never receives gradients and is never written into the student's checkpoints.
 """
@@ -109,46 +110,85 @@ def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def check_samplable(teacher: nn.Module) -> None:
-    """Data-free distillation draws x_0 with :func:`sparsedit.diffusion.sampling.generate`: class-conditional DiTs."""
+def check_samplable(teacher: nn.Module, text: dict[str, Tensor] | None = None) -> None:
+    """Data-free distillation draws x_0 with the teacher's ``Family.generate``: class-conditional DiTs by label,
+    caption-conditioned image models (PixArt, SD3, FLUX.1) from the prompt embeddings ``text``."""
+    from sparsedit.families import family_of
+
+    family = family_of(teacher)
     cfg = teacher.config
+    if family.text_conditioned and family.frames is None:
+        if text is None:
+            raise SparseditError(f"data-free distillation of a {type(teacher).__name__} samples the teacher from prompts: "
+                                 "pass --prompt-embeds FILE (write it with `sparsedit encode-prompts`)")
+        return
+    if text is not None:
+        raise SparseditError(f"a {type(teacher).__name__} takes no prompts: drop --prompt-embeds")
     if cfg.model_type != "DiT" or cfg.num_classes <= 0:
-        raise SparseditError(f"data-free distillation samples class-conditional DiT teachers, not a "
-                             f"{type(teacher).__name__}; train PixArt / Latte on their latents directories instead")
+        raise SparseditError(f"data-free distillation samples class-conditional DiT teachers and caption-conditioned "
+                             f"image models, not a {type(teacher).__name__}; train it on a latents directory instead")
 
 
 class TeacherSamples(Dataset):
-    """``(x_0, label)`` pairs sampled from the teacher (:func:`teacher_samples`); an in-memory data set."""
+    """``(x_0, label)`` pairs sampled from the teacher (:func:`teacher_samples`), or ``(x_0, cond)`` with ``cond`` the
+    caption inputs of the prompt sample i was drawn from (row ``i % prompts`` of ``text``); an in-memory data set."""
 
-    def __init__(self, samples: Tensor, labels: Tensor):
+    def __init__(self, samples: Tensor, labels: Tensor, text: dict[str, Tensor] | None = None):
         if samples.shape[0] != labels.shape[0]:
             raise SparseditError(f"{samples.shape[0]} teacher samples but {labels.shape[0]} labels")
         self.samples, self.labels = samples.float(), labels.long()
+        self.text = text
+        null = None if text is None else text.get("null_embeds")
+        self.null_caption = None if null is None else null[0].float()  # caption dropout's empty prompt (PixArt)
 
     def __len__(self) -> int:
         return self.samples.shape[0]
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        return self.samples[i], int(self.labels[i])
+    def __getitem__(self, i: int) -> tuple[Tensor, Any]:
+        if self.text is None:
+            return self.samples[i], int(self.labels[i])
+        j = int(self.labels[i])  # the prompt's row
+        cond = {"encoder_hidden_states": self.text["embeds"][j].float()}
+        for key, name in (("mask", "encoder_attention_mask"), ("pooled", "pooled_projections")):
+            if key in self.text:
+                cond[name] = self.text[key][j].float() if key == "pooled" else self.text[key][j].long()
+        return self.samples[i], cond
 
 
-def teacher_samples(teacher: nn.Module, num: int, cache_dir: str | Path, *, sampler: str = "ddim", steps: int = 50,
-                    cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 250, device: str | torch.device = "cpu",
-                    progress: bool = True) -> TeacherSamples:
-    """``num`` class-balanced samples (label ``i % num_classes``) of a class-conditional teacher, cached.
+def _fingerprint(text: dict[str, Tensor]) -> str:
+    """SHA-256 of the prompt tensors: a cache drawn from other prompts is refused, not reused."""
+    import hashlib
 
-    The samples are written to ``cache_dir`` (all-or-nothing) with the settings that made them; a
-    later call with the same settings reads them back (a resumed run does not sample again), other
-    settings are refused rather than mixed. Chunk k is drawn with seed ``seed * 100003 + k``.
+    digest = hashlib.sha256()
+    for key in sorted(text):
+        digest.update(key.encode())
+        digest.update(text[key].detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def teacher_samples(teacher: nn.Module, num: int, cache_dir: str | Path, *, text: dict[str, Tensor] | None = None,
+                    seed: int = 0, device: str | torch.device = "cpu", progress: bool = True) -> TeacherSamples:
+    """``num`` samples of the teacher, cached: class-balanced for a class-conditional DiT (label ``i % num_classes``),
+    one per prompt in turn for a caption model (prompt ``i % N`` of ``text``, a :func:`read_prompt_embeds` dict).
+
+    The teacher is sampled as its family says (``Family.teacher_sampling``: DDIM 50 without guidance for DiT-style
+    models; the pipeline's default Euler run and guidance for SD3 / FLUX.1). The samples are written to ``cache_dir``
+    (all-or-nothing) with the settings that made them; a later call with the same settings reads them back (a
+    resumed run does not sample again), other settings are refused rather than mixed. Chunk k is drawn with seed
+    ``seed * 100003 + k``.
     """
-    from sparsedit.diffusion.sampling import generate
+    from sparsedit.families import family_of
 
-    check_samplable(teacher)
+    check_samplable(teacher, text)
     cfg = teacher.config
+    family = family_of(teacher)
     if num < 1:
         raise SparseditError(f"--data-free needs at least 1 sample, got {num}")
-    settings = {"num": num, "sampler": sampler, "steps": steps, "cfg_scale": cfg_scale, "seed": seed,
-                "batch_size": batch_size, "teacher": cfg.to_dict()}
+    how = family.teacher_sampling()
+    batch_size = how.pop("batch_size", 250)
+    settings = {"num": num, **how, "seed": seed, "batch_size": batch_size, "teacher": cfg.to_dict()}
+    if text is not None:
+        settings["prompts_sha256"] = _fingerprint(text)
     cache = Path(cache_dir)
     data_path, meta_path = cache / TEACHER_SAMPLES_FILE, cache / TEACHER_SAMPLES_META
     if data_path.exists() and meta_path.exists():
@@ -156,8 +196,9 @@ def teacher_samples(teacher: nn.Module, num: int, cache_dir: str | Path, *, samp
         if saved != json.loads(json.dumps(settings)):
             raise SparseditError(f"{cache} holds teacher samples made with other settings; use a new --run-dir")
         tensors = read_safetensors(data_path)
-        return TeacherSamples(tensors["samples"], tensors["labels"])
-    labels = torch.arange(num) % cfg.num_classes
+        return TeacherSamples(tensors["samples"], tensors["labels"], text)
+    rows = cfg.num_classes if text is None else text["embeds"].shape[0]
+    labels = torch.arange(num) % rows
     chunks = []
     bar = None
     if progress:
@@ -169,8 +210,15 @@ def teacher_samples(teacher: nn.Module, num: int, cache_dir: str | Path, *, samp
     try:
         for k, start in enumerate(range(0, num, batch_size)):
             part = labels[start:start + batch_size]
-            chunks.append(generate(teacher, part, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                                   seed=seed * 100003 + k, device=device, progress=False).cpu())
+            if text is None:
+                cond: dict[str, Any] = {"labels": part}
+            else:
+                from sparsedit.core.prompts import select_prompts
+
+                cond = {"text": {key: v.to(device) for key, v in select_prompts(text, part).items()}}
+            with torch.no_grad():
+                chunks.append(family.generate(teacher, **cond, **how, seed=seed * 100003 + k, device=device,
+                                              progress=False).cpu())
             if bar is not None:
                 bar.update(len(part))
     finally:
@@ -184,4 +232,4 @@ def teacher_samples(teacher: nn.Module, num: int, cache_dir: str | Path, *, samp
     write_safetensors(data_path, {"samples": samples.contiguous(), "labels": labels},
                       metadata={"format": "pt"})
     atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(settings, indent=1, sort_keys=True)))
-    return TeacherSamples(samples, labels)
+    return TeacherSamples(samples, labels, text)

@@ -1,13 +1,15 @@
 """Precomputed VAE latents: :func:`save_latents` writes a latents directory and :class:`LatentsDataset` reads it.
 
 A latents directory holds ``latents.safetensors`` and ``meta.json``: VAE latents (or posterior moments, sampled on
-the fly) of images or videos, with class labels and/or T5 caption embeddings (text-to-image / text-to-video models).
+the fly) of images or videos, with class labels and/or T5 caption embeddings (text-to-image / text-to-video models),
+and for the flow-matching families (SD3, FLUX) a pooled text vector per caption.
 :mod:`sparsedit.train.data` re-exports everything here; see ``docs/data.md``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +29,8 @@ __all__ = [
     "LATENTS_FORMAT_VERSION",
     "META_FILE",
     "NULL_CAPTION_KEY",
+    "NULL_POOLED_KEY",
+    "POOLED_KEY",
     "REQUIRED_META_KEYS",
     "LatentsDataset",
     "save_latents",
@@ -40,6 +44,9 @@ REQUIRED_META_KEYS = ("scale_factor", "vae", "resolution")
 CAPTIONS_KEY = "captions"  # (N, L, D) T5 embeddings
 CAPTION_MASK_KEY = "caption_mask"  # (N, L) int64, 1 = real token, 0 = padding
 NULL_CAPTION_KEY = "null_caption"  # (L, D) T5 embedding of the empty prompt
+# Optional tensors beside the captions for the flow-matching families (SD3: CLIP-L + CLIP-G, 2048; FLUX: CLIP-L, 768).
+POOLED_KEY = "pooled"  # (N, P) pooled text vectors
+NULL_POOLED_KEY = "null_pooled"  # (P,) pooled vector of the empty prompt
 _LOGVAR_RANGE = (-30.0, 20.0)  # the clamp diffusers' DiagonalGaussianDistribution applies
 
 
@@ -79,6 +86,39 @@ def _caption_tensors(
     return tensors
 
 
+def _pooled_tensors(pooled: Any, null_pooled: Any, n: int, null_caption: bool) -> dict[str, torch.Tensor]:
+    """Validated pooled text vectors for :func:`save_latents` (the captions are given and checked already)."""
+    pooled = _float_tensor(pooled, "pooled", f"(N={n}, P) of pooled text vectors", 2)
+    if pooled.shape[0] != n:
+        raise SparseditError(f"pooled holds {pooled.shape[0]} rows for {n} latents; pass one pooled vector per caption")
+    tensors = {POOLED_KEY: pooled}
+    if null_pooled is None:
+        if null_caption:
+            raise SparseditError("null_caption was given with pooled vectors but no null_pooled; pass the empty "
+                                 "prompt's pooled vector too (null_pooled=...)")
+        return tensors
+    if not null_caption:
+        raise SparseditError("null_pooled was given without null_caption; pass the empty prompt's caption "
+                             "embedding too (null_caption=...)")
+    null = _float_tensor(null_pooled, "null_pooled", f"(P={pooled.shape[1]},)", 1)
+    if null.shape != pooled.shape[1:]:
+        raise SparseditError(f"null_pooled has shape {tuple(null.shape)} but the pooled vectors are "
+                             f"{tuple(pooled.shape[1:])}; encode the empty prompt with the same text encoders")
+    tensors[NULL_POOLED_KEY] = null
+    return tensors
+
+
+def _shift_factor(meta: Mapping[str, Any], where: str) -> float:
+    """``meta["shift_factor"]`` (SD3 / FLUX VAEs) as a float; 0 when absent or None (diffusers' null)."""
+    shift = meta.get("shift_factor")
+    if shift is None:
+        return 0.0
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift):
+        raise SparseditError(f"shift_factor in {where} must be a finite number, got {shift!r}; use the VAE "
+                             "config's shift_factor (SD3 0.0609, FLUX 0.1159) or leave it out")
+    return float(shift)
+
+
 def save_latents(
     directory: str | os.PathLike[str],
     latents_or_moments: torch.Tensor,
@@ -89,6 +129,8 @@ def save_latents(
     captions: torch.Tensor | None = None,
     caption_mask: torch.Tensor | None = None,
     null_caption: torch.Tensor | None = None,
+    pooled: torch.Tensor | None = None,
+    null_pooled: torch.Tensor | None = None,
 ) -> Path:
     """Write a latents directory readable by :class:`LatentsDataset`.
 
@@ -102,12 +144,18 @@ def save_latents(
         meta: JSON-serialisable; must contain ``scale_factor`` (e.g. 0.18215), ``vae`` (name or
             path of the VAE) and ``resolution`` (image side length). ``kind``, ``num_samples``,
             ``latent_shape`` (the shape of one item, (C, h, w) or (C, F, h, w)), ``format_version``
-            and, when given, ``num_frames`` and ``caption_shape`` ([L, D]) are added.
+            and, when given, ``num_frames``, ``caption_shape`` ([L, D]) and ``pooled_dim`` (P) are added.
+            Optional ``shift_factor`` (the VAE config's, SD3 0.0609, FLUX 0.1159): a finite number or None,
+            subtracted before scaling by :class:`LatentsDataset` (``apply_scale_factor=True``).
         captions: (N, L, D) float16/float32 T5 embeddings (text-conditional models), stored as given.
         caption_mask: (N, L) 0/1 keep-mask of ``captions`` (the tokenizer's attention mask); all ones
             when None.
         null_caption: (L, D) embedding of the empty prompt, for caption dropout of models that store
             no null caption themselves (Latte-T2V, diffusers PixArt checkpoints).
+        pooled: (N, P) float16/float32 pooled text vectors beside the captions (one per latent), the
+            ``pooled_projections`` of SD3 (CLIP-L + CLIP-G, P = 2048) and FLUX (CLIP-L, P = 768); needs captions.
+        null_pooled: (P,) pooled vector of the empty prompt; needs ``pooled`` and ``null_caption`` (and a
+            ``null_caption`` beside ``pooled`` needs it: the empty prompt is both).
 
     The directory is written beside ``directory`` and swapped in whole (an old latents directory there is
     replaced, never mixed with the new files), so a reader never sees a half-written one. Returns its path.
@@ -143,9 +191,17 @@ def save_latents(
         tensors.update(_caption_tensors(captions, caption_mask, null_caption, n))
     elif caption_mask is not None or null_caption is not None:
         raise SparseditError("caption_mask / null_caption were given without captions; pass captions too")
+    elif pooled is not None:
+        raise SparseditError("pooled was given without captions; the pooled text vector sits beside the caption: "
+                             "pass captions too")
+    if pooled is not None:
+        tensors.update(_pooled_tensors(pooled, null_pooled, n, null_caption is not None))
+    elif null_pooled is not None:
+        raise SparseditError("null_pooled was given without pooled; pass the pooled vectors too (pooled=...)")
     missing = [k for k in REQUIRED_META_KEYS if k not in meta]
     if missing:
         raise SparseditError(f"meta lacks {', '.join(missing)}; add them (e.g. scale_factor=0.18215)")
+    _shift_factor(meta, "meta")
     c = channels // 2 if kind == "moments" else channels
     item_shape = [int(c), *x.shape[1:-3], int(x.shape[-2]), int(x.shape[-1])]  # (C, h, w) or (C, F, h, w)
     full_meta = dict(meta)
@@ -154,6 +210,8 @@ def save_latents(
         full_meta["num_frames"] = int(x.shape[1])
     if captions is not None:
         full_meta["caption_shape"] = [int(v) for v in captions.shape[1:]]
+    if pooled is not None:
+        full_meta["pooled_dim"] = int(tensors[POOLED_KEY].shape[1])
     try:
         meta_text = json.dumps(full_meta, indent=2, sort_keys=True)
     except (TypeError, ValueError) as exc:
@@ -174,7 +232,8 @@ class LatentsDataset(Dataset):
 
     Items are ``(latent, label)``, or ``(latent, cond)`` when the directory holds captions: ``cond``
     is a dict of model keyword arguments, ``encoder_hidden_states`` float32 (L, D),
-    ``encoder_attention_mask`` int64 (L,) and, when the directory also has labels, ``y`` (an int).
+    ``encoder_attention_mask`` int64 (L,), when the directory also has pooled text vectors (SD3, FLUX)
+    ``pooled_projections`` float32 (P,) and, when it also has labels, ``y`` (an int).
 
     ``latent`` is float32 (C, h, w) for images and (C, F, h, w) for videos (stored (F, C, h, w) per
     item, returned in Latte's / diffusers' channel-first video layout). With ``kind="latents"`` it is
@@ -185,13 +244,15 @@ class LatentsDataset(Dataset):
     ``set_epoch`` before creating the epoch's DataLoader iterator (non-persistent workers copy the
     data set then).
 
-    The latents are returned unscaled unless ``apply_scale_factor=True``, which multiplies by
-    ``meta["scale_factor"]`` (the value DiT training wants). The file is memory-mapped and read one
-    item at a time, so data sets larger than RAM work.
+    The latents are returned unscaled unless ``apply_scale_factor=True``, which returns
+    ``(x - meta["shift_factor"]) * meta["scale_factor"]`` (the value DiT / SD3 / FLUX training wants; no
+    ``shift_factor`` (or None) means 0, i.e. ``x * scale_factor``). The file is memory-mapped and read
+    one item at a time, so data sets larger than RAM work.
 
     Attributes: ``latent_shape`` (one item's shape), ``num_frames`` (None for images),
     ``caption_shape`` ((L, D) or None), ``labels`` ((N,) int64 or None), ``num_classes`` (0 without
-    labels) and ``null_caption`` ((L, D) float32 or None).
+    labels), ``null_caption`` ((L, D) float32 or None), ``pooled_dim`` (P or None), ``null_pooled``
+    ((P,) float32 or None) and ``shift_factor`` (0.0 when the meta has none).
     """
 
     def __init__(self, directory: str | os.PathLike[str], seed: int = 0, apply_scale_factor: bool = False) -> None:
@@ -242,6 +303,7 @@ class LatentsDataset(Dataset):
                     f"{labels_dtype} {list(self.labels.shape)}; rewrite it with save_latents"
                 )
         self._read_captions(handle, keys)
+        self._read_pooled(handle, keys)
         meta_kind = self.meta.get("kind", self.kind)
         if meta_kind != self.kind:
             raise SparseditError(
@@ -258,6 +320,7 @@ class LatentsDataset(Dataset):
         if apply_scale_factor and not isinstance(self.meta.get("scale_factor"), (int, float)):
             raise SparseditError(f"{META_FILE} has no numeric scale_factor; add it or pass apply_scale_factor=False")
         self.scale_factor = float(self.meta.get("scale_factor", 1.0))
+        self.shift_factor = _shift_factor(self.meta, repr(str(meta_path)))
         self.num_classes = int(self.labels.max()) + 1 if self.labels is not None and self.num_samples else 0
         self._check_meta_agrees()
 
@@ -272,6 +335,9 @@ class LatentsDataset(Dataset):
                 isinstance(classes, list) and classes and self.num_classes > len(classes))):
             raise SparseditError(f"the labels of {str(self.path)!r} run from {int(self.labels.min())} to "
                                  f"{self.num_classes - 1}, but {META_FILE} names {len(classes or [])} classes; {fix}")
+        if self.meta.get("pooled_dim", self.pooled_dim) != self.pooled_dim:
+            raise SparseditError(f"{META_FILE} says pooled_dim {self.meta['pooled_dim']} but {str(self.path)!r} holds "
+                                 f"{'no' if self.pooled_dim is None else f'{self.pooled_dim}-wide'} pooled vectors; {fix}")
 
     def _read_captions(self, handle: Any, keys: set[str]) -> None:
         """Check the caption tensors' shapes; keep the (small) mask and null caption in memory."""
@@ -300,6 +366,30 @@ class LatentsDataset(Dataset):
         self.caption_mask = handle.get_tensor(CAPTION_MASK_KEY).to(torch.int64)
         if null_shape is not None:
             self.null_caption = handle.get_tensor(NULL_CAPTION_KEY).float()
+
+    def _read_pooled(self, handle: Any, keys: set[str]) -> None:
+        """Check the pooled text vectors (SD3, FLUX) against the captions; keep the null pooled vector in memory."""
+        self.pooled_dim: int | None = None
+        self.null_pooled: torch.Tensor | None = None
+        if not keys & {POOLED_KEY, NULL_POOLED_KEY}:
+            return
+        fix = "rewrite it with save_latents"
+        if POOLED_KEY not in keys or self.caption_shape is None:
+            raise SparseditError(f"{str(self.path)!r} holds {', '.join(sorted(keys & {POOLED_KEY, NULL_POOLED_KEY}))} "
+                                 f"without '{POOLED_KEY}' and '{CAPTIONS_KEY}' (pooled vectors sit beside captions); {fix}")
+        pooled_slice = handle.get_slice(POOLED_KEY)
+        shape = list(pooled_slice.get_shape())
+        null_shape = list(handle.get_slice(NULL_POOLED_KEY).get_shape()) if NULL_POOLED_KEY in keys else None
+        if (len(shape) != 2 or shape[0] != self.num_samples or pooled_slice.get_dtype() not in ("F16", "F32")
+                or null_shape not in (None, shape[1:]) or (null_shape is None) != (self.null_caption is None)):
+            raise SparseditError(
+                f"pooled vectors in {str(self.path)!r} do not fit: '{POOLED_KEY}' {shape}, '{NULL_POOLED_KEY}' "
+                f"{null_shape} (with{'out' if self.null_caption is None else ''} '{NULL_CAPTION_KEY}') for "
+                f"{self.num_samples} latents; expected (N, P) float and (P,) exactly when there is a null caption: {fix}"
+            )
+        self.pooled_dim = int(shape[1])
+        if null_shape is not None:
+            self.null_pooled = handle.get_tensor(NULL_POOLED_KEY).float()
 
     # The safetensors handle is opened lazily per process and never pickled (DataLoader workers).
     def _open(self) -> Any:
@@ -345,7 +435,8 @@ class LatentsDataset(Dataset):
             noise = torch.randn(mean.shape, generator=gen, dtype=torch.float32)
             x = mean + torch.exp(0.5 * logvar.clamp(*_LOGVAR_RANGE)) * noise
         if self.apply_scale_factor:
-            x = x * self.scale_factor
+            # diffusers' SD3 / FLUX training scripts: (x - shift_factor) * scaling_factor; no shift: x * scale as before
+            x = (x - self.shift_factor) * self.scale_factor if self.shift_factor else x * self.scale_factor
         if x.ndim == 4:
             x = x.transpose(0, 1).contiguous()  # (F, C, h, w) -> (C, F, h, w)
         if self.caption_shape is None:
@@ -354,6 +445,8 @@ class LatentsDataset(Dataset):
         assert self.caption_mask is not None
         caption = self._open().get_slice(CAPTIONS_KEY)[index : index + 1][0].float()  # (L, D)
         cond: dict[str, Any] = {"encoder_hidden_states": caption, "encoder_attention_mask": self.caption_mask[index]}
+        if self.pooled_dim is not None:
+            cond["pooled_projections"] = self._open().get_slice(POOLED_KEY)[index : index + 1][0].float()  # (P,)
         if self.labels is not None:
             cond["y"] = int(self.labels[index])
         return x, cond

@@ -136,11 +136,15 @@ class Trainer(RunDirMixin):
     (``settings.distill_weight`` / ``feature_weight``; :mod:`sparsedit.train.distill`). It is frozen, sees
     the same ``(x_t, t, conditions)`` as the student (its condition dropout replays the student's
     random draws, so a dropped label is dropped for both) and is never saved with the student.
+
+    ``prompts``: for data-free distillation (``settings.data_free``) of a caption model, the prompt embeddings the
+    teacher's samples are drawn from (:func:`sparsedit.core.prompts.read_prompt_embeds`); pass ``dataset=None``.
     """
 
     def __init__(self, model: nn.Module, dataset: Dataset, run_dir: str | Path, settings: TrainSettings,
                  run_info: dict[str, Any] | None = None, device: str | None = None,
-                 vae_path: str | None = None, progress: bool = True, teacher: nn.Module | None = None):
+                 vae_path: str | None = None, progress: bool = True, teacher: nn.Module | None = None,
+                 prompts: dict[str, Tensor] | None = None):
         if not isinstance(model, nn.Module) or not hasattr(getattr(model, "config", None), "to_dict"):
             raise SparseditError(f"Trainer takes a sparsedit model (a module with a .config), not a "
                                  f"{type(model).__name__}; build one or load it with sparsedit.load_model")
@@ -163,6 +167,10 @@ class Trainer(RunDirMixin):
         self.dataset = dataset
         self.progress = progress
         self.vae_path = vae_path
+        if prompts is not None and not settings.data_free:
+            raise SparseditError("prompt embeddings are what data-free distillation samples the teacher from; add "
+                                 "--data-free N or drop --prompt-embeds")
+        self.prompts = prompts
         self.raw = model.to(self.dist.device)
         self.config = model.config
         self.run_info = {"settings": asdict(settings), "model": self.config.to_dict(), **(run_info or {})}
@@ -206,7 +214,7 @@ class Trainer(RunDirMixin):
                                  "set one of them")
         check_teacher(self.raw, teacher)
         if s.data_free:
-            check_samplable(teacher)
+            check_samplable(teacher, self.prompts)
         # Train mode only switches on condition dropout (no dropout layers in these models); the
         # teacher needs it to drop the same labels as the student (see train_step).
         teacher = teacher.to(self.dist.device).requires_grad_(False).train()
@@ -216,10 +224,11 @@ class Trainer(RunDirMixin):
         """``settings.data_free`` teacher samples: drawn by rank 0 into the run dir once, read by every rank."""
         cache = self.run_dir / "teacher_samples"
         if self.dist.main:
-            teacher_samples(self.teacher, self.settings.data_free, cache, seed=self.settings.seed,
+            teacher_samples(self.teacher, self.settings.data_free, cache, text=self.prompts, seed=self.settings.seed,
                             device=self.dist.device, progress=self.progress)
         self.dist.barrier()
-        return teacher_samples(self.teacher, self.settings.data_free, cache, seed=self.settings.seed, progress=False)
+        return teacher_samples(self.teacher, self.settings.data_free, cache, text=self.prompts, seed=self.settings.seed,
+                               progress=False)
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """All parameters at --lr, the recovery merges (W1, W2) at --lr x --merge-lr-scale."""
@@ -246,6 +255,8 @@ class Trainer(RunDirMixin):
         if getattr(self.raw.y_embedder, "y_embedding", None) is not None:
             return None
         null = getattr(dataset, "null_caption", None)
+        if null is None and self.prompts is not None and "null_embeds" in self.prompts:
+            null = self.prompts["null_embeds"][0]  # data-free: the empty prompt of the prompt file
         if null is None:
             raise SparseditError(
                 f"this {type(self.raw).__name__} stores no null caption, so caption dropout (p = "

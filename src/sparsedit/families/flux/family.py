@@ -39,6 +39,7 @@ class FluxFamily(FlowFamily):
     presets = tuple(FLUX_TEXT_TOKENS)
     preset_help = ", ".join([*FLUX_TEXT_TOKENS, *(f"Sparse{name}" for name in SPARSE_FLUX_LAYOUTS)])
     diffusers_format = "flux-diffusers"
+    pipeline_class = "FluxPipeline"
 
     @property
     def default_sampling(self) -> tuple[str, int]:  # type: ignore[override]  # per model, not per class
@@ -151,6 +152,22 @@ class FluxFamily(FlowFamily):
             kwargs["guidance"] = (torch.full((caption.shape[0],), DEFAULT_GUIDANCE) if guidance is None
                                   else torch.as_tensor(guidance)).to(device=device, dtype=caption.dtype)
         return kwargs
+
+    @classmethod
+    def config_from_diffusers(cls, cfg: dict[str, Any], name: str) -> Any:
+        from sparsedit.families.flux.convert import flux_config_from_diffusers
+
+        return flux_config_from_diffusers(cfg, name)
+
+    def pipeline_encode(self, pipe: Any, prompts: list[str], negative: str | None, guided: bool,
+                        device: torch.device) -> dict[str, Tensor]:
+        if guided:
+            self.check_guidance("this FLUX")
+        if negative is not None:
+            raise SparseditError("FLUX.1 takes no negative prompt (no classifier-free guidance); drop --negative-prompt")
+        embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device,
+                                               max_sequence_length=self.config.max_sequence_length)
+        return {"embeds": embeds, "pooled": pooled}
 
     def diffusers_face(self, model: nn.Module) -> nn.Module:
         from sparsedit.families.flux.face import DiffusersFlux

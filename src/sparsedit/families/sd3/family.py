@@ -33,6 +33,8 @@ class SD3Family(FlowFamily):
     diffusers_format = "sd3-diffusers"
     # Flow matching: `sparsedit flops` measures the pipelines' 28-step Euler run (t = sigma * 1000) by default.
     default_sampling = ("euler", SD3_STEPS)
+    default_cfg_scale = 7.0  # StableDiffusion3Pipeline's guidance_scale
+    pipeline_class = "StableDiffusion3Pipeline"
 
     @classmethod
     def model_types(cls) -> dict[str, tuple[type, type[nn.Module]]]:
@@ -109,6 +111,23 @@ class SD3Family(FlowFamily):
         if noise is None:
             noise = start_noise((embeds.shape[0], self.config.in_channels, *self.config.latent_hw), seed, device)
         return euler_sample(guided(model, cfg_scale, cond, uncond), noise, self.run_sigmas(steps))
+
+    @classmethod
+    def config_from_diffusers(cls, cfg: dict[str, Any], name: str) -> Any:
+        from sparsedit.families.sd3.convert import sd3_config_from_diffusers
+
+        return sd3_config_from_diffusers(cfg, name)
+
+    def pipeline_encode(self, pipe: Any, prompts: list[str], negative: str | None, guided: bool,
+                        device: torch.device) -> dict[str, Tensor]:
+        # Two CLIPs and the T5 (SD3_TEXT_TOKENS - 77 tokens), the negative prompt (default "") under guidance.
+        embeds, null, pooled, null_pooled = pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=guided,
+            negative_prompt=negative or "", max_sequence_length=SD3_TEXT_TOKENS - 77)
+        text = {"embeds": embeds, "pooled": pooled}
+        if guided:
+            text.update(null_embeds=null, null_pooled=null_pooled)
+        return text
 
     def diffusers_face(self, model: nn.Module) -> nn.Module:
         from sparsedit.families.sd3.face import DiffusersSD3
