@@ -103,6 +103,8 @@ def load_model(
         net = load_pretrained(path)
     else:  # a diffusers directory: detect_format named the family that reads it
         net = next(cls for cls in families() if cls.diffusers_format == kind).from_diffusers(path)
+    if image_size is not None and kind != "official":
+        family_of(net).set_image_size(net, image_size)  # SD3 / FLUX.1 run at any size; the rest refuse elsewhere
     if device is not None or dtype is not None:
         net = net.to(device=device, dtype=dtype)
     return net.eval()

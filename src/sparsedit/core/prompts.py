@@ -67,12 +67,9 @@ def _check(path: Path, key: str, x: Tensor, shape: tuple[int | None, ...], what:
     """``x`` has ``shape`` (None: any size >= 1); the error names the sizes as N (rows), L (tokens) and the widths."""
     ok = x.ndim == len(shape) and all(want is None or got == want for got, want in zip(x.shape, shape, strict=True))
     if not ok or any(n < 1 for n in x.shape):
-        names = ["N", "L"][: len(shape) - 1] + [str(shape[-1])]
-        names = [str(want) if want is not None and i < len(shape) - 1 else name
-                 for i, (name, want) in enumerate(zip(names, shape, strict=True))]
-        sizes = " and ".join(n for n in ("N", "L") if n in names)
-        raise SparseditError(f"{path}: '{key}' must be {what} ({', '.join(names)}) with {sizes or 'every size'} >= 1, "
-                             f"got {x.dtype} {tuple(x.shape)}")
+        names = [*["N", "L"][: len(shape) - 1], str(shape[-1])]
+        raise SparseditError(f"{path}: '{key}' must be {what} ({', '.join(names)}) with {' and '.join(names[:-1])} >= 1"
+                             f"{'' if shape[0] is None else f' (N = {shape[0]})'}, got {x.dtype} {tuple(x.shape)}")
 
 
 def _check_mask(path: Path, key: str, mask: Tensor, like: Tensor) -> None:

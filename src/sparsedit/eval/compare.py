@@ -23,7 +23,6 @@ The parts live in :mod:`sparsedit.eval.compare_settings` (the settings, the pair
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -64,6 +63,7 @@ from sparsedit.eval.compare_scoring import (
     DigitsScorer,
     Features,
     aggregate,
+    blas_threads,
     spread,
     verdict,
 )
@@ -212,20 +212,6 @@ def _adm_scorer(config: Any, vae: Any, inception_weights: Any, ref: Any, real: A
         raise SparseditError("these models work in pixel space; drop --vae")
     model = feature_model if feature_model is not None else load_inception(inception_weights, device)
     return AdmScorer(model, Path(ref), Path(real) if real is not None else None, device, progress), decoder
-
-
-def blas_threads(threads: int) -> contextlib.AbstractContextManager[Any]:
-    """Give numpy/scipy's BLAS (the FID matrix square root) the same thread count as torch.
-
-    Its default is every core; on a loaded 2-core machine that made ``scipy.linalg.sqrtm`` of a
-    128x128 matrix take about 1 s instead of 5 ms. Uses threadpoolctl when it is installed (it comes
-    with scikit-learn); without it the BLAS default stays.
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=threads, user_api="blas")
 
 
 def _macs(models: dict[str, nn.Module], s: CompareSettings) -> dict[str, Any]:

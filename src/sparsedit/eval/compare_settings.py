@@ -104,7 +104,12 @@ def check_pair(a: nn.Module, b: nn.Module, settings: CompareSettings) -> None:
     for name, model in (("A", a), ("B", b)):
         kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         if kind not in MODEL_TYPES:
-            raise SparseditError(f"model {name} is a {kind}; compare takes class-conditional DiT or SparseDiT models")
+            if _caption_model(model):
+                raise SparseditError(f"model {name} is a {kind}, a caption-conditioned model: pass --prompt-embeds FILE "
+                                     "(prompt embeddings, e.g. from `sparsedit encode-prompts`) to compare it on "
+                                     "captions (docs/compare.md, 'Caption models')")
+            raise SparseditError(f"model {name} is a {kind}; compare takes class-conditional DiT or SparseDiT models, "
+                                 "or caption models (SD3, FLUX.1, PixArt) with --prompt-embeds")
         if model.config.num_classes < 1:
             raise SparseditError(f"model {name} is unconditional (num_classes 0); compare takes class-conditional models")
     ca, cb = a.config, b.config
@@ -119,3 +124,13 @@ def check_pair(a: nn.Module, b: nn.Module, settings: CompareSettings) -> None:
         if guided and cfg.class_dropout_prob <= 0:
             raise SparseditError(f"model {name} was trained without a null class, so it cannot use CFG scale "
                                  f"{guided[0]:g}; pass --cfg-scales 1")
+
+
+def _caption_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a sparsedit model that samples from captions (SD3, FLUX.1, PixArt, Latte)."""
+    from sparsedit.families import family_of
+
+    try:
+        return bool(family_of(model).text_conditioned)
+    except SparseditError:  # not a sparsedit model
+        return False

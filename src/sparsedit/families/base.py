@@ -173,6 +173,10 @@ class Family:
 
         return LATENT_SCALE, 0.0
 
+    def set_image_size(self, model: nn.Module, image_size: int) -> None:
+        """Make ``image_size`` the default resolution of a loaded model that runs at any size (SD3, FLUX.1); a
+        model whose checkpoint fixes its size is left alone (``load_cli_model`` refuses a different --image-size)."""
+
     def default_vae_dir(self, encoder_path: str | Path | None) -> Path | None:
         """Where the VAE is when ``--vae`` is not given (flow families: in the pipeline folder); None: ask for it."""
         return None
