@@ -42,6 +42,15 @@ class FlowFamily(Family):
                                  f"not {sampler}; use --sampler euler")
         return sorted(float(s) * T_SCALE for s in self.run_sigmas(steps)[:-1])
 
+    @staticmethod
+    def progress_bar(progress: bool) -> Any:
+        """The ``progress`` wrapper of :func:`sparsedit.diffusion.flow.euler_sample`: a tqdm bar over the steps."""
+        if not progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return lambda steps: tqdm(steps, desc="sampling", unit="step", dynamic_ncols=True, leave=False)
+
     def teacher_sampling(self) -> dict[str, Any]:
         """Data-free distillation samples the teacher as its pipeline does by default (steps, guidance)."""
         return {"sampler": "euler", "steps": self.default_sampling[1], "cfg_scale": self.default_cfg_scale,

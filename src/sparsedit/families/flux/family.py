@@ -121,7 +121,8 @@ class FluxFamily(FlowFamily):
 
     def generate(self, model: nn.Module, labels: Sequence[int] | None = None, text: dict[str, Tensor | None] | None = None,
                  *, steps: int | None = None, cfg_scale: float = 1.0, seed: int = 0,
-                 device: str | torch.device = "cpu", noise: Tensor | None = None, **unused: Any) -> Tensor:
+                 device: str | torch.device = "cpu", noise: Tensor | None = None, progress: bool = False,
+                 **unused: Any) -> Tensor:
         """Latents (B, C, H, W) of a FLUX run as FluxPipeline samples them: Euler over linspace(1, 1/steps) shifted by
         the resolution's mu, FLUX.1-dev's guidance embedding (``text['guidance']``, default 3.5), no classifier-free
         guidance. ``text``: ``embeds`` (B, L, 4096), ``pooled`` (B, 768); ``noise`` or a draw from ``seed``."""
@@ -143,7 +144,7 @@ class FluxFamily(FlowFamily):
             noise = start_noise((b, self.config.in_channels, *self.config.latent_hw), seed, device)
         grid = (noise.shape[-2] // self.config.patch_size, noise.shape[-1] // self.config.patch_size)
         sigmas = self.run_sigmas(steps or self.default_sampling[1], grid)
-        return euler_sample(lambda x, t: model(x, t, embeds, pooled, guidance), noise, sigmas)
+        return euler_sample(lambda x, t: model(x, t, embeds, pooled, guidance), noise, sigmas, self.progress_bar(progress))
 
     def training_kwargs(self, cond: dict[str, Any], caption: Tensor, device: torch.device) -> dict[str, Any]:
         kwargs = super().training_kwargs(cond, caption, device)

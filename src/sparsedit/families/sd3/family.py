@@ -93,7 +93,7 @@ class SD3Family(FlowFamily):
 
     def generate(self, model: nn.Module, labels: Sequence[int] | None = None, text: dict[str, Tensor | None] | None = None,
                  *, steps: int = 28, cfg_scale: float = 7.0, seed: int = 0, device: str | torch.device = "cpu",
-                 noise: Tensor | None = None, **unused: Any) -> Tensor:
+                 noise: Tensor | None = None, progress: bool = False, **unused: Any) -> Tensor:
         """Latents of an SD3 run as StableDiffusion3Pipeline samples them: Euler over the shift-3 sigmas, guidance
         against ``null_embeds`` / ``null_pooled`` (zeros when absent). ``text``: ``embeds`` (B, L, 4096), ``pooled``
         (B, 2048); ``noise`` (B, C, H, W) or a draw from ``seed``."""
@@ -110,7 +110,8 @@ class SD3Family(FlowFamily):
                   "pooled_projections": torch.zeros_like(pooled) if null_pooled is None else null_pooled}
         if noise is None:
             noise = start_noise((embeds.shape[0], self.config.in_channels, *self.config.latent_hw), seed, device)
-        return euler_sample(guided(model, cfg_scale, cond, uncond), noise, self.run_sigmas(steps))
+        return euler_sample(guided(model, cfg_scale, cond, uncond), noise, self.run_sigmas(steps),
+                            self.progress_bar(progress))
 
     @classmethod
     def config_from_diffusers(cls, cfg: dict[str, Any], name: str) -> Any:
