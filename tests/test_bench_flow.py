@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+import torch
 
 import helpers
 from sparsedit.diffusion.flow import euler_sigmas
 from sparsedit.errors import SparseditError
 from sparsedit.eval.bench import BenchSettings, bench_pair
+from sparsedit.families import family_of
+from sparsedit.families.flux import Flux, FluxConfig, sparsify_flux
 from sparsedit.families.sd3 import SD3, SD3Config, sparsify_sd3
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -36,3 +41,42 @@ def test_a_ddpm_sampler_is_refused_for_a_flow_model() -> None:
     with pytest.raises(SparseditError) as err:
         bench_pair(tiny(), tiny(), BenchSettings(steps=2, repeats=1, run_repeats=1, warmup=0, sampler="ddim"))
     helpers.one_line(err, "samples with euler, not ddim", "--sampler euler")
+
+
+def tiny_flux() -> Flux:
+    cfg = FluxConfig(input_size=16, in_channels=4, hidden_size=32, depth_double=2, depth_single=2, num_heads=2,
+                     axes_dims_rope=(4, 6, 6), caption_channels=16, pooled_channels=8, guidance_embeds=True,
+                     max_sequence_length=7)
+    return helpers.randomize(Flux(cfg), 0.1).eval()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_compiled_flow_pairs_keep_one_graph_per_grid(family: str) -> None:
+    """`bench --compile` on SD3 / FLUX pairs: a counting backend (no code generation) sees one graph for the dense
+    model and one per distinct sparse grid of the Euler run, all compiled in the warm-up (no recompiles while timed)."""
+    torch._dynamo.reset()
+    graphs: list[int] = []
+
+    def counting_backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        graphs.append(len(gm.graph.nodes))
+        return gm.forward
+
+    dense = tiny() if family == "sd3" else tiny_flux()
+    sparse = (sparsify_sd3(dense, "0,1,1,1,1,0,1") if family == "sd3" else sparsify_flux(dense, "0,1,1,1,1,0,1")).eval()
+    steps = 4
+    timesteps = [min(round(t), 999) for t in family_of(sparse).sampling_timesteps("euler", steps)]
+    grids = {sparse.config.schedule.grid(t, sparse.config.grid) for t in timesteps}
+    assert len(grids) > 1  # the run crosses grids: a recompile per step would show
+    at_warmup: list[int] = []
+
+    def log(msg: str) -> None:
+        if msg.startswith("forward"):
+            at_warmup.append(len(graphs))
+
+    settings = BenchSettings(steps=steps, repeats=1, run_repeats=1, warmup=1, compile=True, forward_t=500,
+                             compile_backend=counting_backend)
+    bench_pair(dense, sparse, settings, log=log)
+    forward_grid = {sparse.config.schedule.grid(500, sparse.config.grid)}
+    assert len(graphs) == 1 + len(grids | forward_grid)
+    assert at_warmup == [len(graphs)]  # nothing compiled after the warm-up
+    torch._dynamo.reset()

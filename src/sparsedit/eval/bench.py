@@ -137,7 +137,10 @@ class _Contender:
         else:
             timesteps = run_timesteps(settings.steps, sampler, T)
         x, cond = runner.inputs(settings.seed)
-        t = torch.full((settings.rows,), forward_t, dtype=torch.long, device=settings.device)
+        # Flow timesteps are fractional (sigma x 1000): the forward's t has the run's dtype, or a compiled model would
+        # recompile for it inside the timed forward phase.
+        t = torch.full((settings.rows,), forward_t, dtype=torch.float32 if sampler == "euler" else torch.long,
+                       device=settings.device)
         diffusion = create_diffusion(None, learn_sigma=runner.config.learn_sigma, num_train_timesteps=T)
         return cls(runner, timesteps, forward_t, x, cond, t, runner.grids_for(timesteps), diffusion, sampler)
 
