@@ -234,6 +234,15 @@ torch.save({"model": full(fsdp_distill.raw), "ema": full(fsdp_distill.ema), "tea
 assert main([*base, "--recipe", "data-free", "--data-free", "32", "--run-dir", str(OUT / "data_free_ddp")]) == 0
 free = TRAINERS[-1]
 torch.save({"model": full(free.raw), "samples": free.dataset.samples}, OUT / f"data_free_rank{RANK}.pt")
+
+# 5. LoRA adapters under FSDP, then a resume of the same run one step further
+lora_args = [*base, "--recipe", "paper", "--lora-rank", "2", "--fsdp", "--run-dir", str(OUT / "lora_fsdp")]
+assert main(lora_args) == 0
+lora = TRAINERS[-1]
+torch.save({"model": full(lora.raw), "ema": full(lora.ema),
+            "sharded": [type(p).__name__ for p in lora.raw.parameters()]}, OUT / f"lora_fsdp_rank{RANK}.pt")
+assert main([*lora_args, "--steps", "3"]) == 0
+torch.save({"model": full(TRAINERS[-1].raw), "step": TRAINERS[-1].step}, OUT / f"lora_fsdp_resumed_rank{RANK}.pt")
 dist.barrier()
 dist.destroy_process_group()
 '''
@@ -305,6 +314,28 @@ def test_distillation_under_fsdp_and_data_free_under_ddp(worker_out: Path) -> No
     assert torch.equal(free[0]["samples"], free[1]["samples"]) and free[0]["samples"].shape == (32, 1, 16, 16)
     cached = read_safetensors(worker_out / "data_free_ddp" / "teacher_samples" / "teacher_samples.safetensors")
     assert torch.equal(cached["samples"], free[0]["samples"])  # drawn once by rank 0, read by both
+
+
+def test_lora_under_fsdp_trains_adapters_and_merges_and_resumes(worker_out: Path) -> None:
+    from sparsedit.families.dit.sparsify import sparsify
+    from sparsedit.train.lora import is_trainable, merge_lora_state
+
+    ranks = [torch.load(worker_out / f"lora_fsdp_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert "DTensor" in ranks[0]["sharded"]  # the adapters really were sharded
+    for name in ("model", "ema"):
+        assert_states_equal(ranks[0][name], ranks[1][name])
+        saved = load_model(worker_out / "lora_fsdp" / "checkpoints" / "step_0000002" / name).state_dict()
+        assert_states_equal(saved, merge_lora_state(ranks[0][name], 1.0))  # the merged model (alpha = rank)
+    fresh = sparsify(load_model(worker_out / "source"), layout=SPARSE_LAYOUT).state_dict()
+    trained = ranks[0]["model"]
+    frozen = {k.replace(".base_layer.", "."): v for k, v in trained.items() if not is_trainable(k)}
+    assert_states_equal(frozen, {k: v for k, v in fresh.items() if not is_trainable(k)})  # adapters and merges move
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in trained.items() if "lora_B" in k)
+    resumed = [torch.load(worker_out / f"lora_fsdp_resumed_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert resumed[0]["step"] == 3
+    assert_states_equal(resumed[0]["model"], resumed[1]["model"])
+    log = [json.loads(line) for line in (worker_out / "lora_fsdp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
 
 
 # ------------------------------------------------------------------------------------------------

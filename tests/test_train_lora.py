@@ -77,8 +77,6 @@ def test_resuming_on_other_frozen_weights_is_refused(tmp_path: Path, dataset) ->
 
 
 def test_lora_settings_are_checked() -> None:
-    with pytest.raises(SparseditError, match="--fsdp"):
-        TrainSettings(lora_rank=4, fsdp=True).validate(1)
     with pytest.raises(SparseditError, match=">= 0"):
         TrainSettings(lora_rank=-1).validate(1)
 

@@ -60,39 +60,55 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None) -> int:
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets)
     inject_adapter_in_model(config, model)
     for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name or ".merge_" in name)
+        p.requires_grad_(is_trainable(name))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def is_trainable(name: str) -> bool:
+    """The parameters a LoRA run trains: the adapters and the recovery merges."""
+    return "lora_" in name or ".merge_" in name
+
+
+def merge_lora_state(state: dict[str, Tensor], scaling: float) -> dict[str, Tensor]:
+    """A LoRA model's full state dict (peft key names) -> the plain one (sparsedit key names), every adapter's delta
+    ``scaling * B @ A`` added to its weight, as peft's ``get_delta_weight`` computes it. Works on any full state dict,
+    so also on the one gathered from an FSDP-sharded model."""
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if "lora_" in key:
+            continue
+        value = value.detach()
+        if key.endswith(".base_layer.weight"):
+            stem = key[: -len(".base_layer.weight")]
+            a, b = state[f"{stem}.lora_A.default.weight"], state[f"{stem}.lora_B.default.weight"]
+            value = value + ((b.detach() @ a.detach()) * scaling).to(value.dtype)
+        out[key.replace(".base_layer.", ".")] = value.cpu()
+    return out
+
+
+def lora_scaling(rank: int, alpha: float | None) -> float:
+    """peft's adapter scale ``alpha / r`` (alpha defaults to r)."""
+    return (alpha or rank) / rank
 
 
 def merged_state(model: nn.Module) -> dict[str, Tensor]:
     """The plain state dict of ``model`` (sparsedit key names) with every adapter's delta added to its weight."""
-    deltas = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
-            deltas[f"{name}.weight"] = module.get_delta_weight("default").detach()
-    out: dict[str, Tensor] = {}
-    for key, value in model.state_dict().items():
-        if "lora_" in key:
-            continue
-        plain = key.replace(".base_layer.", ".")
-        value = value.detach()
-        if plain in deltas:
-            value = value + deltas[plain].to(value.dtype)
-        out[plain] = value.cpu()
-    return out
+    scales = {module.scaling["default"] for module in model.modules() if hasattr(module, "scaling")}
+    if len(scales) > 1:
+        raise SparseditError(f"the adapters of this model have different scales {sorted(scales)}; merge them one by one")
+    return merge_lora_state(model.state_dict(), scales.pop() if scales else 1.0)
 
 
 def trainable_state(model: nn.Module, prefix: str) -> dict[str, Tensor]:
     """The adapters and merges of ``model``, keys prefixed (``model.`` / ``ema.``); named, not found by
     ``requires_grad``, because the EMA copy trains nothing."""
-    return {f"{prefix}{name}": p.detach().cpu() for name, p in model.named_parameters()
-            if "lora_" in name or ".merge_" in name}
+    return {f"{prefix}{name}": p.detach().cpu() for name, p in model.named_parameters() if is_trainable(name)}
 
 
 def base_fingerprint(model: nn.Module) -> float:
     """A number that changes when the frozen weights differ: resuming on another base model would be silently wrong."""
     total = 0.0
     for name, p in model.named_parameters():
-        if "lora_" not in name and ".merge_" not in name:
+        if not is_trainable(name):
             total += float(p.detach().double().abs().sum())
     return total

@@ -33,7 +33,7 @@ from sparsedit.core.checkpoint import (
 from sparsedit.core.locking import LOCK_NAME
 from sparsedit.errors import CheckpointError, SparseditError
 from sparsedit.train.distributed import Dist
-from sparsedit.train.lora import TRAINABLE_FILE, merged_state, trainable_state
+from sparsedit.train.lora import TRAINABLE_FILE, is_trainable, lora_scaling, merge_lora_state
 from sparsedit.train.settings import TrainSettings
 
 __all__ = ["LEGACY_SETTINGS", "METRICS_FILE", "RUN_FILE", "RunDirMixin", "list_checkpoints", "step_dir_name"]
@@ -183,12 +183,11 @@ class RunDirMixin:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def _full_state(self, module: nn.Module) -> dict[str, Tensor]:
+        """The whole (unsharded) state dict on the CPU; a LoRA model's with its adapters, unmerged."""
         if self.settings.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.lora_base is not None:  # adapters merged: every checkpoint is a plain model
-            return merged_state(self.raw_of(module))
         return {k: v.detach().cpu() for k, v in self.raw_of(module).state_dict().items()}
 
     def raw_of(self, module: nn.Module) -> nn.Module:
@@ -203,6 +202,12 @@ class RunDirMixin:
         tmp = root / f".{final.name}.tmp"
         model_sd = self._full_state(self.model)
         ema_sd = self._full_state(self.ema_wrapped)
+        trainable: dict[str, Tensor] = {}
+        if self.lora_base is not None:  # checkpoints hold plain merged models; the adapters go beside them
+            trainable = {f"{prefix}{k}": v for prefix, sd in (("model.", model_sd), ("ema.", ema_sd))
+                         for k, v in sd.items() if is_trainable(k)}
+            scaling = lora_scaling(self.settings.lora_rank, self.settings.lora_alpha)
+            model_sd, ema_sd = merge_lora_state(model_sd, scaling), merge_lora_state(ema_sd, scaling)
         opt_sd = get_optimizer_state_dict(self.model, self.opt,
                                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.dist.main:
@@ -220,8 +225,7 @@ class RunDirMixin:
                 _save_tensors_pickle(opt_sd, tmp / "optimizer.pt")
                 info: dict[str, Any] = {"step": self.step, "world_size": self.dist.world}
                 if self.lora_base is not None:  # the adapters and merges, unmerged: what a resume loads
-                    write_safetensors(tmp / TRAINABLE_FILE, {**trainable_state(self.raw_of(self.model), "model."),
-                                                             **trainable_state(self.ema, "ema.")})
+                    write_safetensors(tmp / TRAINABLE_FILE, trainable)
                     info["lora_base"] = self.lora_base
                 write_json(tmp / "trainer.json", info)
                 replace_dir(tmp, final)
@@ -289,8 +293,13 @@ class RunDirMixin:
         for module, prefix in ((self.raw_of(self.model), "model."), (self.ema, "ema.")):
             params = dict(module.named_parameters())
             mine = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            if set(mine) != set(trainable_state(module, "")):
+            if set(mine) != {name for name in params if is_trainable(name)}:
                 raise CheckpointError(f"{path / TRAINABLE_FILE} does not hold this run's adapters (rank or layout differ)")
+            if self.settings.fsdp:  # sharded parameters: each rank takes its shard of the full tensors
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+                set_model_state_dict(module, mine, options=StateDictOptions(full_state_dict=True, strict=False))
+                continue
             with torch.no_grad():
                 for name, value in mine.items():
                     params[name].copy_(value)

@@ -54,9 +54,6 @@ class TrainSettings:
             raise SparseditError(f"{', '.join(negative) or '--merge-lr-scale'} must be >= 0 (--merge-lr-scale > 0)")
         if self.lora_rank < 0 or self.lora_alpha < 0:
             raise SparseditError("--lora-rank and --lora-alpha must be >= 0 (rank 0 trains every weight)")
-        if self.lora_rank and self.fsdp:
-            raise SparseditError("--lora-rank does not combine with --fsdp yet; drop --fsdp (adapters fit on one GPU) "
-                                 "or train every weight")
         if self.diffusion_weight + self.distill_weight + self.feature_weight == 0:
             raise SparseditError("every loss weight is 0; keep --diffusion-weight > 0 or add --distill-weight")
         if self.precision not in ("auto", "fp32", "bf16"):
