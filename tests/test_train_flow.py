@@ -99,10 +99,7 @@ def test_refusals_name_the_missing_input_and_the_wrong_weighting(tmp_path: Path)
 
 
 def test_a_sparse_flux_dev_trains_with_its_guidance_input(tmp_path: Path) -> None:
-    cfg = FluxConfig(input_size=16, in_channels=4, hidden_size=32, depth_double=2, depth_single=2, num_heads=2,
-                     axes_dims_rope=(4, 6, 6), caption_channels=CAPTION, pooled_channels=POOLED, guidance_embeds=True,
-                     max_sequence_length=TOKENS)
-    dense = helpers.randomize(Flux(cfg), 0.1)
+    dense = tiny_flux()
     sparse = sparsify_flux(dense, "0,1,1,1,1,0,1").train()
     seen = []
     sparse.register_forward_hook(lambda m, args, kwargs, out: seen.append(kwargs.get("guidance")), with_kwargs=True)
@@ -110,3 +107,63 @@ def test_a_sparse_flux_dev_trains_with_its_guidance_input(tmp_path: Path) -> Non
     rows = logged(tmp_path / "run")
     assert len(rows) == 3 and all(r["grid"] != "dense" for r in rows) and rows[0]["vb"] == 0.0
     assert seen and all(g is not None and torch.all(g == 3.5) for g in seen)  # FluxPipeline's default guidance
+
+
+def tiny_flux() -> Flux:
+    cfg = FluxConfig(input_size=16, in_channels=4, hidden_size=32, depth_double=2, depth_single=2, num_heads=2,
+                     axes_dims_rope=(4, 6, 6), caption_channels=CAPTION, pooled_channels=POOLED, guidance_embeds=True,
+                     max_sequence_length=TOKENS)
+    return helpers.randomize(Flux(cfg), 0.1)
+
+
+@pytest.mark.parametrize("name", ["SD3", "SparseSD3", "FLUX", "SparseFLUX"])
+def test_gradient_checkpointing_recomputes_every_block_and_keeps_the_gradients(name: str) -> None:
+    """--grad-checkpointing on the flow families: each block's forward runs again in the backward pass (the memory is
+    really traded), and the gradients equal those without it."""
+    model = tiny_sd3() if "SD3" in name else tiny_flux()
+    if name.startswith("Sparse"):
+        model = (sparsify_sd3 if "SD3" in name else sparsify_flux)(model, "0,1,1,1,1,0,1")
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    x, caption, pooled = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, TOKENS, CAPTION, generator=g), \
+        torch.randn(2, POOLED, generator=g)
+    extra = (torch.full((2,), 3.5),) if "FLUX" in name else ()
+    calls: list[int] = []
+    for i, block in enumerate(model.blocks):  # counted in forward itself: a recomputation runs no forward hooks
+        def counted(*args: Any, i: int = i, forward: Any = block.forward, **kwargs: Any) -> Any:
+            calls.append(i)
+            return forward(*args, **kwargs)
+
+        block.forward = counted
+
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        model.gradient_checkpointing = checkpointing
+        calls.clear()
+        model(x, torch.full((2,), 700.0), caption, pooled, *extra).square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, plain_calls = grads(False), len(calls)
+    checked, checked_calls = grads(True), len(calls)
+    assert plain_calls == len(model.blocks) and checked_calls == 2 * len(model.blocks)
+    assert plain.keys() == checked.keys() and len(plain) == sum(1 for _ in model.parameters())
+    for n in plain:
+        torch.testing.assert_close(checked[n], plain[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_bf16_autocast_trains_a_sparse_flux(tmp_path: Path) -> None:
+    """--precision bf16 (autocast, fp32 master weights) on a SparseFLUX: the block matmuls run in bf16, the loss is
+    finite and close to the fp32 run's first loss."""
+    dtypes: set[torch.dtype] = set()
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        sparse = sparsify_flux(tiny_flux(), "0,1,1,1,1,0,1").train()
+        hook = sparse.blocks[1].register_forward_hook(
+            lambda m, args, out, p=precision: dtypes.add(out[0].dtype) if p == "bf16" else None)
+        Trainer(sparse, CaptionLatents(), tmp_path / precision, settings(steps=1, precision=precision), progress=False,
+                device="cpu").fit()
+        hook.remove()
+        losses[precision] = logged(tmp_path / precision)[0]["loss"]
+        assert all(p.dtype == torch.float32 for p in sparse.parameters())  # master weights stay fp32
+    assert dtypes == {torch.bfloat16}
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05) and losses["bf16"] != losses["fp32"]
