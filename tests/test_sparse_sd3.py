@@ -280,6 +280,38 @@ def test_in_stable_diffusion3_pipeline() -> None:
     assert grids == [model.config.schedule.grid(discrete_timestep(s * 1000), (8, 8)) for s in sigmas]
 
 
+def test_per_call_grids_under_a_flow_heun_scheduler() -> None:
+    """StableDiffusion3Pipeline also takes FlowMatchHeunDiscreteScheduler, which calls the model twice per step at
+    different sigmas: every call runs at the grid of its own timestep."""
+    from diffusers import FlowMatchHeunDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from sparsedit.families.sd3 import save_sd3_diffusers
+    from sparsedit.interop import use_in_pipeline
+
+    dense = tiny_sd3("sd3.5")
+    model = sparsify_sd3(dense, LAYOUT)
+    timesteps: list[float] = []
+    model.register_forward_hook(lambda m, a, o: timesteps.append(float(a[1][0])))
+    grids: list[tuple[int, int]] = []
+    model.blocks[1].register_forward_hook(lambda m, a, o: grids.append(a[5]))
+    none = dict.fromkeys(("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+                          "tokenizer_3"))
+    with tempfile.TemporaryDirectory() as tmp:
+        transformer = SD3Transformer2DModel.from_pretrained(save_sd3_diffusers(dense, Path(tmp) / "t"))
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchHeunDiscreteScheduler(shift=3.0),
+                                    **none)
+    use_in_pipeline(pipe, model)
+    x, _, text, pooled = inputs(0.0, batch=1)
+    latents = pipe(prompt_embeds=text, pooled_prompt_embeds=pooled, negative_prompt_embeds=torch.zeros_like(text),
+                   negative_pooled_prompt_embeds=torch.zeros_like(pooled), num_inference_steps=3, guidance_scale=3.0,
+                   output_type="latent", latents=x).images
+    assert torch.isfinite(latents).all()
+    # Heun: a first call per step and a correction call at the next sigma (none after the last step)
+    assert len(timesteps) == 2 * 3 - 1 and len(set(timesteps)) == 3
+    assert grids == [model.config.schedule.grid(discrete_timestep(t), (8, 8)) for t in timesteps]
+    assert len(set(grids)) > 1
+
+
 @pytest.mark.parametrize("name, layout, depth", [("SparseSD3-medium", "2,4,1,2,1,1,2", 24),
                                                  ("SparseSD3.5-medium", "2,4,1,2,1,1,2", 24),
                                                  ("SparseSD3.5-large", "3,4,1,5,1,1,3", 38)])
