@@ -254,36 +254,14 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
         assert fam.call(back, x, t, cond, fam.tokens_at(400.0)).shape == x.shape
 
 
-def test_in_stable_diffusion3_pipeline() -> None:
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-
-    from sparsedit.families.sd3 import save_sd3_diffusers
-    from sparsedit.interop import use_in_pipeline
-
-    dense = tiny_sd3("sd3.5")
-    model = sparsify_sd3(dense, LAYOUT)
-    grids: list[tuple[int, int]] = []
-    model.blocks[1].register_forward_hook(lambda m, a, o: grids.append(a[5]))
-    none = dict.fromkeys(("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
-                          "tokenizer_3"))
-    with tempfile.TemporaryDirectory() as tmp:  # the pipeline's own transformer: the dense source, exported
-        transformer = SD3Transformer2DModel.from_pretrained(save_sd3_diffusers(dense, Path(tmp) / "t"))
-    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                                    **none)
-    use_in_pipeline(pipe, model)
-    x, _, text, pooled = inputs(0.0, batch=1)
-    latents = pipe(prompt_embeds=text, pooled_prompt_embeds=pooled, negative_prompt_embeds=torch.zeros_like(text),
-                   negative_pooled_prompt_embeds=torch.zeros_like(pooled), num_inference_steps=4, guidance_scale=3.0,
-                   output_type="latent", latents=x).images
-    assert latents.shape == x.shape and torch.isfinite(latents).all()
-    sigmas = euler_sigmas(4, shift=3.0)[:-1].tolist()
-    assert grids == [model.config.schedule.grid(discrete_timestep(s * 1000), (8, 8)) for s in sigmas]
-
-
-def test_per_call_grids_under_a_flow_heun_scheduler() -> None:
-    """StableDiffusion3Pipeline also takes FlowMatchHeunDiscreteScheduler, which calls the model twice per step at
-    different sigmas: every call runs at the grid of its own timestep."""
-    from diffusers import FlowMatchHeunDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+@pytest.mark.parametrize("scheduler, steps", [("FlowMatchEulerDiscreteScheduler", 4),
+                                               ("FlowMatchHeunDiscreteScheduler", 3)])
+def test_in_stable_diffusion3_pipeline(scheduler: str, steps: int) -> None:
+    """Inside StableDiffusion3Pipeline every model call runs at the grid of its own timestep: one call per Euler step;
+    under FlowMatchHeunDiscreteScheduler (which the pipeline also takes) a first call per step and a correction call
+    at the next sigma (none after the last step)."""
+    import diffusers
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
     from sparsedit.families.sd3 import save_sd3_diffusers
     from sparsedit.interop import use_in_pipeline
@@ -296,18 +274,20 @@ def test_per_call_grids_under_a_flow_heun_scheduler() -> None:
     model.blocks[1].register_forward_hook(lambda m, a, o: grids.append(a[5]))
     none = dict.fromkeys(("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
                           "tokenizer_3"))
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # the pipeline's own transformer: the dense source, exported
         transformer = SD3Transformer2DModel.from_pretrained(save_sd3_diffusers(dense, Path(tmp) / "t"))
-    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchHeunDiscreteScheduler(shift=3.0),
-                                    **none)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=getattr(diffusers, scheduler)(shift=3.0), **none)
     use_in_pipeline(pipe, model)
     x, _, text, pooled = inputs(0.0, batch=1)
     latents = pipe(prompt_embeds=text, pooled_prompt_embeds=pooled, negative_prompt_embeds=torch.zeros_like(text),
-                   negative_pooled_prompt_embeds=torch.zeros_like(pooled), num_inference_steps=3, guidance_scale=3.0,
-                   output_type="latent", latents=x).images
-    assert torch.isfinite(latents).all()
-    # Heun: a first call per step and a correction call at the next sigma (none after the last step)
-    assert len(timesteps) == 2 * 3 - 1 and len(set(timesteps)) == 3
+                   negative_pooled_prompt_embeds=torch.zeros_like(pooled), num_inference_steps=steps,
+                   guidance_scale=3.0, output_type="latent", latents=x).images
+    assert latents.shape == x.shape and torch.isfinite(latents).all()
+    sigmas = euler_sigmas(steps, shift=3.0)[:-1].tolist()
+    if "Heun" in scheduler:
+        assert len(timesteps) == 2 * steps - 1 and len(set(timesteps)) == steps
+    else:
+        assert timesteps == pytest.approx([s * 1000 for s in sigmas], rel=1e-5)
     assert grids == [model.config.schedule.grid(discrete_timestep(t), (8, 8)) for t in timesteps]
     assert len(set(grids)) > 1
 
