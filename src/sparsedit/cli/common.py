@@ -59,7 +59,8 @@ class Parser(argparse.ArgumentParser):
 
 # Arguments that name a file, a directory or a preset: an empty string is never one.
 PATH_ARGS = ("ckpt", "src", "out", "data", "vae", "run_dir", "init_from", "teacher", "pack", "ref", "real", "samples",
-             "inception_weights", "t5", "prompt_embeds", "cache_dir", "dit", "sparse_out", "a", "b", "model", "layout")
+             "inception_weights", "t5", "prompt_embeds", "cache_dir", "dit", "sparse_out", "a", "b", "model", "layout",
+             "pipeline", "prompts_file", "i3d")
 
 
 def add_model_args(parser: argparse.ArgumentParser, flag: str = "--ckpt") -> None:
