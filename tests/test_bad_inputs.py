@@ -266,6 +266,7 @@ BAD_INPUTS: list[tuple[list[str], tuple[str, ...]]] = [
     (["sample", "--ckpt", "{W}/dit", *SMALL, "--out", "{W}/busy"], ("busy", "is a directory")),
     (["sample", "--ckpt", "{W}/dit", *SMALL, "--out", "{W}/new/a.jpg"], ("a.jpg", ".png")),
     (["sample", "--ckpt", "{W}/dit", *SMALL, "--out", "{W}/new/a.gif"], ("a.gif",)),
+    (["sample", "--ckpt", "{W}/dit", *SMALL, "--out", "{W}/new/a.mp4"], ("a.mp4", "video models")),
     (["sample", "--ckpt", "{W}/dit", *SMALL, "--class-labels", "7", "--out", "{W}/new/a.png"], ("7",)),
     (["sample", "--ckpt", "{W}/dit", *SMALL, "--class-labels", "-1", "--out", "{W}/new/a.png"], ("-1",)),
     (["sample", "--ckpt", "{W}/dit", *SMALL, "--class-labels", "x", "--out", "{W}/new/a.png"], ("'x'",)),

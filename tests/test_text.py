@@ -160,3 +160,23 @@ def test_cli_refuses_prompts_for_a_class_model(tmp_path: Path) -> None:
     with pytest.raises(SparseditError, match="is class-conditional: drop --prompt and pass --class-labels"):
         sample(["--ckpt", str(ckpt), "--prompt", "a dog", "--out", str(tmp_path / "x.png"), "--device", "cpu"])
     assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_text_latte_writes_an_mp4(local: dict[str, Path], tmp_path: Path) -> None:
+    """--out *.mp4: the same videos side by side, as H.264 at the model's frame rate (Latte: 8 fps)."""
+    av = pytest.importorskip("av")
+    gif, mp4 = tmp_path / "v.gif", tmp_path / "v.mp4"
+    common = ["--ckpt", str(local["sparse-latte"]), "--prompt", *PROMPTS, "--t5", str(local["t5"]), "--vae",
+              str(local["pipeline"] / "vae"), "--sampler", "ddim", "--steps", "2", "--device", "cpu", "--no-progress"]
+    assert sample([*common, "--out", str(gif)]) == 0 and sample([*common, "--out", str(mp4)]) == 0
+    with av.open(str(mp4)) as container:
+        rate = float(container.streams.video[0].average_rate)
+        frames = [f.to_ndarray(format="rgb24").astype(int) for f in container.decode(video=0)]
+    ref = Image.open(gif)
+    assert rate == 8 and len(frames) == ref.n_frames
+    h, w = np.asarray(ref.convert("RGB")).shape[:2]
+    for i, frame in enumerate(frames):
+        ref.seek(i)
+        want = np.asarray(ref.convert("RGB")).astype(int)
+        assert frame.shape == (h + h % 2, w + w % 2, 3)
+        assert np.abs(frame[:h, :w] - want).mean() < 24  # lossy, on random-weight noise videos

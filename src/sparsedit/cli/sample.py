@@ -2,8 +2,8 @@
 
 Text models take prompts through their local text encoders (``--prompt ... --t5 DIR`` for PixArt / Latte,
 ``--pipeline DIR`` for SD3 / FLUX.1; ``Family.encode_prompts``) or precomputed embeddings (``--prompt-embeds FILE``,
-:mod:`sparsedit.core.prompts`). Videos go to a PNG strip, or an animated GIF when
-``--out`` ends in ``.gif``.
+:mod:`sparsedit.core.prompts`). Videos go to a PNG strip, an animated GIF
+(``--out *.gif``) or an MP4 (``--out *.mp4``, with PyAV).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Sample one image per class label (DiT, class-conditional Latte) or per caption "
                        "(PixArt, text Latte: --prompt with a local --t5; SD3, FLUX.1: --prompt with the local --pipeline "
                        "folder, whose text encoders and VAE are used; or --prompt-embeds) and save them as a PNG "
-                       "grid; videos are written as a PNG strip (one row per video) or, with --out *.gif, as an "
-                       "animated GIF playing the videos side by side.")
+                       "grid; videos are written as a PNG strip (one row per video) or, with --out *.gif / *.mp4, as an "
+                       "animated GIF / H.264 MP4 playing the videos side by side.")
     add_model_args(p)
     p.add_argument("--class-labels", type=int, nargs="+", default=None,
                    help="one image per label (default: for 1000-class models the 8 classes of the DiT sample grid, "
@@ -64,8 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vae", default=None, metavar="PATH", help="local AutoencoderKL directory (latent models only)")
     p.add_argument("--nrow", type=positive_int, default=None, help="images per grid row")
     p.add_argument("--out", default="samples.png",
-                   help="output PNG (default samples.png); for videos a .gif name writes an animated GIF")
-    p.add_argument("--fps", type=positive_int, default=None, help="frames per second of a GIF (default 8)")
+                   help="output PNG (default samples.png); for videos a .gif name writes an animated GIF and a .mp4 "
+                   "name an H.264 video (needs PyAV: pip install av)")
+    p.add_argument("--fps", type=positive_int, default=None,
+                   help="frames per second of a GIF / MP4 (default: the model's, 8 for Latte)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_device_arg(p)
@@ -132,13 +134,13 @@ def run(args: argparse.Namespace) -> int:
     from sparsedit.families import family_of
 
     # Refuse a path we would clobber or mislabel before spending minutes sampling.
-    out = check_output_file(args.out, "--out", (".png", ".gif"), args.overwrite)
+    out = check_output_file(args.out, "--out", (".png", ".gif", ".mp4"), args.overwrite)
     device = check_device(args.device)
     model = load_cli_model(args.ckpt, args, device=device)
     family = family_of(model)
     if out.suffix.lower() not in family.sample_suffixes:
-        raise SparseditError(f"--out {out}: a GIF is for video models and this {type(model).__name__} makes images; "
-                             "use a .png name")
+        raise SparseditError(f"--out {out}: {out.suffix.lower()} is for video models and this {type(model).__name__} "
+                             "makes images; use a .png name")
     args.sampler = args.sampler or family.default_sampling[0]
     args.steps = args.steps or family.default_sampling[1]
     args.cfg_scale = family.default_cfg_scale if args.cfg_scale is None else args.cfg_scale
@@ -166,8 +168,16 @@ def run(args: argparse.Namespace) -> int:
     if text and args.prompt is None and (args.negative_prompt is not None or args.t5 is not None):
         raise SparseditError(f"--negative-prompt / {family.prompt_flag} go with --prompt (the encoder encodes the "
                              "prompts); with --prompt-embeds put 'negative_embeds' in the file instead")
-    if args.fps is not None and out.suffix.lower() != ".gif":
-        raise SparseditError(f"--fps sets the frame rate of a GIF; --out {out} is a PNG: drop --fps or write a .gif")
+    if args.fps is not None and out.suffix.lower() not in (".gif", ".mp4"):
+        raise SparseditError(f"--fps sets the frame rate of a GIF or MP4; --out {out} is a PNG: drop --fps or write a "
+                             ".gif / .mp4")
+    if out.suffix.lower() == ".mp4":
+        from sparsedit.core.video import MP4_HELP
+
+        try:  # refused before minutes of sampling, not after
+            import av  # noqa: F401
+        except ImportError:
+            raise SparseditError(MP4_HELP) from None
     if args.cfg_scale != 1.0:
         family.check_guidance(f"this {type(model).__name__}")
     # Fail on a missing or needless VAE before spending minutes sampling.

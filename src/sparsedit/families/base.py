@@ -40,6 +40,7 @@ class Family:
     diffusers_format: ClassVar[str | None] = None  # detect_format's name for this family's diffusers directories
     default_rates: ClassVar[tuple[float, float]] = (0.61, 0.86)  # the paper's (r_min, r_max) for this family
     sample_suffixes: ClassVar[tuple[str, ...]] = (".png",)  # what `sparsedit sample --out` may write
+    video_fps: ClassVar[int | None] = None  # a video family's frame rate for GIF / MP4 samples
     catch_all: ClassVar[bool] = False  # tried last when recognising a file or diffusers directory
     samplers: ClassVar[tuple[str, ...]] = ("ddpm", "ddim")  # timestep spacings of a sampling run (flops, bench)
     default_sampling: ClassVar[tuple[str, int]] = ("ddpm", 250)  # the run `sparsedit flops` measures by default
@@ -205,7 +206,12 @@ class Family:
         return None
 
     def write_samples(self, images: Tensor, out: Path, nrow: int | None, fps: int | None) -> Path:
-        """Write decoded samples (images in [-1, 1]) to ``out``: a PNG grid."""
+        """Write decoded samples in [-1, 1] to ``out``: images as a PNG grid; videos (B, C, F, H, W) by the suffix
+        (``.mp4``, ``.gif``, else a PNG frame strip) at ``fps`` (default ``video_fps``)."""
+        if images.ndim == 5:
+            from sparsedit.core.video import write_video
+
+            return write_video(images, out, fps or self.video_fps or 8, nrow)
         from sparsedit.core.images import save_grid
 
         return save_grid(images, out, nrow=nrow)

@@ -29,7 +29,8 @@ class LatteFamily(Family):
     preset_help = "a Latte preset (Latte-XL/2, ...) or SparseLatte-XL/2"
     diffusers_format = "latte-diffusers"
     default_rates = (0.80, 0.93)
-    sample_suffixes = (".png", ".gif")
+    sample_suffixes = (".png", ".gif", ".mp4")
+    video_fps = 8
 
     @classmethod
     def model_types(cls) -> dict[str, tuple[type, type[nn.Module]]]:
@@ -110,13 +111,6 @@ class LatteFamily(Family):
             return generate_latte(model, text.get("embeds"), text_mask=text.get("mask"),  # type: ignore[arg-type]
                                   null_embeds=text.get("null_embeds"), **common)
         return generate_latte(model, torch.tensor(labels, device=common.get("device")), **common)  # type: ignore[arg-type]
-
-    def write_samples(self, images: Tensor, out: Path, nrow: int | None, fps: int | None) -> Path:
-        from sparsedit.families.latte.video import save_video_gif, save_video_strip
-
-        if out.suffix.lower() == ".gif":
-            return save_video_gif(images, out, fps or 8, nrow)
-        return save_video_strip(images, out)
 
     def timestep_sampler(self, generator: torch.Generator) -> Any:
         from sparsedit.families.latte.sparse import VideoPieceSampler

@@ -1,14 +1,13 @@
-"""Sampling a Latte / SparseLatte and writing its videos: a frame strip (PNG) or an animated GIF.
-"""
+"""Sampling a Latte / SparseLatte (its videos are written by :mod:`sparsedit.core.video`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from sparsedit.core.video import save_video_gif, save_video_strip  # noqa: F401  # their old home; users import them here
 from sparsedit.errors import SparseditError
 from sparsedit.families.latte.model import Latte
 
@@ -58,33 +57,3 @@ def generate_latte(
         model, (n, cfg.in_channels, frames, h, w), kwargs, sampler=sampler, steps=steps, eta=eta,
         cfg_scale=cfg_scale, cfg_mode=cfg_mode, seed=seed, device=device, progress=progress,
     )
-
-
-def save_video_strip(videos: Tensor, path: str | Path) -> Path:
-    """Write (B, C, F, H, W) videos in [-1, 1] (C = 1 or 3) as one PNG: one row per video, frames left to right."""
-    from sparsedit.core.images import save_grid
-
-    b, c, f, hh, ww = videos.shape
-    frames = videos.transpose(1, 2).reshape(b * f, c, hh, ww)  # (B*F, C, H, W), video-major
-    return save_grid(frames, path, nrow=f)
-
-
-def save_video_gif(videos: Tensor, path: str | Path, fps: int = 8, nrow: int | None = None) -> Path:
-    """Write a (C, F, H, W) video or (B, C, F, H, W) videos in [-1, 1] as one animated GIF (Pillow), atomically.
-
-    Several videos play side by side: each GIF frame is the grid (``nrow`` per row) of the videos' frame.
-    """
-    from PIL import Image
-
-    from sparsedit.core.checkpoint import atomic_write
-    from sparsedit.core.images import make_grid
-
-    if videos.ndim == 4:
-        videos = videos[None]
-    padding = 0 if videos.shape[0] == 1 else 2
-    grids = [make_grid(videos[:, :, f], nrow, padding) for f in range(videos.shape[2])]  # F x (H', W', C)
-    frames = [Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g) for g in grids]
-    path = Path(path)
-    atomic_write(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
-                                                  duration=max(1, round(1000 / fps)), loop=0))
-    return path
