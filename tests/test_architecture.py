@@ -167,7 +167,7 @@ def test_every_model_type_belongs_to_exactly_one_registered_family() -> None:
     from sparsedit.core.checkpoint import model_types
 
     registered = families()
-    assert [cls.name for cls in registered] == ["dit", "pixart", "latte", "sd3", "flux"]
+    assert [cls.name for cls in registered] == ["dit", "pixart", "latte", "sd3", "flux", "wan"]
     for model_type, (config_cls, model_cls) in model_types().items():
         owner = family_class(model_type)
         assert model_type in (owner.dense_type, owner.sparse_type)
@@ -179,6 +179,7 @@ def test_every_model_type_belongs_to_exactly_one_registered_family() -> None:
                                                     ("PixArt-XL/2", "pixart", False),
                                                     ("SparsePixArt-XL/2", "pixart", True),
                                                     ("Latte-S/2", "latte", False), ("SparseLatte-XL/2", "latte", True),
+                                                    ("Wan2.1-T2V-1.3B", "wan", False),
                                                     ("SD3.5-medium", "sd3", False), ("SparseSD3.5-large", "sd3", True),
                                                     ("FLUX.1-dev", "flux", False), ("SparseFLUX.1-dev", "flux", True)])
 def test_family_of_answers_from_the_config_model_type(preset: str, family: str, sparse: bool) -> None:

@@ -148,9 +148,9 @@ def vae_for(model: Any, path: str | None, device: str | torch.device) -> Any:
         if path is not None:
             raise SparseditError(f"this {type(model).__name__} works in pixel space and needs no VAE: drop --vae")
         return None
-    from sparsedit.encoders.vae import load_vae
+    from sparsedit.families import family_of
 
-    return load_vae(path, device, latent_channels=model.config.in_channels)
+    return family_of(model).load_vae(path, device)
 
 
 def _number(text: str, cast: type[int] | type[float], ok: Callable[[float], bool], rule: str) -> Any:

@@ -116,15 +116,8 @@ def _captions(args: argparse.Namespace, model: Any, family: Any, path: str | Non
 
 
 def _decode(model: Any, samples: Any, vae: Any, family: Any) -> Any:
-    """Model-space samples -> images in [-1, 1]; videos (B, C, F, H, W) are decoded frame by frame."""
-    from sparsedit.diffusion.sampling import to_images
-
-    scaling = None if vae is None else family.latent_scaling(vae)
-    if samples.ndim == 5:
-        b, c, f, h, w = samples.shape
-        frames = to_images(model, samples.transpose(1, 2).reshape(b * f, c, h, w), vae, scaling)
-        return frames.reshape(b, f, *frames.shape[1:]).transpose(1, 2)
-    return to_images(model, samples, vae, scaling)
+    """Model-space samples -> images (or videos) in [-1, 1], as the family decodes them."""
+    return family.decode_samples(model, samples, vae)
 
 
 def run(args: argparse.Namespace) -> int:

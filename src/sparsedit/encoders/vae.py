@@ -22,29 +22,32 @@ VAE_HELP = (
 )
 
 
-def load_vae(path: str | Path | None, device: str | torch.device = "cpu", latent_channels: int | None = None) -> nn.Module:
-    """Load an ``AutoencoderKL`` from a local directory (``config.json`` + weights).
+def load_vae(path: str | Path | None, device: str | torch.device = "cpu", latent_channels: int | None = None,
+             vae_class: str = "AutoencoderKL", help_text: str = VAE_HELP) -> nn.Module:
+    """Load a diffusers VAE (``vae_class``: ``AutoencoderKL``, or ``AutoencoderKLWan`` for Wan) from a local directory
+    (``config.json`` + weights).
 
     ``latent_channels``: what the model that uses it takes; another VAE is refused here rather than failing
     inside a convolution after sampling.
     """
     if path is None:
-        raise SparseditError(f"this model works on VAE latents and needs --vae PATH; {VAE_HELP}")
+        raise SparseditError(f"this model works on VAE latents and needs --vae PATH; {help_text}")
     path = Path(path)
     if not (path / "config.json").exists():
-        raise SparseditError(f"{path} is not a VAE directory (no config.json); {VAE_HELP}")
-    from diffusers import AutoencoderKL
+        raise SparseditError(f"{path} is not a VAE directory (no config.json); {help_text}")
+    import diffusers
 
     try:
         from diffusers.utils import logging as diffusers_logging
 
         with quiet_logs(diffusers_logging):  # its advice to install accelerate is noise on every load
-            vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
+            vae = getattr(diffusers, vae_class).from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as err:
-        raise SparseditError(f"cannot load the VAE in {path} ({str(err).splitlines()[0][:160]}); {VAE_HELP}") from None
-    if latent_channels is not None and vae.config.latent_channels != latent_channels:
-        raise SparseditError(f"the VAE in {path} makes {vae.config.latent_channels}-channel latents, the model takes "
-                             f"{latent_channels}; pass the VAE the model was trained with")
+        raise SparseditError(f"cannot load the VAE in {path} ({str(err).splitlines()[0][:160]}); {help_text}") from None
+    made = getattr(vae.config, "latent_channels", None) or getattr(vae.config, "z_dim", None)  # AutoencoderKLWan: z_dim
+    if latent_channels is not None and made != latent_channels:
+        raise SparseditError(f"the VAE in {path} makes {made}-channel latents, the model takes {latent_channels}; pass "
+                             "the VAE the model was trained with")
     return vae.to(device).eval()
 
 

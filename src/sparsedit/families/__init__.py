@@ -17,7 +17,7 @@ __all__ = ["BUILTIN", "Family", "families", "family_class", "family_of", "regist
 
 # The adapter modules of the families that ship with sparsedit, in the order help texts list them.
 BUILTIN = ("sparsedit.families.dit.family", "sparsedit.families.pixart.family", "sparsedit.families.latte.family",
-           "sparsedit.families.sd3.family", "sparsedit.families.flux.family")
+           "sparsedit.families.sd3.family", "sparsedit.families.flux.family", "sparsedit.families.wan.family")
 
 _FAMILIES: list[type[Family]] = []
 

@@ -178,6 +178,24 @@ class Family:
         """Make ``image_size`` the default resolution of a loaded model that runs at any size (SD3, FLUX.1); a
         model whose checkpoint fixes its size is left alone (``load_cli_model`` refuses a different --image-size)."""
 
+    def load_vae(self, path: str | Path | None, device: torch.device | str) -> nn.Module:
+        """The VAE that decodes this model's samples, from a local directory (an SD-style ``AutoencoderKL``)."""
+        from sparsedit.encoders.vae import load_vae
+
+        return load_vae(path, device, latent_channels=self.config.in_channels)
+
+    def decode_samples(self, model: nn.Module, samples: Tensor, vae: nn.Module | None) -> Tensor:
+        """Model-space samples -> images (B, C, H, W) or videos (B, C, F, H, W) in [-1, 1]; video latents are decoded
+        frame by frame (an image VAE), with the family's :meth:`latent_scaling`."""
+        from sparsedit.diffusion.sampling import to_images
+
+        scaling = None if vae is None else self.latent_scaling(vae)
+        if samples.ndim == 5:
+            b, c, f, h, w = samples.shape
+            frames = to_images(model, samples.transpose(1, 2).reshape(b * f, c, h, w), vae, scaling)
+            return frames.reshape(b, f, *frames.shape[1:]).transpose(1, 2)
+        return to_images(model, samples, vae, scaling)
+
     def default_vae_dir(self, encoder_path: str | Path | None) -> Path | None:
         """Where the VAE is when ``--vae`` is not given (flow families: in the pipeline folder); None: ask for it."""
         return None

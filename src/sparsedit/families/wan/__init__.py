@@ -1,0 +1,73 @@
+"""The Wan 2.1 / 2.2 family: the dense Wan video transformer (text- and image-to-video, each Wan2.2-A14B expert), its
+checkpoint formats (diffusers, the original files) and the diffusers face."""
+
+from __future__ import annotations
+
+from sparsedit.families.wan.convert import (
+    WAN_DIFFUSERS_CLASS,
+    cast_like_diffusers,
+    diffusers_key,
+    diffusers_wan_fields,
+    infer_wan_config,
+    is_wan_diffusers_config,
+    is_wan_original_state,
+    keeps_fp32,
+    save_wan_diffusers,
+    wan_config_from_diffusers,
+    wan_from_diffusers,
+    wan_from_original,
+    wan_from_original_state,
+    wan_state_from_diffusers,
+)
+from sparsedit.families.wan.face import DiffusersWan, use_wan_experts
+from sparsedit.families.wan.model import (
+    WAN_IMAGE_TOKENS,
+    WAN_PRESETS,
+    WAN_TEXT_DIM,
+    WAN_TEXT_TOKENS,
+    WAN_VAE_STRIDE,
+    Wan,
+    WanBlock,
+    WanConfig,
+    WanInputs,
+    apply_rope,
+    latent_frames,
+    rope_table,
+    token_positions,
+    wan_config,
+    wan_pixel_size,
+)
+
+__all__ = [
+    "WAN_DIFFUSERS_CLASS",
+    "WAN_IMAGE_TOKENS",
+    "WAN_PRESETS",
+    "WAN_TEXT_DIM",
+    "WAN_TEXT_TOKENS",
+    "WAN_VAE_STRIDE",
+    "DiffusersWan",
+    "Wan",
+    "WanBlock",
+    "WanConfig",
+    "WanInputs",
+    "apply_rope",
+    "cast_like_diffusers",
+    "diffusers_key",
+    "diffusers_wan_fields",
+    "infer_wan_config",
+    "is_wan_diffusers_config",
+    "is_wan_original_state",
+    "keeps_fp32",
+    "latent_frames",
+    "rope_table",
+    "save_wan_diffusers",
+    "token_positions",
+    "use_wan_experts",
+    "wan_config",
+    "wan_config_from_diffusers",
+    "wan_from_diffusers",
+    "wan_from_original",
+    "wan_from_original_state",
+    "wan_pixel_size",
+    "wan_state_from_diffusers",
+]
