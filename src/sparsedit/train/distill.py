@@ -112,12 +112,12 @@ def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
 
 def check_samplable(teacher: nn.Module, text: dict[str, Tensor] | None = None) -> None:
     """Data-free distillation draws x_0 with the teacher's ``Family.generate``: class-conditional DiTs by label,
-    caption-conditioned image models (PixArt, SD3, FLUX.1) from the prompt embeddings ``text``."""
+    caption-conditioned models (PixArt, SD3, FLUX.1, Latte-T2V, Wan) from the prompt embeddings ``text``."""
     from sparsedit.families import family_of
 
     family = family_of(teacher)
     cfg = teacher.config
-    if family.text_conditioned and family.frames is None:
+    if family.text_conditioned:
         if text is None:
             raise SparseditError(f"data-free distillation of a {type(teacher).__name__} samples the teacher from prompts: "
                                  "pass --prompt-embeds FILE (write it with `sparsedit encode-prompts`)")
@@ -126,7 +126,7 @@ def check_samplable(teacher: nn.Module, text: dict[str, Tensor] | None = None) -
         raise SparseditError(f"a {type(teacher).__name__} takes no prompts: drop --prompt-embeds")
     if cfg.model_type != "DiT" or cfg.num_classes <= 0:
         raise SparseditError(f"data-free distillation samples class-conditional DiT teachers and caption-conditioned "
-                             f"image models, not a {type(teacher).__name__}; train it on a latents directory instead")
+                             f"models, not a {type(teacher).__name__}; train it on a latents directory instead")
 
 
 class TeacherSamples(Dataset):

@@ -119,6 +119,20 @@ def _shift_factor(meta: Mapping[str, Any], where: str) -> float:
     return float(shift)
 
 
+def _channel_stats(meta: Mapping[str, Any], where: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``meta["latents_mean"]`` / ``["latents_std"]`` (the Wan VAE's per-channel normalisation) as (C,) tensors, or None
+    when the meta has neither."""
+    mean, std = meta.get("latents_mean"), meta.get("latents_std")
+    if mean is None and std is None:
+        return None
+    ok = [isinstance(v, list) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                             and math.isfinite(x) for x in v) for v in (mean, std)]
+    if not all(ok) or len(mean) != len(std) or any(x <= 0 for x in std):
+        raise SparseditError(f"latents_mean / latents_std in {where} must be two lists of finite numbers of the same "
+                             "length (std > 0): copy them from the VAE's config.json (AutoencoderKLWan)")
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+
+
 def save_latents(
     directory: str | os.PathLike[str],
     latents_or_moments: torch.Tensor,
@@ -146,7 +160,9 @@ def save_latents(
             ``latent_shape`` (the shape of one item, (C, h, w) or (C, F, h, w)), ``format_version``
             and, when given, ``num_frames``, ``caption_shape`` ([L, D]) and ``pooled_dim`` (P) are added.
             Optional ``shift_factor`` (the VAE config's, SD3 0.0609, FLUX 0.1159): a finite number or None,
-            subtracted before scaling by :class:`LatentsDataset` (``apply_scale_factor=True``).
+            subtracted before scaling by :class:`LatentsDataset` (``apply_scale_factor=True``). Optional
+            ``latents_mean`` / ``latents_std`` (per-channel lists, the Wan VAE's config values): the dataset then
+            returns ``(x - mean) / std * scale_factor`` per channel (use scale_factor 1 for Wan).
         captions: (N, L, D) float16/float32 T5 embeddings (text-conditional models), stored as given.
         caption_mask: (N, L) 0/1 keep-mask of ``captions`` (the tokenizer's attention mask); all ones
             when None.
@@ -202,6 +218,9 @@ def save_latents(
     if missing:
         raise SparseditError(f"meta lacks {', '.join(missing)}; add them (e.g. scale_factor=0.18215)")
     _shift_factor(meta, "meta")
+    stats = _channel_stats(meta, "meta")
+    if stats is not None and len(stats[0]) != x.shape[-3] // (2 if kind == "moments" else 1):
+        raise SparseditError(f"latents_mean has {len(stats[0])} channels, the latents {x.shape[-3]}; copy the VAE's own")
     c = channels // 2 if kind == "moments" else channels
     item_shape = [int(c), *x.shape[1:-3], int(x.shape[-2]), int(x.shape[-1])]  # (C, h, w) or (C, F, h, w)
     full_meta = dict(meta)
@@ -321,6 +340,7 @@ class LatentsDataset(Dataset):
             raise SparseditError(f"{META_FILE} has no numeric scale_factor; add it or pass apply_scale_factor=False")
         self.scale_factor = float(self.meta.get("scale_factor", 1.0))
         self.shift_factor = _shift_factor(self.meta, repr(str(meta_path)))
+        self.channel_stats = _channel_stats(self.meta, repr(str(meta_path)))
         self.num_classes = int(self.labels.max()) + 1 if self.labels is not None and self.num_samples else 0
         self._check_meta_agrees()
 
@@ -434,7 +454,12 @@ class LatentsDataset(Dataset):
             gen = torch.Generator().manual_seed(self.item_seed(index))
             noise = torch.randn(mean.shape, generator=gen, dtype=torch.float32)
             x = mean + torch.exp(0.5 * logvar.clamp(*_LOGVAR_RANGE)) * noise
-        if self.apply_scale_factor:
+        if self.apply_scale_factor and self.channel_stats is not None:
+            # the Wan VAE's per-channel normalisation, as WanPipeline applies it: (z - mean) / std, channel by channel
+            mean, std = self.channel_stats
+            shape = (-1, 1, 1) if x.ndim == 3 else (1, -1, 1, 1)  # (C, h, w) or (F, C, h, w)
+            x = (x - mean.view(shape)) / std.view(shape) * self.scale_factor
+        elif self.apply_scale_factor:
             # diffusers' SD3 / FLUX training scripts: (x - shift_factor) * scaling_factor; no shift: x * scale as before
             x = (x - self.shift_factor) * self.scale_factor if self.shift_factor else x * self.scale_factor
         if x.ndim == 4:
