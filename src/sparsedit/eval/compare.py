@@ -19,7 +19,8 @@ metrics against a user-given reference batch (:mod:`sparsedit.eval.metrics.adm`)
 The parts live in :mod:`sparsedit.eval.compare_settings` (the settings, the pair check),
 :mod:`sparsedit.eval.compare_scoring` (the scorers, the summary over seeds) and
 :mod:`sparsedit.eval.compare_report` (the paired images, the markdown report); all are re-exported here, with
-:func:`~sparsedit.eval.compare_text.compare_text_models`, the comparison of caption models (SD3, FLUX.1, PixArt).
+:func:`~sparsedit.eval.compare_text.compare_text_models`, the comparison of caption models (SD3, FLUX.1, PixArt), and
+:func:`~sparsedit.eval.compare_video.compare_video_models`, the comparison of video models (Latte, Wan).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ from sparsedit.eval.compare_scoring import (
 )
 from sparsedit.eval.compare_settings import MODEL_TYPES, CompareSettings, check_pair, is_digits_model
 from sparsedit.eval.compare_text import TextCompareSettings, compare_text_models
+from sparsedit.eval.compare_video import VideoCompareSettings, compare_video_models
 from sparsedit.eval.flops import schedule_macs
 from sparsedit.eval.sample_fid import FidSampling, balanced_labels, manifest_settings, shard_seed, weights_sha256
 
@@ -86,6 +88,7 @@ __all__ = [
     "CompareSettings",
     "DigitsScorer",
     "TextCompareSettings",
+    "VideoCompareSettings",
     "Features",
     "aggregate",
     "blas_threads",
@@ -94,6 +97,7 @@ __all__ = [
     "check_pair",
     "compare_models",
     "compare_text_models",
+    "compare_video_models",
     "floor_indices",
     "is_digits_model",
     "load_cached",

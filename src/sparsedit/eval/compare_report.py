@@ -33,8 +33,9 @@ __all__ = [
 ]
 
 OUTPUT_FILES = ("compare.json", "compare.md")  # plus paired_cfg{scale}.png (caption models: paired_guidance{g}.png too)
-# The paired-image names compare writes (and only those are replaced): cfg{c}, guidance{g} or cfg{c}_guidance{g}.
-PAIRED_RE = r"paired_(cfg[-+.0-9e]+(_guidance[-+.0-9e]+)?|guidance[-+.0-9e]+)\.png"
+# The paired-image names compare writes (and only those are replaced): cfg{c}, guidance{g} or cfg{c}_guidance{g}, as
+# .png (video models: a frame strip) or .gif (video models: the paired videos).
+PAIRED_RE = r"paired_(cfg[-+.0-9e]+(_guidance[-+.0-9e]+)?|guidance[-+.0-9e]+)\.(png|gif)"
 MAX_PAIR_ROWS = 16  # classes shown in a paired image (all 10 for digits; the first 16 of ImageNet)
 PAIR_GAP = 2  # px between A and B of one pair
 PAIR_SEP = 8  # px between pairs, rows and borders
@@ -101,13 +102,13 @@ def prepare_out(out: str | os.PathLike[str], overwrite: bool) -> Path:
         raise SparseditError(f"--out {path} is a file; choose a directory")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise SparseditError(f"{path} is not empty; pass --overwrite (replaces only compare.json, compare.md and "
-                             "its paired_*.png images there, other files are kept) or choose another --out")
+                             "its paired_*.png / .gif files there, other files are kept) or choose another --out")
     return path
 
 
 def remove_own_outputs(path: Path) -> None:
     """Delete a previous run's outputs (only compare's own file names), so no stale paired image remains."""
-    images = [p for p in path.glob("paired_*.png") if re.fullmatch(PAIRED_RE, p.name)]
+    images = [p for p in path.glob("paired_*") if re.fullmatch(PAIRED_RE, p.name)]
     for own in [*(path / f for f in OUTPUT_FILES), *images]:
         own.unlink(missing_ok=True)
 

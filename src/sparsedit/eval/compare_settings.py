@@ -104,6 +104,11 @@ def check_pair(a: nn.Module, b: nn.Module, settings: CompareSettings) -> None:
     for name, model in (("A", a), ("B", b)):
         kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         if kind not in MODEL_TYPES:
+            from sparsedit.eval.compare_video_settings import is_video_model
+
+            if is_video_model(model):
+                raise SparseditError(f"model {name} is a {kind}, a video model: compare it with compare_video_models "
+                                     "(sparsedit.eval.compare_video), which `sparsedit compare` runs for video models")
             if _caption_model(model):
                 raise SparseditError(f"model {name} is a {kind}, a caption-conditioned model: pass --prompt-embeds FILE "
                                      "(prompt embeddings, e.g. from `sparsedit encode-prompts`) to compare it on "

@@ -121,7 +121,8 @@ def check_text_pair(a: nn.Module, b: nn.Module, sizes: bool = True) -> None:
             raise SparseditError(f"model {name} is a {kind}, a class-conditional model: drop --prompt-embeds (compare "
                                  "samples class models by label)")
         if fam.frames is not None:
-            raise SparseditError(f"model {name} is a {kind}, a video model; compare takes image models")
+            raise SparseditError(f"model {name} is a {kind}, a video model: compare it with compare_video_models "
+                                 "(sparsedit.eval.compare_video), which `sparsedit compare` runs for video models")
         fams[name] = fam
     if fams["A"].name != fams["B"].name:
         raise SparseditError(f"A is a {a.config.model_type} and B a {b.config.model_type}: different model families; "
