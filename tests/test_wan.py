@@ -333,8 +333,8 @@ def test_family_members(tmp_path: Path) -> None:
     assert fam.tokens_label(((3, 5), 2)) == "3x5x2f"
     with pytest.raises(SparseditError, match="dense Wan runs on its whole token grid"):
         fam.call(lambda *a: a[0], torch.zeros(1), torch.zeros(1), cond, ((2, 2), 1))
-    with pytest.raises(SparseditError, match="SparseWan is not available yet"):
-        fam.sparsify(None, "x", None)  # type: ignore[arg-type]
+    with pytest.raises(SparseditError, match="needs a dense Wan"):
+        fam.sparsify(None, "2,4,1,5,1,1,6", None)  # type: ignore[arg-type]
     with pytest.raises(SparseditError, match="image-to-video"):
         fam.generate(None, text={"embeds": torch.zeros(1, 512, 4096)})  # type: ignore[arg-type]
     assert fam.default_vae_dir(None) is None  # no pipeline folder given: --vae must say where the Wan VAE is
@@ -438,3 +438,15 @@ def test_sample_cli_gives_wan_pipelines_own_video(tmp_path: Path) -> None:
     with av.open(str(mp4)) as container:
         assert float(container.streams.video[0].average_rate) == 16
         assert sum(1 for _ in container.decode(video=0)) == len(ref_frames)
+
+
+def test_flops_of_a_checkpoint_at_480_counts_480_by_832(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--image-size on a checkpoint goes through the family (Wan: 480 -> 480 x 832 px), not a square."""
+    from sparsedit.cli import main
+
+    model = Wan(WanConfig(input_size=LATENT, num_frames=2, in_channels=4, out_channels=4, hidden_size=32, depth=2,
+                          num_heads=2, ffn_dim=40, caption_channels=TEXT_DIM, freq_dim=32, rope_max_seq_len=64))
+    sparsedit.save_model(model, tmp_path / "wan")
+    capsys.readouterr()
+    assert main(["flops", "--model", str(tmp_path / "wan"), "--image-size", "480"]) == 0
+    assert "token grid 30x52" in capsys.readouterr().out

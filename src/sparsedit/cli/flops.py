@@ -11,7 +11,6 @@ sampling run, with the min, max and the distinct grids beside it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from sparsedit.cli.common import positive_int, rate
 from sparsedit.core.layout import LAYOUT_HELP
 from sparsedit.encoders.vae import VAE_DOWNSAMPLE
+from sparsedit.families import family_of
 from sparsedit.families.presets import PRESET_HELP, dense_config, is_sparse, resolve_preset, with_sparsity
 
 SAMPLERS = ("ddpm", "ddim", "euler")
@@ -71,22 +71,13 @@ def _checkpoint_config(path: Path, image_size: int | None) -> Any:
     return load_model(path, image_size=image_size).config
 
 
-def _with_image_size(config: Any, image_size: int) -> Any:
-    from sparsedit.errors import SparseditError
-
-    factor = VAE_DOWNSAMPLE if config.data_space == "latent" else 1
-    if image_size % factor:
-        raise SparseditError(f"image size {image_size} is not divisible by the VAE factor {factor}; pick e.g. 256")
-    return dataclasses.replace(config, input_size=image_size // factor)
-
-
 def resolve_config(args: argparse.Namespace) -> tuple[Any, str]:
     """(model config, display name) from the parsed arguments."""
     path = Path(args.model)
     if path.exists():
         config = _checkpoint_config(path, args.image_size)
         if args.image_size is not None:
-            config = _with_image_size(config, args.image_size)
+            config = family_of(config).config_at_size(args.image_size)
         layout = args.layout
     else:
         config, layout = resolve_preset(args.model, args.image_size or 256)
@@ -103,8 +94,6 @@ def resolve_config(args: argparse.Namespace) -> tuple[Any, str]:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Everything the command prints, as one JSON-ready dict."""
     from sparsedit.eval.flops import schedule_macs
-    from sparsedit.families import family_of
-
     config, name = resolve_config(args)
     sparse = is_sparse(config)
     family = family_of(config)

@@ -174,8 +174,18 @@ class Family:
 
         return LATENT_SCALE, 0.0
 
+    def config_at_size(self, image_size: int) -> Any:
+        """This config at ``image_size`` pixels: a square of ``image_size / 8`` latents (or pixels in pixel space);
+        families whose sizes are not squares (Wan: 480 -> 480 x 832) override it. What `sparsedit flops` counts."""
+        from sparsedit.encoders.vae import VAE_DOWNSAMPLE
+
+        factor = VAE_DOWNSAMPLE if self.config.data_space == "latent" else 1
+        if image_size % factor:
+            raise SparseditError(f"image size {image_size} is not divisible by the VAE factor {factor}; pick e.g. 256")
+        return dataclasses.replace(self.config, input_size=image_size // factor)
+
     def set_image_size(self, model: nn.Module, image_size: int) -> None:
-        """Make ``image_size`` the default resolution of a loaded model that runs at any size (SD3, FLUX.1); a
+        """Make ``image_size`` the default resolution of a loaded model that runs at any size (SD3, FLUX.1, Wan); a
         model whose checkpoint fixes its size is left alone (``load_cli_model`` refuses a different --image-size)."""
 
     def load_vae(self, path: str | Path | None, device: torch.device | str) -> nn.Module:

@@ -62,15 +62,16 @@ class FlowFamily(Family):
         cfg = vae.config
         return float(cfg.scaling_factor), float(getattr(cfg, "shift_factor", None) or 0.0)
 
-    def set_image_size(self, model: nn.Module, image_size: int) -> None:
-        import dataclasses
-
+    def config_at_size(self, image_size: int) -> Any:
         from sparsedit.encoders.vae import VAE_DOWNSAMPLE
 
         if image_size % (VAE_DOWNSAMPLE * self.config.patch_size):
             raise SparseditError(f"--image-size {image_size} is not a multiple of {VAE_DOWNSAMPLE * self.config.patch_size} "
                                  f"(the VAE's 8x times the {self.config.patch_size}x{self.config.patch_size} patches)")
-        model.config = dataclasses.replace(model.config, input_size=image_size // VAE_DOWNSAMPLE)
+        return super().config_at_size(image_size)
+
+    def set_image_size(self, model: nn.Module, image_size: int) -> None:
+        model.config = self.config_at_size(image_size)  # the model runs at any size: only its default changes
         self.config = model.config
 
     def default_vae_dir(self, encoder_path: str | Path | None) -> Path | None:

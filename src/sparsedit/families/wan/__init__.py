@@ -1,5 +1,5 @@
 """The Wan 2.1 / 2.2 family: the dense Wan video transformer (text- and image-to-video, each Wan2.2-A14B expert), its
-checkpoint formats (diffusers, the original files) and the diffusers face."""
+checkpoint formats (diffusers, the original files), the diffusers face and SparseWan (SparseDiT on its video tokens)."""
 
 from __future__ import annotations
 
@@ -37,8 +37,23 @@ from sparsedit.families.wan.model import (
     wan_config,
     wan_pixel_size,
 )
+from sparsedit.families.wan.sparse import (
+    SPARSE_WAN_LAYOUTS,
+    TEMPORAL_SHARE,
+    WAN_1_3B_LAYOUT,
+    WAN_14B_LAYOUT,
+    SparseWan,
+    SparseWanConfig,
+    sparsify_wan,
+    sparsify_wan_with_rules,
+    wan_init_rules,
+)
 
 __all__ = [
+    "SPARSE_WAN_LAYOUTS",
+    "TEMPORAL_SHARE",
+    "WAN_1_3B_LAYOUT",
+    "WAN_14B_LAYOUT",
     "WAN_DIFFUSERS_CLASS",
     "WAN_IMAGE_TOKENS",
     "WAN_PRESETS",
@@ -46,6 +61,8 @@ __all__ = [
     "WAN_TEXT_TOKENS",
     "WAN_VAE_STRIDE",
     "DiffusersWan",
+    "SparseWan",
+    "SparseWanConfig",
     "Wan",
     "WanBlock",
     "WanConfig",
@@ -61,6 +78,8 @@ __all__ = [
     "latent_frames",
     "rope_table",
     "save_wan_diffusers",
+    "sparsify_wan",
+    "sparsify_wan_with_rules",
     "token_positions",
     "use_wan_experts",
     "wan_config",
@@ -68,6 +87,7 @@ __all__ = [
     "wan_from_diffusers",
     "wan_from_original",
     "wan_from_original_state",
+    "wan_init_rules",
     "wan_pixel_size",
     "wan_state_from_diffusers",
 ]

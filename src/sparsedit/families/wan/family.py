@@ -1,9 +1,7 @@
-"""The Wan family adapter: the dense Wan 2.1 / 2.2 video transformer behind the
-:class:`~sparsedit.families.base.Family` interface (presets, formats, flow-matching timesteps, prompts through
-WanPipeline, Euler sampling with guidance, one evaluation as bench and flops run it).
-
-The sparse model (``SparseWan``) is not written yet: ``model_types`` lists the dense model only, so the registry and
-``config.json`` files know ``Wan`` alone, and ``sparsify`` says so.
+"""The Wan family adapter: the dense Wan 2.1 / 2.2 video transformer and SparseWan behind the
+:class:`~sparsedit.families.base.Family` interface (presets, sparsify, formats, flow-matching timesteps, prompts
+through WanPipeline, Euler sampling with guidance, one evaluation with explicit sparse tokens as bench and flops run
+it). A SparseWan's token sets are ``((h, w), frames)``, as SparseLatte's.
 """
 
 from __future__ import annotations
@@ -28,6 +26,7 @@ from sparsedit.families.wan.model import (
     wan_config,
     wan_pixel_size,
 )
+from sparsedit.families.wan.sparse import SPARSE_WAN_LAYOUTS, SparseWan, SparseWanConfig, sparse_wan_preset
 
 WAN_STEPS = 50  # WanPipeline's num_inference_steps
 WAN_CFG = 5.0  # WanPipeline's guidance_scale
@@ -49,7 +48,7 @@ class WanFamily(FlowFamily):
     dense_type = "Wan"
     sparse_type = "SparseWan"
     presets = tuple(WAN_PRESETS)
-    preset_help = ", ".join(WAN_PRESETS)
+    preset_help = ", ".join([*WAN_PRESETS, *(f"Sparse{name}" for name in SPARSE_WAN_LAYOUTS)])
     diffusers_format = "wan-diffusers"
     sample_suffixes = (".png", ".gif", ".mp4")
     video_fps = 16  # Wan videos play at 16 frames per second
@@ -60,18 +59,64 @@ class WanFamily(FlowFamily):
 
     @classmethod
     def model_types(cls) -> dict[str, tuple[type, type[nn.Module]]]:
-        return {"Wan": (WanConfig, Wan)}  # SparseWan: not written yet
+        return {"Wan": (WanConfig, Wan), "SparseWan": (SparseWanConfig, SparseWan)}
 
     @classmethod
     def resolve_preset(cls, name: str, image_size: int) -> tuple[Any, str | None] | None:
-        """``Wan2.1-T2V-1.3B`` -> (its config at ``image_size``: 480 -> 480 x 832 px, 81 frames, None)."""
-        return (wan_config(name, image_size), None) if name in WAN_PRESETS else None
+        """``Wan2.1-T2V-1.3B`` -> (its config at ``image_size``: 480 -> 480 x 832 px, 81 frames, None);
+        ``SparseWan2.1-T2V-1.3B`` -> (the same config, its default layout)."""
+        if name in WAN_PRESETS:
+            return wan_config(name, image_size), None
+        sparse = sparse_wan_preset(name)
+        return None if sparse is None else (wan_config(sparse[0], image_size), sparse[1])
+
+    # ---- sparsify ---------------------------------------------------------------------------------
+
+    def check_rates(self, rates: dict[str, Any]) -> None:
+        if rates.get("num_pieces") is not None:
+            raise SparseditError("--num-pieces does not apply to Wan: a SparseWan's token set follows r(t) at every "
+                                 "timestep (training draws runs of one token set); drop it")
 
     def sparse_config(self, layout: str, **rates: Any) -> Any:
-        raise SparseditError("SparseWan is not available yet: sparsedit has the dense Wan only; drop --layout")
+        self.check_rates(rates)
+        rates.pop("num_pieces", None)
+        return SparseWanConfig.from_wan(self.config, layout, **rates)
 
     def sparsify(self, model: nn.Module, layout: str | None, num_pieces: int | None, **options: Any) -> nn.Module:
-        raise SparseditError("SparseWan is not available yet: a Wan cannot be sparsified in this version")
+        """The SparseWan of a dense Wan. ``recovery_pos_embed`` is dropped: `sparsedit sparsify` always passes the
+        paper's default (True), and Wan has no position table for it to re-add (its config fixes it to False)."""
+        self.refuse_sparse_source()
+        from sparsedit.families.wan.sparse import sparsify_wan
+
+        self.check_rates({"num_pieces": num_pieces})
+        options.pop("recovery_pos_embed", None)
+        return sparsify_wan(model, layout, **options)  # type: ignore[arg-type]
+
+    def init_rules(self, model: nn.Module) -> list[Any]:
+        """The tensor-by-tensor initialisation map of a SparseWan (``sparsedit sparsify --verbose``)."""
+        from sparsedit.families.wan.sparse import wan_init_rules
+
+        return wan_init_rules(model.config, list(model.state_dict()))  # type: ignore[arg-type]
+
+    def token_sets(self) -> list[Tokens]:
+        """The distinct ((h, w), frames) a full run can use, fewest tokens first (r(t) at every integer step)."""
+        sets = {self.config.tokens_at(t) for t in range(self.config.num_timesteps)}
+        return sorted(sets, key=lambda s: (s[0][0] * s[0][1] * s[1], s))
+
+    def tokens_at(self, t: float) -> Tokens:
+        """The token set at model timestep ``t`` (``sigma * 1000``, mapped to its integer step as the model maps it)."""
+        if not self.sparse:
+            return None
+        from sparsedit.families.wan.sparse import schedule_step
+
+        return self.config.tokens_at(schedule_step(self.config, t))
+
+    def timestep_sampler(self, generator: torch.Generator) -> Any:
+        """SparseLatte's video piece sampler (one run of timesteps with one token set per batch, t uniform), over the
+        config's ``train_timesteps`` (a Wan2.2-A14B expert's steps) when set."""
+        from sparsedit.families.wan.sparse import WanPieceSampler
+
+        return WanPieceSampler(self.config, generator) if self.sparse else None
 
     @staticmethod
     def tokens_label(tokens: Tokens) -> str:
@@ -114,6 +159,9 @@ class WanFamily(FlowFamily):
         from sparsedit.families.wan.convert import save_wan_diffusers
 
         refuse_drop_null_caption(model, drop_null_caption)
+        if self.sparse:
+            raise SparseditError("a SparseWan has no diffusers format (WanTransformer3DModel has no sparse blocks); "
+                                 "save it in sparsedit's format and run it with sparsedit.interop.use_in_pipeline")
         return save_wan_diffusers(model, out, overwrite)  # type: ignore[arg-type]
 
     def export_differences(self) -> list[str]:
@@ -132,7 +180,7 @@ class WanFamily(FlowFamily):
         """Latent frames of a sample (21 for an 81-frame video: the VAE packs 4 frames after the first into one)."""
         return self.config.num_frames
 
-    def set_image_size(self, model: nn.Module, image_size: int) -> None:
+    def config_at_size(self, image_size: int) -> Any:
         """480 -> 480 x 832 px and 720 -> 720 x 1280 (the pipelines' sizes), any other size a square."""
         import dataclasses
 
@@ -141,8 +189,7 @@ class WanFamily(FlowFamily):
         if h % s or w % s:
             raise SparseditError(f"--image-size {image_size} ({h}x{w} px) is not a multiple of {s} (the VAE's 8x times "
                                  f"the {self.config.patch_size}x{self.config.patch_size} patches)")
-        model.config = dataclasses.replace(model.config, input_size=(h // WAN_VAE_STRIDE[1], w // WAN_VAE_STRIDE[1]))
-        self.config = model.config
+        return dataclasses.replace(self.config, input_size=(h // WAN_VAE_STRIDE[1], w // WAN_VAE_STRIDE[1]))
 
     def latent_scaling(self, vae: nn.Module) -> tuple[float, float]:
         raise SparseditError("Wan latents are normalised per channel (the VAE's latents_mean / latents_std), not by one "
@@ -243,6 +290,8 @@ class WanFamily(FlowFamily):
         return {"encoder_hidden_states": caption}
 
     def diffusers_face(self, model: nn.Module) -> nn.Module:
+        """``WanTransformer3DModel``'s call signature; the face passes each step's timestep (``sigma * 1000``) as it
+        is, so a SparseWan runs every WanPipeline step at that step's token set."""
         from sparsedit.families.wan.face import DiffusersWan
 
         return DiffusersWan(model)
@@ -288,6 +337,8 @@ class WanFamily(FlowFamily):
 
     cost_final_modules = ("head",)
     cost_token_inputs = ("encoder_hidden_states", "encoder_hidden_states_image")
+    # temporal_share splits a rate into time and space; train_timesteps only restricts training draws
+    cost_schedule_fields = (*FlowFamily.cost_schedule_fields, "temporal_share", "train_timesteps")
 
     def cost_conditioning(self, model: nn.Module, text_len: int | None) -> dict[str, Tensor]:
         """One sample's conditioning with ``max_sequence_length`` caption tokens. ``text_len`` is not read: the Wan

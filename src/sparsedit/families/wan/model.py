@@ -473,6 +473,10 @@ class Wan(nn.Module):
             raise SparseditError(f"image embeddings of shape {tuple(image.shape)} do not give one row per latent ({batch})")
         return self.img_emb(image.to(self.dtype))
 
+    def block_tokens(self, layer: int, output: Tensor, batch: int) -> Tensor:
+        """Block ``layer``'s output as (B, N, D) (feature distillation taps it); a Wan's hidden states already are."""
+        return output
+
     def unpatchify(self, out: Tensor, frames: int, grid: Grid) -> Tensor:
         """(B, N, pt * p * p * C) -> (B, C, F * pt, h * p, w * p); each token's channels are ordered (pt, p, p, C)."""
         cfg = self.config
