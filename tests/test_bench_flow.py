@@ -1,4 +1,5 @@
-"""`sparsedit bench` on flow-matching families: the timed run is the pipeline's Euler run, each step on its grid."""
+"""`sparsedit bench` on flow-matching families (SD3, FLUX.1, Wan): the timed run is the pipeline's Euler run, each step
+on its grid, and a compiled pair compiles once per token set."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from sparsedit.eval.bench import BenchSettings, bench_pair
 from sparsedit.families import family_of
 from sparsedit.families.flux import Flux, FluxConfig, sparsify_flux
 from sparsedit.families.sd3 import SD3, SD3Config, sparsify_sd3
+from sparsedit.families.wan import Wan, WanConfig, sparsify_wan
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -50,10 +52,24 @@ def tiny_flux() -> Flux:
     return helpers.randomize(Flux(cfg), 0.1).eval()
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+def tiny_wan() -> Wan:
+    cfg = WanConfig(input_size=(8, 12), num_frames=4, in_channels=4, out_channels=4, hidden_size=32, depth=4,
+                    num_heads=2, ffn_dim=40, caption_channels=16, freq_dim=32, rope_max_seq_len=32,
+                    max_sequence_length=7)
+    return helpers.randomize(Wan(cfg), 0.1).eval()
+
+
+def sparse_pair(family: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    dense = {"sd3": tiny, "flux": tiny_flux, "wan": tiny_wan}[family]()
+    sparsify = {"sd3": sparsify_sd3, "flux": sparsify_flux, "wan": sparsify_wan}[family]
+    return dense, sparsify(dense, "0,1,1,1,1,0,1").eval()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "wan"])
 def test_compiled_flow_pairs_keep_one_graph_per_grid(family: str) -> None:
-    """`bench --compile` on SD3 / FLUX pairs: a counting backend (no code generation) sees one graph for the dense
-    model and one per distinct sparse grid of the Euler run, all compiled in the warm-up (no recompiles while timed)."""
+    """`bench --compile` on SD3 / FLUX / Wan pairs: a counting backend (no code generation) sees one graph for the
+    dense model and one per distinct sparse token set of the Euler run, all compiled in the warm-up (no recompiles
+    while timed)."""
     torch._dynamo.reset()
     graphs: list[int] = []
 
@@ -61,11 +77,10 @@ def test_compiled_flow_pairs_keep_one_graph_per_grid(family: str) -> None:
         graphs.append(len(gm.graph.nodes))
         return gm.forward
 
-    dense = tiny() if family == "sd3" else tiny_flux()
-    sparse = (sparsify_sd3(dense, "0,1,1,1,1,0,1") if family == "sd3" else sparsify_flux(dense, "0,1,1,1,1,0,1")).eval()
+    dense, sparse = sparse_pair(family)
     steps = 4
-    timesteps = [min(round(t), 999) for t in family_of(sparse).sampling_timesteps("euler", steps)]
-    grids = {sparse.config.schedule.grid(t, sparse.config.grid) for t in timesteps}
+    fam = family_of(sparse)
+    grids = {fam.tokens_at(t) for t in fam.sampling_timesteps("euler", steps)}
     assert len(grids) > 1  # the run crosses grids: a recompile per step would show
     at_warmup: list[int] = []
 
@@ -76,7 +91,7 @@ def test_compiled_flow_pairs_keep_one_graph_per_grid(family: str) -> None:
     settings = BenchSettings(steps=steps, repeats=1, run_repeats=1, warmup=1, compile=True, forward_t=500,
                              compile_backend=counting_backend)
     bench_pair(dense, sparse, settings, log=log)
-    forward_grid = {sparse.config.schedule.grid(500, sparse.config.grid)}
+    forward_grid = {fam.tokens_at(500)}
     assert len(graphs) == 1 + len(grids | forward_grid)
     assert at_warmup == [len(graphs)]  # nothing compiled after the warm-up
     torch._dynamo.reset()
