@@ -439,6 +439,55 @@ def test_wan_pipeline_runs_each_step_at_its_token_set(tmp_path: Path) -> None:
     assert {s for _, s in calls[0]} == {experts[0].config.tokens_at(999, (3, 5), 3)}
 
 
+def test_image_to_video_pipeline_runs_each_step_at_its_token_set(tmp_path: Path) -> None:
+    """WanImageToVideoPipeline (Wan2.1-I2V: 36 input channels = latents + the first frame's latents and mask, CLIP
+    image tokens as extra cross-attention keys): the dense model reproduces the pipeline's own transformer, and a
+    SparseWan of it runs every call at the token set of its timestep."""
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+    from PIL import Image
+
+    from test_wan import CALL, IMAGE_DIM, tiny_pipeline
+
+    torch.manual_seed(0)
+    ref = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=36,
+                                out_channels=16, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=40, num_layers=4,
+                                rope_max_seq_len=32, image_dim=IMAGE_DIM, added_kv_proj_dim=32)
+    helpers.randomize(ref, 0.3)
+    ref.save_pretrained(tmp_path / "i2v")
+    text_pipe = tiny_pipeline(ref)
+    parts = text_pipe.components
+    # The I2V pipeline's own prompt cleaning needs ftfy: give it the embeddings. 512 tokens: diffusers' Wan takes the
+    # last 512 context tokens as the caption and the rest as the image tokens, whatever the caption's length.
+    with torch.no_grad():
+        embeds, negative = text_pipe.encode_prompt(CALL["prompt"], CALL["negative_prompt"], True,
+                                                   max_sequence_length=512)
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=IMAGE_DIM, intermediate_size=32, num_hidden_layers=2,
+                                               num_attention_heads=2, image_size=32, patch_size=8)).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    pipe = WanImageToVideoPipeline(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"], vae=parts["vae"],
+                                   scheduler=parts["scheduler"], image_processor=processor, image_encoder=encoder,
+                                   transformer=ref)
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.fromarray((torch.rand(48, 80, 3) * 255).to(torch.uint8).numpy())
+    call = {**{k: v for k, v in CALL.items() if "prompt" not in k}, "image": image, "prompt_embeds": embeds,
+            "negative_prompt_embeds": negative}
+    noise = torch.randn(1, 16, 3, *LATENT)
+    expected = pipe(latents=noise.clone(), **call).frames
+    sparsedit.interop.use_in_pipeline(pipe, sparsedit.load_model(tmp_path / "i2v"))
+    assert close(pipe(latents=noise.clone(), **call).frames, expected)  # the dense model is the pipeline's own
+    model = sparsify_wan(sparsedit.load_model(tmp_path / "i2v"), "0,1,1,1,1,0,1", r_min=0.3, r_max=0.8)
+    seen: list[tuple[float, tuple]] = []
+    spy_tokens(model, seen)
+    sparsedit.interop.use_in_pipeline(pipe, model)
+    frames = pipe(latents=noise.clone(), **call).frames
+    assert frames.shape == noise.shape and torch.isfinite(frames).all()
+    steps = pipe.scheduler.timesteps.tolist()
+    want = [model.config.tokens_at(discrete_timestep(t), (3, 5), 3) for t in steps]
+    assert [s for _, s in seen[::2]] == want and want[0] != want[-1]
+
+
 def test_sample_cli_writes_a_sparse_wan_video(tmp_path: Path) -> None:
     from PIL import Image
 
