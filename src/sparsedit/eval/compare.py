@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -40,10 +39,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparsedit.core.checkpoint import atomic_write, openable, write_json, write_safetensors
+from sparsedit.core.checkpoint import openable, write_safetensors
 from sparsedit.core.images import save_image
 from sparsedit.diffusion.sampling import generate, to_images
 from sparsedit.errors import SparseditError
+from sparsedit.eval.compare_paired import check_names, environment, finish
 from sparsedit.eval.compare_report import (
     HEADER_H,
     LABEL_W,
@@ -58,6 +58,8 @@ from sparsedit.eval.compare_report import (
     remove_own_outputs,
     render_markdown,
     results_table,
+    start_outputs,
+    write_report_files,
 )
 from sparsedit.eval.compare_scoring import (
     ADM_BATCH,
@@ -313,8 +315,7 @@ def compare_models(
     """
     s = settings or CompareSettings()
     wall = time.perf_counter()
-    if len(names) != 2 or not all(str(n).strip() for n in names):
-        raise SparseditError(f"--names takes two non-empty names, got {list(names)}")
+    check_names(names)
     check_pair(a, b, s)
     dev = torch.device(device)
     digits = is_digits_model(a.config)
@@ -347,16 +348,10 @@ def compare_models(
         "floor": floor,
         "cost": _macs(models, s),
         "timing": timing,
-        "environment": {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
-                        "threads": torch.get_num_threads(), "device": str(dev)},
+        "environment": environment(dev),
         "command": command,
     }
-    if out_dir is not None:
-        report["outputs"] = [*OUTPUT_FILES, *(paired_name(c) for c in pairs)]
-    report["wall_seconds"] = time.perf_counter() - wall
-    if out_dir is not None:
-        _write_outputs(out_dir, report, pairs)
-    return report
+    return finish(report, wall, out_dir, [*OUTPUT_FILES, *(paired_name(c) for c in pairs)], _write_outputs, pairs)
 
 
 def _run_sets(models: dict[str, nn.Module], scorer: Any, decoder: nn.Module | None, s: CompareSettings,
@@ -405,14 +400,11 @@ def _run_sets(models: dict[str, nn.Module], scorer: Any, decoder: nn.Module | No
 
 def _write_outputs(out_dir: Path, report: dict[str, Any], pairs: dict[float, tuple]) -> None:
     """Paired images, compare.md, then compare.json (last: its presence marks a complete run); all atomic."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_own_outputs(out_dir)
+    start_outputs(out_dir)
     s, names = report["settings"], report["names"]
     for cfg_scale, (img_a, img_b, labels) in pairs.items():
         header = [f"CFG scale {cfg_scale:g}: each pair is A | B from the same noise and label (seed {s['seeds'][0]})",
                   f"A = {names['a']}    B = {names['b']}"]
         image = paired_image(img_a, img_b, labels, s["per_class"], s["scale"], header)
         save_image(image, out_dir / paired_name(cfg_scale))
-    # errors=: a path that is not valid UTF-8 (Linux names are bytes) is written with escapes, not refused
-    atomic_write(out_dir / "compare.md", lambda tmp: tmp.write_text(render_markdown(report), errors="backslashreplace"))
-    write_json(out_dir / "compare.json", report)
+    write_report_files(out_dir, render_markdown(report), report)

@@ -12,12 +12,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from sparsedit.core.checkpoint import atomic_write, write_json
 from sparsedit.core.images import to_uint8
 from sparsedit.errors import SparseditError
+from sparsedit.eval.compare_paired import cost_head, markdown_end
 
 __all__ = [
     "HEADER_H",
     "LABEL_W",
+    "LINE_H",
     "MAX_PAIR_ROWS",
     "OUTPUT_FILES",
     "PAIRED_RE",
@@ -30,6 +33,8 @@ __all__ = [
     "remove_own_outputs",
     "render_markdown",
     "results_table",
+    "start_outputs",
+    "write_report_files",
 ]
 
 OUTPUT_FILES = ("compare.json", "compare.md")  # plus paired_cfg{scale}.png (caption models: paired_guidance{g}.png too)
@@ -41,6 +46,7 @@ PAIR_GAP = 2  # px between A and B of one pair
 PAIR_SEP = 8  # px between pairs, rows and borders
 LABEL_W = 64  # px of the row-label column ("class 999")
 HEADER_H = 44  # px of the header: two text lines and the A/B column marks
+LINE_H = 14  # px of one line of Pillow's default font
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,6 +117,19 @@ def remove_own_outputs(path: Path) -> None:
     images = [p for p in path.glob("paired_*") if re.fullmatch(PAIRED_RE, p.name)]
     for own in [*(path / f for f in OUTPUT_FILES), *images]:
         own.unlink(missing_ok=True)
+
+
+def start_outputs(out_dir: Path) -> None:
+    """Create ``out_dir`` and delete a previous run's outputs there (:func:`remove_own_outputs`)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_own_outputs(out_dir)
+
+
+def write_report_files(out_dir: Path, markdown: str, data: dict[str, Any]) -> None:
+    """compare.md, then compare.json (last: its presence marks a complete run); each atomic."""
+    # errors=: a path that is not valid UTF-8 (Linux names are bytes) is written with escapes, not refused
+    atomic_write(out_dir / "compare.md", lambda tmp: tmp.write_text(markdown, errors="backslashreplace"))
+    write_json(out_dir / "compare.json", data)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,12 +250,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     c, t = report["cost"], report["timing"]
     cached = t["cached_sets"]
     parts += [
-        "",
-        "## Cost",
-        "",
-        "| | A | B |",
-        "|---|---|---|",
-        f"| parameters (M) | {c['params']['a'] / 1e6:.2f} | {c['params']['b'] / 1e6:.2f} |",
+        *cost_head(c),
         f"| GMACs per forward (mean over the {c['timesteps']}) | {c['gmacs_per_forward']['a']:.4f} | "
         f"{c['gmacs_per_forward']['b']:.4f} |",
         f"| sampling wall seconds (all scales and seeds, sets sampled here) | {t['sampling_seconds']['a']:.1f} | "
@@ -249,15 +263,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "load.",
     ]
     images = [paired_name(r["cfg_scale"]) for r in report["results"]]
-    env = report["environment"]
     if "outputs" in report:
         parts += ["", f"Paired images: {', '.join(f'`{i}`' for i in images)} (one row per class, each pair A | B "
                   f"from the same noise and label, seed {s['seeds'][0]})."]
-    parts += [
-        "",
-        f"Environment: Python {env['python']}, torch {env['torch']}, {env['platform']}, {env['threads']} threads, "
-        f"{env['device']}; {report['wall_seconds']:.0f}s in all.",
-    ]
-    if report.get("command"):
-        parts += ["", "```", report["command"], "```"]
-    return "\n".join(parts) + "\n"
+    return markdown_end(parts, report)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from sparsedit.errors import SparseditError
+from sparsedit.eval.compare_paired import check_cfg_mode, check_counts, settle_axes
 from sparsedit.families import family_of
 
 __all__ = ["DEFAULT_FLUX_GUIDANCE", "TextCompareSettings", "check_text_pair", "guidance_points", "resolve_settings",
@@ -36,29 +36,10 @@ class TextCompareSettings:
     cfg_mode: str = "first3"  # PixArt's guidance on the first 3 latent channels (as the original); SD3 / FLUX ignore it
 
     def __post_init__(self) -> None:
-        for name in ("cfg_scales", "guidance", "seeds"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, tuple | list):
-                raise SparseditError(f"{name} must be a tuple or list, not {value!r}; e.g. (0, 1, 2)")
-        for name, flag in (("cfg_scales", "--cfg-scales"), ("guidance", "--guidance")):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            value = tuple(float(v) for v in value)
-            object.__setattr__(self, name, value)
-            if not value or len(set(value)) != len(value) or any(not math.isfinite(v) or v <= 0 for v in value):
-                raise SparseditError(f"{flag} takes distinct finite values > 0, got {list(value)}; e.g. 3.5 7")
-        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
-            raise SparseditError(f"--seeds must be distinct integers >= 0, got {list(self.seeds)}; e.g. 0 1 2")
-        from sparsedit.families.dit.model import CFG_MODES
-
-        if self.cfg_mode not in CFG_MODES:
-            raise SparseditError(f"unknown cfg mode {self.cfg_mode!r}; choose one of {', '.join(CFG_MODES)}")
-        for flag, value in (("--steps", self.steps), ("--num-prompts", self.num_prompts),
-                            ("--batch-size", self.batch_size), ("--rows", self.rows), ("--scale", self.scale)):
-            if value is not None and value < 1:
-                raise SparseditError(f"{flag} must be >= 1, got {value}")
+        settle_axes(self, (("cfg_scales", "--cfg-scales"), ("guidance", "--guidance")), "3.5 7")
+        check_cfg_mode(self.cfg_mode)
+        check_counts(("--steps", self.steps), ("--num-prompts", self.num_prompts), ("--batch-size", self.batch_size),
+                     ("--rows", self.rows), ("--scale", self.scale))
 
 
 def resolve_settings(settings: TextCompareSettings, model: nn.Module) -> TextCompareSettings:

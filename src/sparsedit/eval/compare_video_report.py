@@ -13,18 +13,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from sparsedit.core.checkpoint import atomic_write, write_json
 from sparsedit.core.images import save_image, to_uint8
 from sparsedit.core.video import save_video_gif
 from sparsedit.errors import SparseditError
-from sparsedit.eval.compare_report import PAIR_GAP, PAIR_SEP, remove_own_outputs
-from sparsedit.eval.compare_text_report import json_safe, point_label, point_name, spread_inf
+from sparsedit.eval import compare_paired as paired
+from sparsedit.eval.compare_paired import json_safe, latent_preview, pm, point_label, point_name, spread_inf
+from sparsedit.eval.compare_report import LINE_H, PAIR_GAP, PAIR_SEP, start_outputs, write_report_files
 
 __all__ = ["MAX_STRIP_FRAMES", "VIDEO_SUMMARISED", "latent_preview", "render_video_markdown", "strip_image",
            "summarise_video", "video_results_table", "video_seed_row", "write_video_outputs"]
 
 MAX_STRIP_FRAMES = 16  # frames shown in a paired frame strip (evenly spaced when a video has more)
-LINE_H = 14  # px of one line of Pillow's default font
 LABEL_W = 40  # px of the row-label column of a strip ("12 A")
 VIDEO_SUMMARISED = ("latent_rel_rmse", "floor_latent_rel_rmse", "pixel_rmse", "floor_pixel_rmse", "psnr_db",
                     "floor_psnr_db", "rmse_ratio", "fvd_b_a", "fvd_b_floor", "fvd_floor")
@@ -32,11 +31,6 @@ VIDEO_SUMMARISED = ("latent_rel_rmse", "floor_latent_rel_rmse", "pixel_rmse", "f
 
 # --------------------------------------------------------------------------------------------------
 # The numbers of one set, and their summary over seeds
-
-
-def _psnr(rmse: float) -> float:
-    """PSNR in dB of frames in [-1, 1] (peak-to-peak 2); infinite for identical frames."""
-    return math.inf if rmse == 0 else 20 * math.log10(2.0 / rmse)
 
 
 def _fd(x: np.ndarray | None, ref: np.ndarray | None) -> float | None:
@@ -57,18 +51,7 @@ def video_seed_row(seed: int, offset: int, acc: dict[str, np.ndarray], feats: di
     ``acc``: per-video, per-frame mean squared differences (N, F): ``lat_b`` / ``lat_f`` (B / A' against A, latents),
     ``lat_a`` (A's mean square), and with pixels ``pix_b`` / ``pix_f``. ``feats``: I3D features of ``a``, ``b``, ``f``.
     """
-    norm = math.sqrt(float(acc["lat_a"].mean()))
-    rel = (lambda mse: math.sqrt(float(mse.mean())) / norm) if norm else (lambda mse: None)
-    row: dict[str, Any] = {"seed": seed, "floor_seed": seed + offset, "latent_rel_rmse": rel(acc["lat_b"]),
-                           "floor_latent_rel_rmse": rel(acc["lat_f"])}
-    if "pix_b" in acc:
-        rb, rf = math.sqrt(float(acc["pix_b"].mean())), math.sqrt(float(acc["pix_f"].mean()))
-        row.update(pixel_rmse=rb, floor_pixel_rmse=rf, psnr_db=_psnr(rb), floor_psnr_db=_psnr(rf))
-        per_b, per_f, scale = acc["pix_b"], acc["pix_f"], 1.0
-    else:
-        rb, rf = row["latent_rel_rmse"], row["floor_latent_rel_rmse"]
-        per_b, per_f, scale = acc["lat_b"], acc["lat_f"], norm or 1.0
-    row["rmse_ratio"] = rb / rf if rf else None
+    row, per_b, per_f, scale = paired.distance_row(seed, offset, acc)
     row["per_video"] = {"rmse": (np.sqrt(per_b.mean(1)) / scale).tolist(),
                         "floor_rmse": (np.sqrt(per_f.mean(1)) / scale).tolist()}
     row["per_frame"] = {"rmse": (np.sqrt(per_b.mean(0)) / scale).tolist(),
@@ -83,46 +66,22 @@ def summarise_video(point: tuple[float, None], n: int, rows: list[dict[str, Any]
     """One guidance value: the per-seed rows, the mean ± std of every number, per-frame curves, a reading."""
     out: dict[str, Any] = {"cfg_scale": point[0], "label": point_label(*point), "name": point_name(*point),
                            "num_videos": n, "per_seed": rows}
-    for key in VIDEO_SUMMARISED:
-        values = [r.get(key) for r in rows]
-        out[key] = spread_inf(values) if values and all(v is not None for v in values) else None
+    out.update(paired.summarise_keys(rows, VIDEO_SUMMARISED))
     frames = len(rows[0]["per_frame"]["rmse"])
     if pixels:  # PSNR per frame index, per seed, then the mean over seeds
-        curve = {k: [spread_inf([_psnr(r["per_frame"][src][i]) for r in rows])["mean"] for i in range(frames)]
+        curve = {k: [spread_inf([paired.psnr(r["per_frame"][src][i]) for r in rows])["mean"] for i in range(frames)]
                  for k, src in (("b", "rmse"), ("floor", "floor_rmse"))}
         out["per_frame"] = {"metric": "psnr_db", **curve}
     else:
         curve = {k: [float(np.mean([r["per_frame"][src][i] for r in rows])) for i in range(frames)]
                  for k, src in (("b", "rmse"), ("floor", "floor_rmse"))}
         out["per_frame"] = {"metric": "latent_rel_rmse", **curve}
-    out["verdict"] = _verdict(out)
+    out["verdict"] = paired.reading(out, "videos")
     return out
-
-
-def _verdict(r: dict[str, Any]) -> str:
-    """Plain words on B's distance from A, on the floor's scale; they claim nothing about video quality."""
-    ratio = r["rmse_ratio"]
-    rmse = r["pixel_rmse"] or r["latent_rel_rmse"]
-    if rmse is not None and all(v == 0 for v in rmse["per_seed"]):
-        return "B reproduces A's videos exactly"
-    if ratio is None:
-        return "no floor to read B's distance against (A ignores its noise)"
-    mean, std = ratio["mean"], ratio["std"]
-    if std is None:
-        return f"B-vs-A distance is {mean:.0%} of the floor (one seed: no spread)"
-    if mean + 2 * std < 1:
-        return f"B stays closer to A's videos than a new noise draw of A ({mean:.0%} ± {std:.0%} of the floor)"
-    return f"B differs from A's videos about as much as a new noise draw of A, or more ({mean:.0%} ± {std:.0%})"
 
 
 # --------------------------------------------------------------------------------------------------
 # Paired videos
-
-
-def latent_preview(latents: torch.Tensor) -> torch.Tensor:
-    """Latent videos (N, C, F, h, w) as pseudo-videos in [-1, 1]: the first 3 channels, scaled by 2.5 std."""
-    x = latents[:, :3] if latents.shape[1] >= 3 else latents[:, :1].expand(-1, 3, -1, -1, -1)
-    return (x / (2.5 * x.std().clamp_min(1e-8))).clamp(-1, 1)
 
 
 def _upscale(videos: torch.Tensor, scale: int) -> torch.Tensor:
@@ -172,17 +131,6 @@ def strip_image(videos_a: torch.Tensor, videos_b: torch.Tensor, labels: Sequence
 # Markdown
 
 
-def _pm(summary: dict[str, Any] | None, digits: int, percent: bool = False) -> str:
-    if summary is None:
-        return "n/a"
-    mean, std = summary["mean"], summary["std"]
-    if isinstance(mean, str) or not math.isfinite(mean):
-        return "∞ (identical)" if mean in ("inf", math.inf) else "mixed (some seeds identical)"
-    k = 100 if percent else 1
-    out = f"{mean * k:.{digits}f}{'%' if percent else ''}"
-    return out if std is None else f"{out} ± {std * k:.{digits}f}{'%' if percent else ''}"
-
-
 def video_results_table(report: dict[str, Any]) -> str:
     """The main table: one row per guidance value."""
     pixels = report["space"] == "pixels"
@@ -197,9 +145,9 @@ def video_results_table(report: dict[str, Any]) -> str:
     cost = report["cost"]["gmacs_per_video"]
     for r in report["results"]:
         row = [r["label"], f"{r['num_videos']} x {len(r['per_seed'])} seeds"]
-        row += [_pm(r["psnr_db"], 2), _pm(r["floor_psnr_db"], 2)] if pixels else []
-        row += [_pm(r["rmse_ratio"], 1, percent=True), _pm(r["latent_rel_rmse"], 4), _pm(r["floor_latent_rel_rmse"], 4)]
-        row += [_pm(r["fvd_b_a"], 2), _pm(r["fvd_b_floor"], 2), _pm(r["fvd_floor"], 2)] if fvd else []
+        row += [pm(r["psnr_db"], 2), pm(r["floor_psnr_db"], 2)] if pixels else []
+        row += [pm(r["rmse_ratio"], 1, percent=True), pm(r["latent_rel_rmse"], 4), pm(r["floor_latent_rel_rmse"], 4)]
+        row += [pm(r["fvd_b_a"], 2), pm(r["fvd_b_floor"], 2), pm(r["fvd_floor"], 2)] if fvd else []
         c = cost[r["name"]]
         row += [f"{c['a']:.3g} / {c['b']:.3g}", r["verdict"]]
         lines.append("| " + " | ".join(row) + " |")
@@ -273,29 +221,15 @@ def render_video_markdown(report: dict[str, Any]) -> str:
               "from A as the video goes on?", "", per_frame_table(report), "",
               "This is **paired fidelity to A, not video quality**: a B that differs from A may be better or worse, and "
               "a B that matches A inherits A's faults."]
-    c, t = report["cost"], report["timing"]
-    parts += [
-        "", "## Cost", "", "| | A | B |", "|---|---|---|",
-        f"| parameters (M) | {c['params']['a'] / 1e6:.2f} | {c['params']['b'] / 1e6:.2f} |",
-        f"| GMACs per model evaluation (mean over the run's {c['steps']} steps) | {c['gmacs_per_forward']['a']:.4g} | "
-        f"{c['gmacs_per_forward']['b']:.4g} |",
-        f"| sampling seconds per video (measured here) | {t['seconds_per_video']['a']:.3g} | "
-        f"{t['seconds_per_video']['b']:.3g} |",
-        "",
-        f"FLOPs ratio A/B: **{c['flops_ratio_a_over_b']:.3f}x** per model evaluation; {c['model_evaluations']}. "
-        f"{t['note'][0].upper()}{t['note'][1:]}; they depend on the machine and its load.",
-    ]
+    note = report["timing"]["note"]
+    parts += paired.cost_section(report, "video", f"the run's {report['cost']['steps']} steps",
+                                 f"{note[0].upper()}{note[1:]}; they depend on the machine and its load.")
     if "outputs" in report:
         gifs = [o for o in report["outputs"] if o.endswith(".gif")]
         parts += ["", f"Paired videos: {', '.join(f'`{g}`' for g in gifs)} (the first {len(cond['shown'])} videos of seed "
                   f"{s['seeds'][0]} playing side by side, A's row above B's) and the frame strips "
                   f"{', '.join(f'`{g[:-4]}.png`' for g in gifs)} (A's frames, then B's, for each video)."]
-    env = report["environment"]
-    parts += ["", f"Environment: Python {env['python']}, torch {env['torch']}, {env['platform']}, {env['threads']} "
-              f"threads, {env['device']}; {report['wall_seconds']:.0f}s in all."]
-    if report.get("command"):
-        parts += ["", "```", report["command"], "```"]
-    return "\n".join(parts) + "\n"
+    return paired.markdown_end(parts, report)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,8 +238,7 @@ def render_video_markdown(report: dict[str, Any]) -> str:
 
 def write_video_outputs(out_dir: Path, report: dict[str, Any], pairs: dict[tuple[float, None], tuple]) -> None:
     """Paired GIFs and strips, compare.md, then compare.json (last: its presence marks a complete run); each atomic."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_own_outputs(out_dir)
+    start_outputs(out_dir)
     s, names = report["settings"], report["names"]
     labels = report["conditioning"]["shown"]
     for point, (vid_a, vid_b, pixels) in pairs.items():
@@ -317,6 +250,4 @@ def write_video_outputs(out_dir: Path, report: dict[str, Any], pairs: dict[tuple
         what = "A above B, same noise" if pixels else "latents (3 channels), A above B, same noise"
         header = [f"{point_label(*point)}, seed {s['seeds'][0]}: {what}", f"A = {names['a']}", f"B = {names['b']}"]
         save_image(strip_image(vid_a, vid_b, labels, s["scale"], header), out_dir / f"paired_{point_name(*point)}.png")
-    markdown = render_video_markdown(report)
-    atomic_write(out_dir / "compare.md", lambda tmp: tmp.write_text(markdown, errors="backslashreplace"))
-    write_json(out_dir / "compare.json", json_safe(report))
+    write_report_files(out_dir, render_video_markdown(report), json_safe(report))

@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from sparsedit.errors import SparseditError
+from sparsedit.eval.compare_paired import check_cfg_mode, check_counts, settle_axes
 from sparsedit.families import family_of
 
 __all__ = ["DEFAULT_NUM_VIDEOS", "VideoCompareSettings", "check_video_pair", "conditioning_kind", "is_video_model",
@@ -35,28 +35,11 @@ class VideoCompareSettings:
     cfg_mode: str | None = None  # None: the family's own (Latte guides all channels, as its release)
 
     def __post_init__(self) -> None:
-        for name in ("cfg_scales", "seeds"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, tuple | list):
-                raise SparseditError(f"{name} must be a tuple or list, not {value!r}; e.g. (0, 1, 2)")
-        if self.cfg_scales is not None:
-            value = tuple(float(v) for v in self.cfg_scales)
-            object.__setattr__(self, "cfg_scales", value)
-            if not value or len(set(value)) != len(value) or any(not math.isfinite(v) or v <= 0 for v in value):
-                raise SparseditError(f"--cfg-scales takes distinct finite values > 0, got {list(value)}; e.g. 1 4")
-        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
-            raise SparseditError(f"--seeds must be distinct integers >= 0, got {list(self.seeds)}; e.g. 0 1 2")
+        settle_axes(self, (("cfg_scales", "--cfg-scales"),), "1 4")
         if self.cfg_mode is not None:
-            from sparsedit.families.dit.model import CFG_MODES
-
-            if self.cfg_mode not in CFG_MODES:
-                raise SparseditError(f"unknown cfg mode {self.cfg_mode!r}; choose one of {', '.join(CFG_MODES)}")
-        for flag, value in (("--steps", self.steps), ("--num-samples", self.num_samples),
-                            ("--num-prompts", self.num_prompts), ("--batch-size", self.batch_size),
-                            ("--rows", self.rows), ("--scale", self.scale)):
-            if value is not None and value < 1:
-                raise SparseditError(f"{flag} must be >= 1, got {value}")
+            check_cfg_mode(self.cfg_mode)
+        check_counts(("--steps", self.steps), ("--num-samples", self.num_samples), ("--num-prompts", self.num_prompts),
+                     ("--batch-size", self.batch_size), ("--rows", self.rows), ("--scale", self.scale))
 
 
 # --------------------------------------------------------------------------------------------------
