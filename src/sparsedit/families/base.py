@@ -112,7 +112,10 @@ class Family:
 
     @staticmethod
     def tokens_label(tokens: Tokens) -> str:
-        """How logs and messages name a token set: ``5x5`` (a grid), ``4x4x2f`` (grid x frames)."""
+        """How logs and messages name a token set: ``5x5`` (a grid), ``4x4x2f`` (((h, w), frames) of a video)."""
+        if isinstance(tokens[0], tuple):
+            (h, w), f = tokens
+            return f"{h}x{w}x{f}f"
         return f"{tokens[0]}x{tokens[1]}"
 
     # ---- checkpoint formats ------------------------------------------------------------------------

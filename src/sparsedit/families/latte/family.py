@@ -72,11 +72,6 @@ class LatteFamily(Family):
         sets = {self.config.tokens_at(t) for t in range(self.config.num_timesteps)}
         return sorted(sets, key=lambda s: s[0][0] * s[0][1] * s[1])
 
-    @staticmethod
-    def tokens_label(tokens: Tokens) -> str:
-        (h, w), f = tokens
-        return f"{h}x{w}x{f}f"
-
     @classmethod
     def reads_diffusers(cls, cfg: dict[str, Any]) -> bool:
         from sparsedit.families.latte.convert import is_latte_diffusers_config

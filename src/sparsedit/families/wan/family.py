@@ -118,11 +118,6 @@ class WanFamily(FlowFamily):
 
         return WanPieceSampler(self.config, generator) if self.sparse else None
 
-    @staticmethod
-    def tokens_label(tokens: Tokens) -> str:
-        (h, w), f = tokens
-        return f"{h}x{w}x{f}f"
-
     # ---- checkpoint formats ----------------------------------------------------------------------------
 
     @classmethod

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from sparsedit.core.layout import Layout, SparseLayoutConfig, block_kinds, layout_fields, parse_layout, timestep_bounds
 from sparsedit.core.schedule import Piece, discrete_timestep, pruning_rate
 from sparsedit.errors import SparseditError
-from sparsedit.families.dit.sparsify import InitRule, apply_init_rules
+from sparsedit.families.dit.sparsify import InitRule, build_sparse
 from sparsedit.families.latte.sparse import VideoPieceSampler, split_keep_ratio
 from sparsedit.families.wan.model import Grid, Wan, WanConfig
 from sparsedit.families.wan.sparse_blocks import BLOCKS, TokenSet, WanPoolingformer, pooled_rope
@@ -248,17 +248,9 @@ def sparsify_wan_with_rules(model: Wan, layout: str | Layout, r_min: float = 0.6
         raise SparseditError(f"sparsifying a Wan needs a layout 'P,K,g,s,r,d,T', e.g. {WAN_1_3B_LAYOUT} for the 30 "
                              f"blocks of Wan2.1-T2V-1.3B or {WAN_14B_LAYOUT} for the 40 of a 14B")
     config = SparseWanConfig.from_wan(model.config, layout, r_min=r_min, r_max=r_max, **options)
-    source = model.state_dict()
-    weight = model.patch_embedding.weight
-    with torch.device("meta"):  # every tensor is set by a rule: no random init of 14 B values
-        sparse = SparseWan(config)
-    sparse = sparse.to_empty(device=weight.device)
-    with torch.no_grad():
-        for name, param in sparse.named_parameters():
-            param.data = param.data.to(source[name].dtype if name in source else model.dtype)
-    rules = wan_init_rules(config, list(sparse.state_dict()))
-    apply_init_rules(source, sparse, rules, dropped_keys(sparse), source_name="Wan")
-    return sparse.eval(), rules
+    # the float32 tensors of a bfloat16 Wan stay float32, the merges take its compute dtype
+    return build_sparse(model, SparseWan, config, wan_init_rules, dropped_keys, "Wan",  # type: ignore[return-value]
+                        compute_dtype=model.dtype)
 
 
 class WanPieceSampler(VideoPieceSampler):
