@@ -4,6 +4,7 @@ PSNR / RMSE per frame next to the floor A vs A', FVD with an I3D in the released
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -463,3 +464,26 @@ def test_own_outputs_are_replaced_others_kept_and_strips_fit(tmp_path: Path) -> 
     videos = torch.zeros(2, 1, 40, 4, 4)
     image = strip_image(videos, videos, ["\u732b " * 300], 2, ["one header line"])  # long, non-Latin-1, 40 frames
     assert image.dtype == np.uint8 and image.shape[2] == 3 and image.shape[1] == max(40 + 16 * (8 + 2) + 8, 360)
+
+
+def test_wan_models_of_different_sizes_are_compared_at_the_sparse_models_size() -> None:
+    """A Wan loaded from its pipeline folder is 480p by default; a SparseWan trained with --image-size 48 is 48 x 48:
+    both are sampled at the sparse model's size (a note says so), or both at --image-size, as Wan runs at any size."""
+    from sparsedit.families.wan import Wan, WanConfig, sparsify_wan
+
+    torch.manual_seed(0)
+    dense = helpers.randomize(Wan(WanConfig(input_size=(6, 6), num_frames=2, in_channels=4, out_channels=4,
+                                            hidden_size=32, depth=4, num_heads=2, ffn_dim=40, caption_channels=8,
+                                            freq_dim=32, rope_max_seq_len=32, max_sequence_length=3)), 0.1).eval()
+    sparse_wan = sparsify_wan(dense, "0,1,1,1,1,0,1")
+    big = copy.copy(dense)
+    big.config = dataclasses.replace(dense.config, input_size=(8, 12))
+    text = {"embeds": torch.randn(2, 3, 8), "null_embeds": torch.zeros(2, 3, 8)}
+    s = VideoCompareSettings(cfg_scales=(1.0,), seeds=(0,), steps=2, batch_size=2)
+    moved = compare_video_models(big, sparse_wan, s, prompt_embeds=text, progress=False)
+    same = compare_video_models(dense, sparse_wan, s, prompt_embeds=text, progress=False)
+    assert moved["size"]["latent_hw"] == [6, 6] and "the sparse model's size" in moved["size"]["note"]
+    assert same["size"]["note"] is None and big.config.latent_hw == (8, 12)  # the caller's model keeps its config
+    assert moved["results"][0]["per_seed"] == same["results"][0]["per_seed"]
+    both = compare_video_models(big, sparse_wan, s, prompt_embeds=text, progress=False, image_size=64)
+    assert both["size"] == {"latent_hw": [8, 8], "note": "both models sampled at 64 px (--image-size)"}

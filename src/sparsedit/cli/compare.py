@@ -105,8 +105,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     t.add_argument("--guidance", nargs="+", type=positive_float, default=None, metavar="G",
                    help="FLUX.1-dev: values of its distilled guidance embedding, reported side by side (default 2.5 3.5)")
     t.add_argument("--image-size", type=positive_int, default=None, metavar="PX",
-                   help="SD3 / FLUX.1: sample both models at this resolution (they run at any size; default: their "
-                        "own, or the sparse model's when the two differ)")
+                   help="SD3 / FLUX.1 / Wan: sample both models at this resolution (they run at any size; Wan: 480 "
+                        "-> 480x832; default: their own, or the sparse model's when the two differ)")
     t.add_argument("--num-prompts", type=positive_int, default=None, metavar="N",
                    help="compare on the first N prompts of the file (default: all)")
     t.add_argument("--rows", type=positive_int, default=None, metavar="N",
@@ -227,7 +227,7 @@ def _run_video(args: argparse.Namespace, a: object, b: object, names: list[str],
 
     _refuse(args, {"--sampler-b": "sampler_b", "--steps-b": "steps_b", "--per-class": "per_class", "--ref": "ref",
                    "--real": "real", "--cache-dir": "cache_dir", "--inception-weights": "inception_weights",
-                   "--guidance": "guidance", "--image-size": "image_size"},
+                   "--guidance": "guidance"},
             f"not for video models (A is a {type(a).__name__}; B's videos are scored against A's, FVD with --i3d)")
     settings = VideoCompareSettings(
         cfg_scales=None if args.cfg_scales is CLASS_SCALES else tuple(args.cfg_scales), seeds=tuple(args.seeds),
@@ -236,9 +236,11 @@ def _run_video(args: argparse.Namespace, a: object, b: object, names: list[str],
         scale=args.scale or VIDEO_DEFAULTS.scale, cfg_mode=args.cfg_mode)
     report = compare_video_models(
         a, b, settings, prompt_embeds=args.prompt_embeds, names=names, device=device,  # type: ignore[arg-type]
-        progress=not args.no_progress, vae=args.vae, pipeline=_video_pipeline(args, a), i3d=args.i3d, out=args.out,
-        overwrite=args.overwrite, command=command)
+        progress=not args.no_progress, vae=args.vae, pipeline=_video_pipeline(args, a), i3d=args.i3d,
+        image_size=args.image_size, out=args.out, overwrite=args.overwrite, command=command)
     print(video_results_table(report))
+    if report["size"]["note"]:
+        print(f"\n{report['size']['note']}")
     if report["space"] == "latents":
         print("\nno VAE (--vae): the videos were compared in latent space, without PSNR or FVD")
     if report["fvd"]["available"]:

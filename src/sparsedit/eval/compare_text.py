@@ -36,6 +36,7 @@ from sparsedit.eval import compare_paired as paired
 from sparsedit.eval.compare_paired import FLOOR_OFFSET, noise_seed, prompt_noise
 from sparsedit.eval.compare_report import prepare_out
 from sparsedit.eval.compare_scoring import ADM_BATCH, blas_threads
+from sparsedit.eval.compare_sizes import same_size
 from sparsedit.eval.compare_text_report import seed_row, summarise, write_text_outputs
 from sparsedit.eval.compare_text_settings import (
     DEFAULT_FLUX_GUIDANCE,
@@ -43,7 +44,6 @@ from sparsedit.eval.compare_text_settings import (
     check_text_pair,
     guidance_points,
     resolve_settings,
-    same_size,
 )
 from sparsedit.families import family_of
 

@@ -3,7 +3,6 @@ caption-model pairs it takes, at which size."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -14,8 +13,7 @@ from sparsedit.errors import SparseditError
 from sparsedit.eval.compare_paired import check_cfg_mode, check_counts, settle_axes
 from sparsedit.families import family_of
 
-__all__ = ["DEFAULT_FLUX_GUIDANCE", "TextCompareSettings", "check_text_pair", "guidance_points", "resolve_settings",
-           "same_size"]
+__all__ = ["DEFAULT_FLUX_GUIDANCE", "TextCompareSettings", "check_text_pair", "guidance_points", "resolve_settings"]
 
 DEFAULT_FLUX_GUIDANCE = (2.5, 3.5)  # FLUX.1-dev's guidance embedding: a lower value and FluxPipeline's default
 
@@ -121,39 +119,3 @@ def check_text_pair(a: nn.Module, b: nn.Module, sizes: bool = True) -> None:
                                  "one task, e.g. a model and the sparse model sparsified from it")
 
 
-def same_size(a: nn.Module, b: nn.Module, image_size: int | None) -> tuple[nn.Module, nn.Module, str | None]:
-    """A and B at one resolution, and a note on what was changed (None: nothing).
-
-    ``image_size`` (pixels) resizes both (SD3 / FLUX.1 run at any size: ``family.set_image_size``; other families keep
-    their checkpoint's size and are then refused by :func:`check_text_pair`). Without it, two models of different
-    sizes of which exactly one is sparse are both sampled at the sparse model's size: the size it was sparsified and
-    fine-tuned at. Resized models are shallow copies (same weights); the models passed in keep their configs.
-    """
-    from sparsedit.encoders.vae import VAE_DOWNSAMPLE
-
-    hw = {m: tuple(model.config.latent_hw) for m, model in (("A", a), ("B", b))}
-    note = None
-    if image_size is not None:
-        note = f"both models sampled at {image_size} px (--image-size)"
-    elif hw["A"] != hw["B"]:
-        sparse = [model for model in (a, b) if family_of(model).sparse]
-        size = tuple(sparse[0].config.latent_hw) if len(sparse) == 1 else None
-        if size is None or size[0] != size[1] or a.config.data_space != "latent":
-            return a, b, None  # check_text_pair names the difference and --image-size
-        image_size = size[0] * VAE_DOWNSAMPLE
-        note = (f"A's config is {hw['A'][0] * VAE_DOWNSAMPLE} px and B's {hw['B'][0] * VAE_DOWNSAMPLE} px: both sampled "
-                f"at {image_size} px, the sparse model's size (--image-size chooses another)")
-    if image_size is None:
-        return a, b, None
-    out = []
-    for model in (a, b):
-        want = (image_size // VAE_DOWNSAMPLE,) * 2
-        if tuple(model.config.latent_hw) != want:
-            model = copy.copy(model)  # the same modules and weights; its own config
-            family_of(model).set_image_size(model, image_size)
-            if tuple(model.config.latent_hw) != want:  # the family keeps its checkpoint's size
-                have = "x".join(str(v * VAE_DOWNSAMPLE) for v in model.config.latent_hw)
-                raise SparseditError(f"a {model.config.model_type} runs at its checkpoint's size ({have} px), not "
-                                     f"{image_size} px: drop --image-size (SD3 / FLUX.1 run at any size)")
-        out.append(model)
-    return out[0], out[1], note

@@ -36,6 +36,7 @@ from sparsedit.eval import compare_paired as paired
 from sparsedit.eval.compare_paired import FLOOR_OFFSET
 from sparsedit.eval.compare_report import prepare_out
 from sparsedit.eval.compare_scoring import blas_threads
+from sparsedit.eval.compare_sizes import same_size
 from sparsedit.eval.compare_video_report import summarise_video, video_seed_row, write_video_outputs
 from sparsedit.eval.compare_video_settings import (
     VideoCompareSettings,
@@ -148,11 +149,15 @@ def compare_video_models(
     vae: str | os.PathLike[str] | nn.Module | None = None,
     pipeline: str | os.PathLike[str] | None = None,
     i3d: Any = None,
+    image_size: int | None = None,
     out: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     command: str | None = None,
 ) -> dict[str, Any]:
     """Compare video models ``a`` and ``b`` (Latte / SparseLatte, Wan); returns the JSON-able report.
+
+    ``image_size`` (pixels, Wan: 480 -> 480 x 832): sample both at that size; without it a dense and a sparse model
+    of different sizes sample at the sparse model's (:func:`~sparsedit.eval.compare_sizes.same_size`).
 
     Class-conditional and unconditional models sample ``settings.num_samples`` videos per set; caption models one
     per prompt of ``prompt_embeds`` (a prompt-embeddings file or the dict
@@ -166,6 +171,7 @@ def compare_video_models(
     """
     wall = time.perf_counter()
     paired.check_names(names)
+    a, b, size_note = same_size(a, b, image_size)
     kind = check_video_pair(a, b, prompt_embeds is not None)
     s = resolve_video_settings(settings or VideoCompareSettings(), a, b, kind)
     family = family_of(a)
@@ -195,6 +201,7 @@ def compare_video_models(
         "conditioning": described,
         "frames": int(next(iter(pairs.values()))[0].shape[2]),  # of a decoded video (of the latents without a VAE)
         "latent_frames": family.frames,
+        "size": {"latent_hw": list(a.config.latent_hw), "note": size_note},
         "fps": family.video_fps or 8,
         "space": "pixels" if pixels else "latents",
         "videos_from": frames_from,

@@ -41,6 +41,7 @@ class Family:
     default_rates: ClassVar[tuple[float, float]] = (0.61, 0.86)  # the paper's (r_min, r_max) for this family
     sample_suffixes: ClassVar[tuple[str, ...]] = (".png",)  # what `sparsedit sample --out` may write
     video_fps: ClassVar[int | None] = None  # a video family's frame rate for GIF / MP4 samples
+    any_size: ClassVar[bool] = False  # the model runs at any resolution (its config's size is only a default)
     catch_all: ClassVar[bool] = False  # tried last when recognising a file or diffusers directory
     samplers: ClassVar[tuple[str, ...]] = ("ddpm", "ddim")  # timestep spacings of a sampling run (flops, bench)
     default_sampling: ClassVar[tuple[str, int]] = ("ddpm", 250)  # the run `sparsedit flops` measures by default

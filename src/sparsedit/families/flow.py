@@ -21,6 +21,7 @@ class FlowFamily(Family):
     default_cfg_scale: ClassVar[float] = 1.0
     prompt_flag = "--pipeline"  # the prompts are encoded by the pipeline's own CLIP / T5 encoders
     pooled_text = True
+    any_size = True  # SD3, FLUX.1 and Wan take any latent size (position tables cropped, RoPE computed)
     min_snr = False  # Min-SNR weighting is for DDPM models: `sparsedit train`'s default recipe is "paper"
     pipeline_class: ClassVar[str]  # the diffusers pipeline the model runs in ("FluxPipeline")
 
