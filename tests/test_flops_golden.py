@@ -2,7 +2,7 @@
 
 The golden file holds the JSON the command printed for every preset (DiT, SparseDiT, PixArt, SparsePixArt,
 Latte, SparseLatte; 256 and 512 px; DDPM 250 and DDIM 50; SD3 / SD3.5 and FLUX.1, dense and sparse, at 1024 px over
-a 28-step Euler run). MACs are integer counts, so the file is the same on
+a 28-step Euler run; Wan2.1-T2V-1.3B and its SparseWan at 480p, 81 frames, over a 50-step Euler run). MACs are integer counts, so the file is the same on
 every machine. After a deliberate change of what is counted, regenerate it and explain the change in the commit:
 
     SPARSEDIT_WRITE_GOLDEN=1 .venv/bin/python -m pytest tests/test_flops_golden.py
@@ -30,6 +30,9 @@ RUNS = [("256", "ddpm", "250"), ("512", "ddim", "50")]
 FLOW_PRESETS = ["SD3-medium", "SD3.5-medium", "SD3.5-large", "SparseSD3-medium", "SparseSD3.5-medium",
                 "SparseSD3.5-large", "FLUX.1-dev", "FLUX.1-schnell", "SparseFLUX.1-dev", "SparseFLUX.1-schnell"]
 FLOW_RUNS = [("1024", "euler", "28")]
+# Wan (video): the 1.3B at 480p (480 x 832), 81 frames, WanPipeline's 50 Euler steps.
+VIDEO_FLOW_PRESETS = ["Wan2.1-T2V-1.3B", "SparseWan2.1-T2V-1.3B"]
+VIDEO_FLOW_RUNS = [("480", "euler", "50")]
 
 
 def measure(preset: str, size: str, sampler: str, steps: str) -> dict:
@@ -41,7 +44,8 @@ def measure(preset: str, size: str, sampler: str, steps: str) -> dict:
 
 
 def current() -> dict[str, dict]:
-    runs = [(preset, run) for preset in PRESETS for run in RUNS] + [(p, run) for p in FLOW_PRESETS for run in FLOW_RUNS]
+    runs = ([(preset, run) for preset in PRESETS for run in RUNS] + [(p, run) for p in FLOW_PRESETS for run in FLOW_RUNS]
+            + [(p, run) for p in VIDEO_FLOW_PRESETS for run in VIDEO_FLOW_RUNS])
     return {f"{preset} {size}px {sampler}{steps}": measure(preset, size, sampler, steps)
             for preset, (size, sampler, steps) in runs}
 

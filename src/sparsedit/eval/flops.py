@@ -348,26 +348,28 @@ def _schedule(config: Any, steps: list[int], text_len: int | None) -> tuple[dict
     return counts, reports, fields
 
 
-def schedule_macs(config: Any, timesteps: Iterable[int], dense_grid: Grid | None = None) -> dict[str, Any]:
+def schedule_macs(config: Any, timesteps: Iterable[int], dense_grid: Grid | None = None,
+                  text_len: int | None = None) -> dict[str, Any]:
     """Cost of a sampling run: one forward per timestep, the grid of each from the model's schedule.
 
     ``timesteps`` are the original (training) timesteps the model sees, e.g.
     ``space_timesteps(1000, "250")``. Returns a dict with ``gmacs`` (mean over the steps: a
     sparse model's cost under a schedule is its mean over the sampling steps), ``gmacs_min``,
     ``gmacs_max``, ``grids`` (one entry per distinct grid, fewest tokens first: ``grid``, ``steps``,
-    ``gmacs``), ``per_step`` (GMACs of each step, in the order given), ``by_segment`` / ``by_kind`` /
-    ``by_part`` (means over the steps, GMACs), ``steps`` and ``params``. For a dense model every step uses the
-    dense grid. Per image, per forward. A video model's run is :func:`latte_schedule_macs`.
+    ``gmacs``; ``frames`` too for a video model), ``per_step`` (GMACs of each step, in the order given),
+    ``by_segment`` / ``by_kind`` / ``by_part`` (means over the steps, GMACs), ``steps`` and ``params``. For a dense
+    model every step uses the dense grid. Per image (or video), per forward. ``text_len``: caption tokens of a text
+    video model (None: the family's own count); ``dense_grid`` resizes an image model.
     """
-    if family_of(config).frames is not None:
-        return latte_schedule_macs(config, timesteps)
+    video = family_of(config).frames is not None
     # Fractional and flow-matching timesteps (sigma * 1000) use the grid of the integer timestep the model maps
     # them to; integer DDPM timesteps are unchanged.
     steps = [discrete_timestep(t, getattr(config, "num_timesteps", 1000)) for t in timesteps]
     if not steps:
         raise SparseditError("schedule_macs got no timesteps; pass the sampling run's timesteps, e.g. space_timesteps(1000, '250')")
-    config = resized(config, _check_grid(config.grid if dense_grid is None else dense_grid, "dense grid"), None)
-    counts, reports, fields = _schedule(config, steps, None)
+    if not video:
+        config = resized(config, _check_grid(config.grid if dense_grid is None else dense_grid, "dense grid"), None)
+    counts, reports, fields = _schedule(config, steps, text_len if video else None)
 
     def mean_of(attr: str) -> dict[str, float]:
         keys = getattr(next(iter(reports.values())), attr).keys()
@@ -377,18 +379,10 @@ def schedule_macs(config: Any, timesteps: Iterable[int], dense_grid: Grid | None
             "by_part": mean_of("by_part"), "steps": len(steps), "params": model_params(config)}
 
 
-def latte_schedule_macs(config: Any, timesteps: Iterable[int], text_len: int = CAPTION_TOKENS) -> dict[str, Any]:
-    """:func:`schedule_macs` for a video model: mean GMACs over the steps, per video, per forward.
-
-    ``grids`` lists each distinct sparse token set as in :func:`schedule_macs`, with ``frames`` added.
-    """
-    # Fractional and flow-matching timesteps (sigma * 1000) use the grid of the integer timestep the model maps
-    # them to; integer DDPM timesteps are unchanged.
-    steps = [discrete_timestep(t, getattr(config, "num_timesteps", 1000)) for t in timesteps]
-    if not steps:
-        raise SparseditError("latte_schedule_macs got no timesteps; pass e.g. space_timesteps(1000, '250')")
-    fields = _schedule(config, steps, text_len)[2]
-    return {**fields, "steps": len(steps), "params": model_params(config)}
+def latte_schedule_macs(config: Any, timesteps: Iterable[int], text_len: int | None = None) -> dict[str, Any]:
+    """:func:`schedule_macs` for a video model (its former entry point): mean GMACs over the steps, per video, per
+    forward; ``text_len`` None counts the family's own caption length (Latte-T2V 120, Wan 512)."""
+    return schedule_macs(config, timesteps, text_len=text_len)
 
 
 # ------------------------------------------------------------------------------------------------
