@@ -39,6 +39,16 @@ class InitRule:
         return f"{self.target} <- {self.rule}"
 
 
+def default_rule(key: str) -> InitRule:
+    """The paper's rule for every tensor a family does not slice: the recovery merge W1 (``merge_sparse``) = 0 and
+    W2 (``merge_dense``) = I with bias 0, anything else a copy of the same key of the source (layer i <- layer i)."""
+    if ".merge_sparse." in key or key.endswith(".merge_dense.bias"):
+        return InitRule(key, "zeros")
+    if key.endswith(".merge_dense.weight"):
+        return InitRule(key, "identity")
+    return InitRule(key, "copy", key)
+
+
 def init_rules(config: SparseDiTConfig, target_keys: list[str]) -> list[InitRule]:
     """One rule per SparseDiT state-dict key."""
     d = config.hidden_size
@@ -46,14 +56,8 @@ def init_rules(config: SparseDiTConfig, target_keys: list[str]) -> list[InitRule
     for key in target_keys:
         if ".attn.v." in key:  # poolingformer value projection = rows [2D, 3D) of qkv
             rules.append(InitRule(key, "slice", key.replace(".attn.v.", ".attn.qkv."), (2 * d, 3 * d)))
-        elif ".merge_sparse." in key:
-            rules.append(InitRule(key, "zeros"))
-        elif key.endswith(".merge_dense.weight"):
-            rules.append(InitRule(key, "identity"))
-        elif key.endswith(".merge_dense.bias"):
-            rules.append(InitRule(key, "zeros"))
         else:
-            rules.append(InitRule(key, "copy", key))
+            rules.append(default_rule(key))
     return rules
 
 

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from sparsedit.core.layout import Layout, SparseLayoutConfig, block_kinds, layout_fields, parse_layout
 from sparsedit.errors import SparseditError
 from sparsedit.families.dit.sparse import SparseDiT
-from sparsedit.families.dit.sparsify import InitRule, build_sparse
+from sparsedit.families.dit.sparsify import InitRule, build_sparse, default_rule
 from sparsedit.families.flux.model import Flux, FluxConfig, Rope, rope_table, unpack_latents
 from sparsedit.families.flux.sparse_blocks import BLOCKS, DoublePoolingformer
 
@@ -183,12 +183,8 @@ def flux_init_rules(config: SparseFluxConfig, target_keys: list[str]) -> list[In
         if ".img_attn.kv." in key:
             rules.append(InitRule(key, "slice", key.replace(".img_attn.kv.", ".img_attn.qkv."), (d, 3 * d),
                                       "K, V of qkv"))
-        elif ".merge_sparse." in key or key.endswith(".merge_dense.bias"):
-            rules.append(InitRule(key, "zeros"))
-        elif key.endswith(".merge_dense.weight"):
-            rules.append(InitRule(key, "identity"))
         else:
-            rules.append(InitRule(key, "copy", key))
+            rules.append(default_rule(key))
     return rules
 
 

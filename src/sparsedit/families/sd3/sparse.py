@@ -20,7 +20,7 @@ from sparsedit.core.layers import unpatchify
 from sparsedit.core.layout import Layout, SparseLayoutConfig, block_kinds, layout_fields, parse_layout
 from sparsedit.errors import SparseditError
 from sparsedit.families.dit.sparse import SparseDiT
-from sparsedit.families.dit.sparsify import InitRule, build_sparse
+from sparsedit.families.dit.sparsify import InitRule, build_sparse, default_rule
 from sparsedit.families.sd3.model import SD3, JointBlock, SD3Config
 from sparsedit.families.sd3.sparse_blocks import (
     JointCrossDenseBlock,
@@ -155,12 +155,8 @@ def sd3_init_rules(config: SparseSD3Config, target_keys: list[str]) -> list[Init
         elif ".attn2.v." in key:
             rules.append(InitRule(key, "slice", key.replace(".attn2.v.", ".attn2.qkv."), (2 * d, 3 * d),
                                      "V of qkv"))
-        elif ".merge_sparse." in key or key.endswith(".merge_dense.bias"):
-            rules.append(InitRule(key, "zeros"))
-        elif key.endswith(".merge_dense.weight"):
-            rules.append(InitRule(key, "identity"))
         else:
-            rules.append(InitRule(key, "copy", key))
+            rules.append(default_rule(key))
     return rules
 
 

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from sparsedit.core.layout import Layout, SparseLayoutConfig, block_kinds, layout_fields, parse_layout, timestep_bounds
 from sparsedit.core.schedule import Piece, discrete_timestep, pruning_rate
 from sparsedit.errors import SparseditError
-from sparsedit.families.dit.sparsify import InitRule, build_sparse
+from sparsedit.families.dit.sparsify import InitRule, build_sparse, default_rule
 from sparsedit.families.latte.sparse import VideoPieceSampler, split_keep_ratio
 from sparsedit.families.wan.model import Grid, Wan, WanConfig
 from sparsedit.families.wan.sparse_blocks import BLOCKS, TokenSet, WanPoolingformer, pooled_rope
@@ -210,15 +210,7 @@ def wan_init_rules(config: SparseWanConfig, target_keys: list[str]) -> list[Init
     (``merge_dense``) = I with bias 0; every other tensor (embedders, every block's q / k / v / o, norms, cross-
     attention, FFN and modulation table, a poolingformer's ``self_attn.v`` / ``self_attn.o``, the head) is a copy
     of the same key: Wan's q, k and v are separate Linears, so nothing is sliced."""
-    rules: list[InitRule] = []
-    for key in target_keys:
-        if ".merge_sparse." in key or key.endswith(".merge_dense.bias"):
-            rules.append(InitRule(key, "zeros"))
-        elif key.endswith(".merge_dense.weight"):
-            rules.append(InitRule(key, "identity"))
-        else:
-            rules.append(InitRule(key, "copy", key))
-    return rules
+    return [default_rule(key) for key in target_keys]
 
 
 def dropped_keys(model: SparseWan) -> set[str]:
