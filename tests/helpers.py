@@ -117,3 +117,19 @@ class OpShapes(TorchDispatchMode):
             if isinstance(o, torch.Tensor):
                 self.shapes.append(tuple(o.shape))
         return out
+
+
+def cli(*argv: str | Path) -> tuple[int, str, str]:
+    """Run ``sparsedit`` in-process: (exit code, stdout, stderr); argparse rejections count as exit 2."""
+    import contextlib
+    import io
+
+    from sparsedit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as stop:
+            code = stop.code  # type: ignore[assignment]
+    return code, out.getvalue(), err.getvalue()

@@ -24,7 +24,7 @@ from torch import Tensor
 
 import helpers
 import sparsedit
-from helpers import OpShapes, close, record
+from helpers import OpShapes, cli, close, record
 from sparsedit.cli import main
 from sparsedit.core.blocks import pool_tokens
 from sparsedit.core.layers import modulate
@@ -376,15 +376,6 @@ def test_flops_cli_counts_fewer_macs_than_the_dense_preset() -> None:
     d = 3072
     assert sparse["params"] == dense["params"] + 8 * (d * d + d) - 2 * (d * d + d + 128) == 11_958_049_600
 
-
-def cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(argv))
-        except SystemExit as stop:
-            code = stop.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def tiny_reference(guidance: bool, depths: tuple[int, int] = (3, 4)) -> FluxTransformer2DModel:

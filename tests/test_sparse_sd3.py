@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 import helpers
 import sparsedit
-from helpers import OpShapes, close, record
+from helpers import OpShapes, cli, close, record
 from sparsedit.cli import main
 from sparsedit.core.schedule import discrete_timestep
 from sparsedit.diffusion.flow import euler_sigmas
@@ -315,15 +315,6 @@ def test_flops_cli_counts_fewer_macs_than_the_dense_preset() -> None:
     assert sparse["gmacs"] < 0.7 * dense["gmacs"] and sparse["dense_gmacs"] == dense["gmacs"]
     assert sparse["steps"] == 28 and sparse["grids"][0]["grid"] == [24, 24]  # t = 1000: r_max
 
-
-def cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(argv))
-        except SystemExit as stop:
-            code = stop.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_sparsify_cli_on_a_diffusers_directory(tmp_path: Path) -> None:

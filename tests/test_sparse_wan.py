@@ -23,7 +23,7 @@ from torch import Tensor
 
 import helpers
 import sparsedit
-from helpers import OpShapes, close, record
+from helpers import OpShapes, cli, close, record
 from sparsedit.cli import main
 from sparsedit.core.schedule import discrete_timestep
 from sparsedit.diffusion.flow import euler_sigmas
@@ -365,15 +365,6 @@ def test_flops_of_the_sparse_presets_are_those_of_the_docs(name: str, dense_gmac
     # 4 recovery merges add W1, W2 (2 (D^2 + D) each); 2 poolingformers drop q, k (2 (D^2 + D)) and their norms (2 D)
     assert sparse["params"] == dense["params"] + 8 * (d * d + d) - 2 * (2 * (d * d + d) + 2 * d)
 
-
-def cli(*argv: str | Path) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in argv])
-        except SystemExit as stop:
-            code = stop.code  # type: ignore[assignment]
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_sparsify_cli_on_a_diffusers_directory(tmp_path: Path) -> None:

@@ -3,8 +3,6 @@ end to end with the timestep-wise grid, and the ``sparsify`` / ``sample`` CLI.""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import re
 
 import pytest
@@ -13,8 +11,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 import sparsedit
-from helpers import randomize
-from sparsedit.cli import main
+from helpers import cli, randomize
 from sparsedit.core.blocks import DenseRecoveryBlock, SparseGenerationBlock
 from sparsedit.diffusion.process import space_timesteps
 from sparsedit.diffusion.sampling import generate
@@ -215,16 +212,6 @@ def test_generate_is_reproducible_and_cfg_matters() -> None:
 # CLI
 # ------------------------------------------------------------------------------------------------
 
-
-def cli(*argv: str) -> tuple[int, str, str]:
-    """Run ``sparsedit`` in-process: (exit code, stdout, stderr); argparse rejections count as exit 2."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(argv))
-        except SystemExit as stop:
-            code = stop.code
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture
