@@ -180,3 +180,20 @@ def test_cli_text_latte_writes_an_mp4(local: dict[str, Path], tmp_path: Path) ->
         want = np.asarray(ref.convert("RGB")).astype(int)
         assert frame.shape == (h + h % 2, w + w % 2, 3)
         assert np.abs(frame[:h, :w] - want).mean() < 24  # lossy, on random-weight noise videos
+
+
+def test_encode_prompts_with_a_t5(local: dict[str, Path], tmp_path: Path) -> None:
+    """`sparsedit encode-prompts --t5`: the T5's embeddings and masks, and the empty prompt's as the one negative row."""
+    from sparsedit.cli import main
+    from sparsedit.core.prompts import prompt_list, read_prompt_embeds
+
+    out = tmp_path / "p.safetensors"
+    assert main(["encode-prompts", "--t5", str(local["t5"]), "--prompt", *PROMPTS, "--out", str(out),
+                 "--device", "cpu"]) == 0
+    t5 = T5Encoder(local["t5"])
+    embeds, mask = t5(PROMPTS)
+    null, null_mask = t5([""], embeds.shape[1])
+    text = read_prompt_embeds(out, embeds.shape[-1], None)
+    assert torch.allclose(text["embeds"], embeds, atol=1e-5) and torch.equal(text["mask"], mask)
+    assert torch.allclose(text["null_embeds"][1], null[0], atol=1e-5) and torch.equal(text["null_mask"][0], null_mask[0])
+    assert prompt_list(out) == PROMPTS

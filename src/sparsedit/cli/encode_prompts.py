@@ -76,12 +76,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         from sparsedit.encoders.text import T5Encoder
 
-        t5 = T5Encoder(args.t5, device)
-        embeds, mask = t5(prompts)
-        text = {"embeds": embeds, "mask": mask}
-        if not args.no_negative:  # PixArt checkpoints with a learned null caption ignore these
-            null, null_mask = t5([args.negative_prompt or ""], embeds.shape[1])
-            text.update(null_embeds=null, null_mask=null_mask)
+        # PixArt checkpoints with a learned null caption ignore the negative embeddings
+        text = T5Encoder(args.t5, device).text(prompts, args.negative_prompt, with_negative=not args.no_negative)
     write_prompt_embeds(out, text, prompts)
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in text.items())
     print(f"wrote {out}: {len(prompts)} prompts ({shapes}; {time.perf_counter() - start:.1f}s)")

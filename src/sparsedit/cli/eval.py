@@ -150,10 +150,7 @@ def run(args: argparse.Namespace) -> int:
         device=check_device(args.device),
         progress=sys.stderr.isatty(),
     )
-    if args.json:
-        print(json.dumps(result, sort_keys=True))
-    else:
-        print(format_table(result))
+    _print(result, args.json, format_table(result))
     if min(result["num_samples"], result["num_ref"]) <= POOL_DIM:
         print(f"note: with {min(result['num_samples'], result['num_ref'])} images (<= {POOL_DIM} features) the "
               "covariances are singular and FID / sFID are not meaningful; use thousands of images (the papers: 50,000)",

@@ -115,11 +115,6 @@ def _captions(args: argparse.Namespace, model: Any, family: Any, path: str | Non
     return text
 
 
-def _decode(model: Any, samples: Any, vae: Any, family: Any) -> Any:
-    """Model-space samples -> images (or videos) in [-1, 1], as the family decodes them."""
-    return family.decode_samples(model, samples, vae)
-
-
 def run(args: argparse.Namespace) -> int:
     from sparsedit.diffusion.sampling import parse_labels
     from sparsedit.errors import SparseditError
@@ -190,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         if args.guidance is not None:
             captions["guidance"] = args.guidance
         samples = family.generate(model, text=captions, **common)
-    images = _decode(model, samples, vae, family)
+    images = family.decode_samples(model, samples, vae)  # in [-1, 1]
     path_out = family.write_samples(images, out, args.nrow, args.fps)
     print(f"wrote {path_out} ({len(images)} {'videos' if images.ndim == 5 else 'images'}, {args.sampler} {args.steps} "
           f"steps, cfg {args.cfg_scale:g}, seed {args.seed}, {time.perf_counter() - start:.1f}s)")

@@ -18,14 +18,15 @@ import torch
 
 from sparsedit.errors import SparseditError, quiet_logs
 
-__all__ = ["PIPELINE_HELP", "check_pipeline_dir", "load_text_pipeline", "pipeline_vae_dir"]
+__all__ = ["PIPELINE_HELP", "check_pipeline_dir", "load_text_pipeline", "pipeline_class_name", "pipeline_vae_dir"]
 
 PIPELINE_HELP = ("the model's diffusers pipeline folder (model_index.json, text_encoder*/, tokenizer*/, vae/), e.g. "
                  "`huggingface-cli download black-forest-labs/FLUX.1-dev --local-dir FLUX.1-dev`")
 
 
-def check_pipeline_dir(path: str | Path, pipeline_class: str) -> Path:
-    """``path`` as a pipeline root whose ``model_index.json`` names ``pipeline_class``; a one-line error otherwise."""
+def pipeline_class_name(path: str | Path) -> str:
+    """The pipeline class a diffusers pipeline folder's ``model_index.json`` names; a one-line error for a folder that
+    is not one."""
     root = Path(path)
     index = root / "model_index.json"
     if not index.is_file():
@@ -33,9 +34,15 @@ def check_pipeline_dir(path: str | Path, pipeline_class: str) -> Path:
         raise SparseditError(f"{root} is not a diffusers pipeline folder (no model_index.json){hint}; pass "
                              f"{PIPELINE_HELP}")
     try:
-        name = json.loads(index.read_text()).get("_class_name")
+        return str(json.loads(index.read_text()).get("_class_name"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
         raise SparseditError(f"cannot read {index} ({err}); pass {PIPELINE_HELP}") from None
+
+
+def check_pipeline_dir(path: str | Path, pipeline_class: str) -> Path:
+    """``path`` as a pipeline root whose ``model_index.json`` names ``pipeline_class``; a one-line error otherwise."""
+    root = Path(path)
+    name = pipeline_class_name(root)
     if name != pipeline_class:
         raise SparseditError(f"{root} holds a {name}, but this model runs in a {pipeline_class}; pass the pipeline "
                              "folder of the model it was made from")

@@ -85,6 +85,17 @@ class T5Encoder:
         return embeds.float(), mask.float()
 
 
+    def text(self, prompts: Sequence[str], negative: str | None = None, with_negative: bool = True) -> dict[str, Tensor]:
+        """Prompts -> ``{"embeds", "mask"}`` and, with ``with_negative``, ``"null_embeds"`` / ``"null_mask"``: the
+        negative prompt (default the empty one, as diffusers' pipelines) at the same length, one row."""
+        embeds, mask = self(prompts)
+        out = {"embeds": embeds, "mask": mask}
+        if with_negative:
+            null, null_mask = self([negative or ""], embeds.shape[1])
+            out.update(null_embeds=null, null_mask=null_mask)
+        return out
+
+
 def encode_prompts(prompts: Sequence[str], t5_path: str | Path, max_length: int = CAPTION_TOKENS,
                    device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
     """One-shot :class:`T5Encoder`: ``prompts`` -> (embeddings (N, L, C), mask (N, L))."""

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sparsedit.diffusion.sampling import to_images
 from sparsedit.errors import SparseditError
 from sparsedit.eval import compare_paired as paired
 from sparsedit.eval.compare_paired import FLOOR_OFFSET, noise_seed, prompt_noise
@@ -57,17 +56,10 @@ REPORT_FORMAT = 1
 # Inputs
 
 
-def _decoder(model: nn.Module, vae: Any, pipeline: Any, device: torch.device) -> tuple[Any, Any, str]:
-    """(the VAE or None, its latent scaling, where the images come from, in words)."""
-
-    def load(source: Any, device: torch.device) -> nn.Module:
-        from sparsedit.encoders.vae import load_vae
-
-        return load_vae(source, device, latent_channels=model.config.in_channels)
-
-    decoder, words = paired.load_decoder(model, vae, pipeline, device, load, "pixel-space samples",
-                                         "images decoded by {}")
-    return decoder, family_of(model).latent_scaling(decoder) if decoder is not None else None, words
+def _decoder(model: nn.Module, vae: Any, pipeline: Any, device: torch.device) -> tuple[nn.Module | None, str]:
+    """(the family's VAE or None, where the images come from, in words)."""
+    return paired.load_decoder(model, vae, pipeline, device, family_of(model).load_vae, "pixel-space samples",
+                               "images decoded by {}")
 
 
 def _feature_model(inception_weights: Any, feature_model: Any, pixels: bool, n: int, device: torch.device) -> Any:
@@ -129,12 +121,12 @@ def compare_text_models(
     text, texts, where = paired.prompt_set(prompt_embeds, prompts, a, s.num_prompts)
     dev = torch.device(device)
     out_dir = prepare_out(out, overwrite) if out is not None else None
-    decoder, scaling, images_from = _decoder(a, vae, pipeline, dev)
+    decoder, images_from = _decoder(a, vae, pipeline, dev)
     pixels = decoder is not None or a.config.data_space == "pixel"
     n = int(text["embeds"].shape[0])
     inception = _feature_model(inception_weights, feature_model, pixels, n, dev)
     models = {"a": a.eval().to(dev), "b": b.eval().to(dev)}
-    measures = _measures(models["a"], (decoder, scaling, pixels), inception, dev)
+    measures = _measures(models["a"], (decoder, pixels), inception, dev)
     with blas_threads(torch.get_num_threads()):
         results, pairs, timing = paired.run_pairs(models, {"text": text, "n": n}, s, points, measures, dev, progress)
     guided = any(c != 1.0 for c, _ in points)
@@ -166,12 +158,13 @@ def _unconditional(text: dict[str, Tensor], guided: bool) -> str:
             "pipeline's encoded empty prompt; PixArt: its stored null caption)")
 
 
-def _measures(model: nn.Module, decoding: tuple[Any, Any, bool], inception: Any, dev: torch.device) -> paired.Measures:
+def _measures(model: nn.Module, decoding: tuple[Any, bool], inception: Any, dev: torch.device) -> paired.Measures:
     """How images are measured: per image over all pixels, decoded by the VAE, Inception pool features."""
-    decoder, scaling, pixels = decoding
+    decoder, pixels = decoding
+    family = family_of(model)
 
     def decode(x: Tensor) -> Tensor:
-        return to_images(model, x.to(dev), decoder, scaling).float().cpu()
+        return family.decode_samples(model, x.to(dev), decoder).float().cpu()  # as `sparsedit sample` decodes
 
     def features(images: Tensor) -> np.ndarray:
         from sparsedit.core.images import to_uint8

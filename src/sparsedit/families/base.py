@@ -225,12 +225,11 @@ class Family:
         if t5.channels != self.config.caption_channels:
             raise SparseditError(f"the T5 at {encoder_path} gives {t5.channels}-wide embeddings but the model takes "
                                  f"{self.config.caption_channels}; use the T5 the model was trained with")
-        embeds, mask = t5(prompts)
-        text = {"embeds": embeds, "mask": mask}
         stored = getattr(getattr(model, "y_embedder", None), "y_embedding", None)
-        if guided and stored is None:
-            null, null_mask = t5([negative or ""], embeds.shape[1])
-            text.update(null_embeds=null.expand(len(prompts), -1, -1), null_mask=null_mask.expand(len(prompts), -1))
+        text = t5.text(prompts, negative, with_negative=guided and stored is None)
+        for key in ("null_embeds", "null_mask"):  # one row for every prompt
+            if key in text:
+                text[key] = text[key].expand(len(prompts), *text[key].shape[1:])
         return text
 
     def added_conditions(self, latent_hw: Sequence[int], batch: int, device: torch.device | str) -> dict[str, Tensor] | None:

@@ -84,7 +84,7 @@ class FlowFamily(Family):
     def encode_prompts(self, model: nn.Module | None, encoder_path: str | Path, prompts: Sequence[str],
                        negative: str | None, guided: bool, device: torch.device | str) -> dict[str, Tensor]:
         """Prompts -> the ``text`` dict of :meth:`generate`, by the ``encode_prompt`` of the pipeline folder
-        ``encoder_path`` (its CLIP and T5 encoders, exactly as the pipeline encodes them)."""
+        ``encoder_path`` (its CLIP / T5 / umT5 encoders, exactly as the pipeline encodes them)."""
         from sparsedit.encoders.pipeline import load_text_pipeline
 
         if isinstance(prompts, str) or not prompts:
@@ -93,11 +93,13 @@ class FlowFamily(Family):
         with torch.no_grad():
             text = self.pipeline_encode(pipe, list(prompts), negative, guided, torch.device(device))
         cfg = self.config
-        got = (text["embeds"].shape[-1], text["pooled"].shape[-1])
-        if got != (cfg.caption_channels, cfg.pooled_channels):
-            raise SparseditError(f"the encoders in {encoder_path} give {got[0]}-wide captions and {got[1]}-wide pooled "
-                                 f"vectors, the model takes {cfg.caption_channels} and {cfg.pooled_channels}; pass the "
-                                 "pipeline folder of the model it was made from")
+        got = (text["embeds"].shape[-1], text["pooled"].shape[-1] if self.pooled_text else None)
+        want = (cfg.caption_channels, cfg.pooled_channels if self.pooled_text else None)
+        if got != want:
+            pooled = f" and {got[1]}-wide pooled vectors" if self.pooled_text else ""
+            takes = f"{want[0]} and {want[1]}" if self.pooled_text else f"{want[0]}"
+            raise SparseditError(f"the encoders in {encoder_path} give {got[0]}-wide captions{pooled}, the model takes "
+                                 f"{takes}; pass the pipeline folder of the model it was made from")
         return {k: v.float() for k, v in text.items()}
 
     @classmethod
@@ -131,17 +133,14 @@ def pipeline_family(root: str | Path) -> FlowFamily:
     ``transformer/config.json``; the weights are not loaded): what encodes prompts for that model."""
     import json
 
+    from sparsedit.encoders.pipeline import pipeline_class_name
     from sparsedit.families import families
 
-    index = Path(root) / "model_index.json"
-    try:
-        name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        name = None
+    name = pipeline_class_name(root)
     known = {cls.pipeline_class: cls for cls in families() if getattr(cls, "pipeline_class", None)}
     if name not in known:
         raise SparseditError(f"{root} is not a {' or '.join(known)} folder (its model_index.json names {name!r}); pass "
-                             "the local diffusers pipeline folder of an SD3 / FLUX.1 model")
+                             "the local diffusers pipeline folder of an SD3 / FLUX.1 / Wan model")
     cls = known[name]
     config_path = Path(root) / "transformer" / "config.json"
     try:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from sparsedit.core.checkpoint import atomic_write, read_safetensors, write_safetensors
+from sparsedit.core.prompts import select_prompts
 from sparsedit.diffusion.process import mean_flat
 from sparsedit.errors import SparseditError
 
@@ -213,8 +214,6 @@ def teacher_samples(teacher: nn.Module, num: int, cache_dir: str | Path, *, text
             if text is None:
                 cond: dict[str, Any] = {"labels": part}
             else:
-                from sparsedit.core.prompts import select_prompts
-
                 cond = {"text": {key: v.to(device) for key, v in select_prompts(text, part).items()}}
             with torch.no_grad():
                 chunks.append(family.generate(teacher, **cond, **how, seed=seed * 100003 + k, device=device,

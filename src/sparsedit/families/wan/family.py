@@ -211,23 +211,6 @@ class WanFamily(FlowFamily):
             videos = [vae.decode((z[None].float() * std + mean).to(dtype)).sample.float() for z in samples]
         return torch.cat(videos).clamp(-1, 1)
 
-    def encode_prompts(self, model: nn.Module | None, encoder_path: str | Path, prompts: Sequence[str],
-                       negative: str | None, guided: bool, device: torch.device | str) -> dict[str, Tensor]:
-        """Prompts -> ``{"embeds", "null_embeds" (under guidance)}`` by WanPipeline's ``encode_prompt`` with the umT5 of
-        the pipeline folder ``encoder_path`` (padded with zeros to ``max_sequence_length`` tokens, as the pipeline)."""
-        from sparsedit.encoders.pipeline import load_text_pipeline
-
-        if isinstance(prompts, str) or not prompts:
-            raise SparseditError("pass a non-empty list of prompts")
-        pipe = load_text_pipeline(encoder_path, self.pipeline_class, device)
-        with torch.no_grad():
-            text = self.pipeline_encode(pipe, list(prompts), negative, guided, torch.device(device))
-        if text["embeds"].shape[-1] != self.config.caption_channels:
-            raise SparseditError(f"the text encoder in {encoder_path} gives {text['embeds'].shape[-1]}-wide embeddings, "
-                                 f"the model takes {self.config.caption_channels}; pass the pipeline folder of the "
-                                 "model it was made from")
-        return {k: v.float() for k, v in text.items()}
-
     def pipeline_encode(self, pipe: Any, prompts: list[str], negative: str | None, guided: bool,
                         device: torch.device) -> dict[str, Tensor]:
         # diffusers' default negative prompt is "" (the Wan team's scripts use a long Chinese one: pass it as negative)
