@@ -99,12 +99,6 @@ def merged_state(model: nn.Module) -> dict[str, Tensor]:
     return merge_lora_state(model.state_dict(), scales.pop() if scales else 1.0)
 
 
-def trainable_state(model: nn.Module, prefix: str) -> dict[str, Tensor]:
-    """The adapters and merges of ``model``, keys prefixed (``model.`` / ``ema.``); named, not found by
-    ``requires_grad``, because the EMA copy trains nothing."""
-    return {f"{prefix}{name}": p.detach().cpu() for name, p in model.named_parameters() if is_trainable(name)}
-
-
 def base_fingerprint(model: nn.Module) -> float:
     """A number that changes when the frozen weights differ: resuming on another base model would be silently wrong."""
     total = 0.0

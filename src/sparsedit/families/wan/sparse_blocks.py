@@ -35,12 +35,6 @@ TokenSet = tuple[Grid, int]  # ((h, w), frames)
 # ------------------------------------------------------------------------------------------------
 
 
-def token_count(tokens: TokenSet) -> int:
-    """f * h * w."""
-    (h, w), f = tokens
-    return f * h * w
-
-
 def to_volume(x: Tensor, tokens: TokenSet) -> Tensor:
     """(B, f*h*w, D) frame-major tokens -> (B, D, f, h, w)."""
     (h, w), f = tokens
